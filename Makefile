@@ -1,0 +1,43 @@
+# The README's two set-up commands: `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
+export MEMKIT_TYPECHECK ?= 1
+
+.PHONY: demo test lint typecheck pytest docs clean install-dev
+
+$(VENV)/bin/python:
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q --upgrade pip
+
+$(VENV)/.runtime: $(VENV)/bin/python pyproject.toml constraints.txt
+	$(PIP) torch==2.13.0
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.runtime
+	$(PIP) -e '.[dev,docs,diffusers]'
+	touch $@
+
+install-dev: $(VENV)/.dev
+
+demo: $(VENV)/.runtime
+	$(VENV)/bin/memkit demo
+
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff check memkit tests benchmarks
+	$(VENV)/bin/ruff format --check memkit tests benchmarks
+
+typecheck: $(VENV)/.dev
+	$(VENV)/bin/mypy memkit
+
+pytest: $(VENV)/.dev
+	$(VENV)/bin/pytest -n 2 tests memkit
+
+docs: $(VENV)/.dev
+	$(VENV)/bin/mkdocs build --strict --site-dir $(VENV)/site
+
+test: lint typecheck pytest docs
+
+clean:
+	rm -rf $(VENV) site .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,35 @@
+"""memkit: interchangeable memory modules for long video generation."""
+
+from memkit.attention import attend, attend_partial, available_backends, merge_partials
+from memkit.errors import BackendUnavailableError, MemkitError, ShapeError, StateError
+from memkit.layers import MemoryAttention, init_memory_states, memory_layers
+from memkit.memories import FIFOMemory, NoMemory, SinkWindowMemory
+from memkit.protocol import Chunk, Context, Memory, Query
+from memkit.state import MemoryState, map_tensors, memory_state, state_nbytes
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Memory",
+    "Query",
+    "Chunk",
+    "Context",
+    "MemoryState",
+    "memory_state",
+    "map_tensors",
+    "state_nbytes",
+    "attend",
+    "attend_partial",
+    "merge_partials",
+    "available_backends",
+    "MemoryAttention",
+    "init_memory_states",
+    "memory_layers",
+    "NoMemory",
+    "SinkWindowMemory",
+    "FIFOMemory",
+    "MemkitError",
+    "ShapeError",
+    "BackendUnavailableError",
+    "StateError",
+]

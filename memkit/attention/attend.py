@@ -1,0 +1,54 @@
+"""``attend``: the one seam through which memory enters attention."""
+
+from torch import Tensor
+
+from memkit.attention.backends import get_backend
+from memkit.errors import ShapeError
+from memkit.protocol import Context
+from memkit.typing import Float, check_floating, check_shape, typechecked
+
+
+@typechecked
+def attend(
+    q: Float[Tensor, "b h n d"],
+    k: Float[Tensor, "b h n2 d"],
+    v: Float[Tensor, "b h n2 d"],
+    *contexts: Context,
+    backend: str = "auto",
+) -> Float[Tensor, "b h n d"]:
+    """Attend queries over their own keys and every context's valid slots.
+
+    Equals softmax attention over the concatenation of ``k`` and all context keys, with
+    invalid context slots masked out; a context with no valid slot contributes nothing.
+    Keys must already carry their rotary embedding (:class:`MemoryAttention` does it).
+
+    Args:
+        q: queries ``(b h n d)``.
+        k: the segment's own keys ``(b h n2 d)``; always valid.
+        v: the segment's own values ``(b h n2 d)``.
+        *contexts: :class:`Context` objects from memories, ``(b h m d)`` each.
+        backend: ``"auto"``, ``"math"``, ``"sdpa"`` or ``"xformers"``.
+
+    Returns:
+        ``(b h n d)``, in ``q``'s dtype.
+
+    Example:
+        >>> import torch, memkit
+        >>> q = k = v = torch.randn(1, 2, 6, 8)
+        >>> memkit.attend(q, k, v).shape
+        torch.Size([1, 2, 6, 8])
+    """
+    check_floating("q", q)
+    s = check_shape("q", q, "b h n d")
+    check_shape("k", k, "b h n d", b=s["b"], h=s["h"], d=s["d"])
+    check_shape("v", v, "b h n d", b=s["b"], h=s["h"], n=k.shape[2], d=s["d"])
+    parts = []
+    for i, c in enumerate(contexts):
+        if not isinstance(c, Context):
+            raise ShapeError(f"contexts[{i}]: expected a memkit.Context, got {type(c).__name__}")
+        check_shape(f"contexts[{i}].k", c.k, "b h m d", b=s["b"], h=s["h"], d=s["d"])
+        if c.k.device != q.device:
+            raise ShapeError(f"contexts[{i}]: expected tensors on {q.device}, got {c.k.device}")
+        if c.num_slots > 0:
+            parts.append((c.k, c.v, c.mask))
+    return get_backend(backend, q).fn(q, k, v, parts)

@@ -1,0 +1,24 @@
+"""memkit's own error types.
+
+Every refusal memkit makes at a public entry point is one of these, so callers can
+catch ``MemkitError`` and know the input (not memkit) was at fault.
+"""
+
+
+class MemkitError(Exception):
+    """Base class of every error memkit raises on purpose."""
+
+
+class ShapeError(MemkitError, ValueError):
+    """A tensor has the wrong rank, size, dtype, device or batch size.
+
+    The message names the offending argument, the dimension and the expected size.
+    """
+
+
+class BackendUnavailableError(MemkitError, RuntimeError):
+    """An attention backend was asked for explicitly but cannot run here."""
+
+
+class StateError(MemkitError, ValueError):
+    """A memory state does not belong to the memory it was handed to."""

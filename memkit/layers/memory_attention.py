@@ -1,0 +1,154 @@
+"""``MemoryAttention``: a self-attention layer that reads and writes a memory."""
+
+from typing import Any
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from memkit.attention import attend
+from memkit.errors import ShapeError
+from memkit.layers.rotary import apply_rotary
+from memkit.memories.none import NoMemory
+from memkit.protocol import Chunk, Context, Memory, Query, token_positions
+from memkit.typing import Bool, Float, Int, check_floating, check_shape, typechecked
+
+
+class MemoryAttention(nn.Module):
+    """Multi-head self-attention over a segment plus what its memory returns.
+
+    A drop-in self-attention layer for a segment-autoregressive video transformer:
+    ``q, k, v`` projections, rotary embeddings at explicit frame positions (applied to the
+    segment's keys and to memory keys at the positions they were recorded), a
+    :class:`memkit.Memory`, and :func:`memkit.attend`.
+
+    Args:
+        dim: model dimension ``D``.
+        heads: attention heads ``h``.
+        memory: any :class:`memkit.Memory` built for ``heads`` and ``dim // heads``;
+            :class:`NoMemory` when omitted.
+        head_dim: ``d``, default ``dim // heads``.
+        rope_theta: rotary base.
+        qk_norm: RMS-normalise queries and keys per head (stabilises long rollouts).
+        backend: attention backend (see :func:`memkit.attend`).
+
+    Shapes: ``x (b n D)`` with ``n = f * t`` tokens laid out frame-major, ``frame_positions (b f)``.
+
+    Example:
+        >>> import torch, memkit
+        >>> attn = memkit.MemoryAttention(32, 4, memory=memkit.SinkWindowMemory(4, 8, 2, sink_frames=1, window_frames=2))
+        >>> state = attn.init_state(1)
+        >>> x, pos = torch.randn(1, 6, 32), torch.tensor([[0, 1, 2]])
+        >>> y, state = attn.forward_and_write(x, state, pos)   # clean pass: read, then write
+        >>> attn(x, state, pos + 3).shape                       # next segment reads frames 0..2
+        torch.Size([1, 6, 32])
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        memory: Memory[Any] | None = None,
+        *,
+        head_dim: int | None = None,
+        rope_theta: float = 10000.0,
+        qk_norm: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if head_dim is None:
+            if dim % heads:
+                raise ValueError(f"dim ({dim}) must be divisible by heads ({heads}) unless head_dim is given")
+            head_dim = dim // heads
+        self.dim, self.heads, self.head_dim = dim, heads, head_dim
+        self.rope_theta = rope_theta
+        self.backend = backend
+        self.to_qkv = nn.Linear(dim, 3 * heads * head_dim, bias=False)
+        self.to_out = nn.Linear(heads * head_dim, dim, bias=False)
+        self.q_norm = nn.RMSNorm(head_dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(head_dim) if qk_norm else nn.Identity()
+        self.memory: Memory[Any] = memory if memory is not None else NoMemory()
+
+    def init_state(
+        self, batch_size: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> Any:
+        """The memory's empty state (on the layer's device by default)."""
+        if device is None:
+            device = self.to_qkv.weight.device
+        return self.memory.init_state(batch_size, device=device, dtype=dtype)
+
+    def _project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        q, k, v = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        return self.q_norm(q), self.k_norm(k), v
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, context: Context, positions: Tensor) -> Tensor:
+        q_rot = apply_rotary(q, positions, self.rope_theta)
+        k_rot = apply_rotary(k, positions, self.rope_theta)
+        ctx = Context(
+            k=apply_rotary(context.k, context.positions, self.rope_theta),
+            v=context.v,
+            mask=context.mask,
+            positions=context.positions,
+        )
+        out = attend(q_rot, k_rot, v, ctx, backend=self.backend)
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+
+    def _check(self, x: Tensor, frame_positions: Tensor) -> int:
+        check_floating("x", x)
+        s = check_shape("x", x, "b n D", D=self.dim)
+        f = check_shape("frame_positions", frame_positions, "b f", b=s["b"])["f"]
+        if f == 0 or s["n"] % f:
+            raise ShapeError(
+                f"x has {s['n']} tokens, which is not a whole number of tokens per frame for {f} frames "
+                f"(frame_positions is (b f) = {tuple(frame_positions.shape)})"
+            )
+        return s["n"] // f
+
+    @typechecked
+    def forward(
+        self,
+        x: Float[Tensor, "b n D"],
+        state: Any,
+        frame_positions: Int[Tensor, "b f"],
+        prompt: Float[Tensor, "b p e"] | None = None,
+        prompt_mask: Bool[Tensor, "b p"] | None = None,
+    ) -> Float[Tensor, "b n D"]:
+        """Attend over the segment and its memory; the state is only read."""
+        t = self._check(x, frame_positions)
+        q, k, v = self._project(x)
+        context = self.memory.read(state, Query(q, frame_positions, t, prompt, prompt_mask))
+        return self._attend(q, k, v, context, token_positions(frame_positions, t))
+
+    @typechecked
+    def forward_and_write(
+        self,
+        x: Float[Tensor, "b n D"],
+        state: Any,
+        frame_positions: Int[Tensor, "b f"],
+        prompt: Float[Tensor, "b p e"] | None = None,
+        prompt_mask: Bool[Tensor, "b p"] | None = None,
+    ) -> tuple[Float[Tensor, "b n D"], Any]:
+        """The clean pass of a finished segment: read the memory as ``forward`` does, then
+        write the segment (its pre-rotary keys, values and the layer input) into it."""
+        t = self._check(x, frame_positions)
+        q, k, v = self._project(x)
+        context = self.memory.read(state, Query(q, frame_positions, t, prompt, prompt_mask))
+        y = self._attend(q, k, v, context, token_positions(frame_positions, t))
+        new_state = self.memory.write(state, Chunk(k, v, x, frame_positions, t, prompt, prompt_mask))
+        return y, new_state
+
+
+def memory_layers(model: nn.Module) -> list[MemoryAttention]:
+    """Every :class:`MemoryAttention` in ``model``, in module order (one state each)."""
+    return [m for m in model.modules() if isinstance(m, MemoryAttention)]
+
+
+def init_memory_states(
+    model: nn.Module,
+    batch_size: int,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[Any, ...]:
+    """One empty state per :class:`MemoryAttention` of ``model``, as a tuple (a pytree)."""
+    return tuple(layer.init_state(batch_size, device=device, dtype=dtype) for layer in memory_layers(model))

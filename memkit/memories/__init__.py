@@ -1,0 +1,6 @@
+"""Memories: one file each, all implementing :class:`memkit.Memory`."""
+
+from memkit.memories.none import NoMemory, NoState
+from memkit.memories.sink_window import FIFOMemory, SinkWindowMemory, SinkWindowState
+
+__all__ = ["NoMemory", "NoState", "SinkWindowMemory", "SinkWindowState", "FIFOMemory"]

@@ -1,0 +1,182 @@
+"""``SinkWindowMemory`` (LongLive's frame sink + local window) and the naive FIFO bank."""
+
+import torch
+from torch import Tensor
+
+from memkit.memories.frames import (
+    check_chunk,
+    check_query,
+    check_state,
+    frames_to_context,
+    gather_frames,
+    keep_last_valid,
+    split_frames,
+)
+from memkit.protocol import Chunk, Context, Query
+from memkit.state import MemoryState, memory_state
+from memkit.typing import typechecked
+
+
+@memory_state
+class SinkWindowState(MemoryState):
+    """State of :class:`SinkWindowMemory`.
+
+    Attributes:
+        sink_k, sink_v: ``(b h S t d)`` the first ``S`` frames ever written.
+        sink_pos, sink_valid: ``(b S)`` their frame positions and which slots are filled.
+        win_k, win_v: ``(b h W t d)`` the newest ``W`` frames after the sink, oldest first.
+        win_pos, win_valid: ``(b W)``.
+        frames_seen: ``(b,)`` frames written so far.
+    """
+
+    sink_k: Tensor
+    sink_v: Tensor
+    sink_pos: Tensor
+    sink_valid: Tensor
+    win_k: Tensor
+    win_v: Tensor
+    win_pos: Tensor
+    win_valid: Tensor
+    frames_seen: Tensor
+
+
+class SinkWindowMemory:
+    """A frame sink plus a sliding window of the most recent frames (LongLive).
+
+    The first ``sink_frames`` frames ever written stay forever (they anchor identity and
+    style); the ``window_frames`` newest frames after them slide. Every frame sits in
+    exactly one of the two, so the memory holds the sink plus the last ``W`` other frames,
+    in order. Keys are stored before rotary embedding with their frame positions.
+
+    Cost: ``read`` O(1) (returns the buffers), ``write`` O((S + W) t h d) copies.
+    State bytes: ``2 b h (S + W) t d * itemsize + (S + W) * 9 b + 8 b``.
+
+    Args:
+        heads, head_dim: the attention layer's ``h`` and ``d``.
+        tokens_per_frame: ``t``, tokens in one frame.
+        sink_frames: ``S``.
+        window_frames: ``W``.
+
+    Example:
+        >>> import torch, memkit
+        >>> mem = memkit.SinkWindowMemory(heads=2, head_dim=8, tokens_per_frame=4, sink_frames=1, window_frames=2)
+        >>> state = mem.init_state(1)
+        >>> k = torch.randn(1, 2, 12, 8)  # 3 frames of 4 tokens
+        >>> state = mem.write(state, memkit.Chunk(k, k, torch.randn(1, 12, 16), torch.tensor([[0, 1, 2]]), 4))
+        >>> state.sink_pos.tolist(), state.win_pos.tolist()
+        ([[0]], [[1, 2]])
+    """
+
+    def __init__(
+        self, heads: int, head_dim: int, tokens_per_frame: int, *, sink_frames: int = 1, window_frames: int = 4
+    ) -> None:
+        if min(heads, head_dim, tokens_per_frame) < 1 or min(sink_frames, window_frames) < 0:
+            raise ValueError(
+                "SinkWindowMemory: heads, head_dim and tokens_per_frame must be positive and "
+                f"sink_frames, window_frames non-negative, got {heads}, {head_dim}, {tokens_per_frame}, "
+                f"{sink_frames}, {window_frames}"
+            )
+        self.heads, self.head_dim, self.tokens_per_frame = heads, head_dim, tokens_per_frame
+        self.sink_frames, self.window_frames = sink_frames, window_frames
+
+    @property
+    def _name(self) -> str:
+        return type(self).__name__
+
+    def init_state(
+        self, batch_size: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> SinkWindowState:
+        dtype = dtype or torch.get_default_dtype()
+        b, h, t, d, s, w = batch_size, self.heads, self.tokens_per_frame, self.head_dim, self.sink_frames, self.window_frames
+
+        def buf(frames: int) -> Tensor:
+            return torch.zeros((b, h, frames, t, d), device=device, dtype=dtype)
+
+        def ints(frames: int) -> Tensor:
+            return torch.zeros((b, frames), device=device, dtype=torch.long)
+
+        def flags(frames: int) -> Tensor:
+            return torch.zeros((b, frames), device=device, dtype=torch.bool)
+
+        return SinkWindowState(
+            buf(s), buf(s), ints(s), flags(s), buf(w), buf(w), ints(w), flags(w),
+            torch.zeros((b,), device=device, dtype=torch.long),
+        )  # fmt: skip
+
+    @typechecked
+    def read(self, state: SinkWindowState, query: Query) -> Context:
+        """The sink then the window, ``(b h (S+W)*t d)``, with validity and positions."""
+        check_state(f"{self._name}.read", state, SinkWindowState)
+        check_query(self._name, query, state.batch_size, self.heads, self.head_dim, state.win_k.device)
+        return frames_to_context(
+            torch.cat([state.sink_k, state.win_k], dim=2),
+            torch.cat([state.sink_v, state.win_v], dim=2),
+            torch.cat([state.sink_pos, state.win_pos], dim=1),
+            torch.cat([state.sink_valid, state.win_valid], dim=1),
+        )
+
+    @typechecked
+    def write(self, state: SinkWindowState, chunk: Chunk) -> SinkWindowState:
+        """Fill the sink with the first frames ever seen; slide the rest into the window."""
+        check_state(f"{self._name}.write", state, SinkWindowState)
+        check_chunk(
+            self._name, chunk, state.batch_size, self.heads, self.head_dim, state.win_k.device, self.tokens_per_frame
+        )
+        dtype = state.win_k.dtype
+        k = split_frames(chunk.k.to(dtype), self.tokens_per_frame)
+        v = split_frames(chunk.v.to(dtype), self.tokens_per_frame)
+        pos = chunk.frame_positions.long()
+        f = pos.shape[1]
+        arange_f = torch.arange(f, device=pos.device)
+        to_sink = (state.frames_seen[:, None] + arange_f) < self.sink_frames  # (b f)
+
+        # sink slot j takes new frame j - frames_seen when that frame exists
+        src = torch.arange(self.sink_frames, device=pos.device) - state.frames_seen[:, None]  # (b S)
+        take = (src >= 0) & (src < f)
+        src = src.clamp(0, max(f - 1, 0))
+        take5 = take[:, None, :, None, None]
+        sink_k = torch.where(take5, gather_frames(k, src, 2), state.sink_k)
+        sink_v = torch.where(take5, gather_frames(v, src, 2), state.sink_v)
+        sink_pos = torch.where(take, pos.gather(1, src), state.sink_pos)
+        sink_valid = state.sink_valid | take
+
+        keep = keep_last_valid(torch.cat([state.win_valid, ~to_sink], dim=1), self.window_frames)
+        return SinkWindowState(
+            sink_k=sink_k,
+            sink_v=sink_v,
+            sink_pos=sink_pos,
+            sink_valid=sink_valid,
+            win_k=gather_frames(torch.cat([state.win_k, k], dim=2), keep, 2),
+            win_v=gather_frames(torch.cat([state.win_v, v], dim=2), keep, 2),
+            win_pos=torch.cat([state.win_pos, pos], dim=1).gather(1, keep),
+            win_valid=torch.cat([state.win_valid, ~to_sink], dim=1).gather(1, keep),
+            frames_seen=state.frames_seen + f,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"{self._name}(heads={self.heads}, head_dim={self.head_dim}, tokens_per_frame={self.tokens_per_frame}, "
+            f"sink_frames={self.sink_frames}, window_frames={self.window_frames})"
+        )
+
+
+class FIFOMemory(SinkWindowMemory):
+    """The naive bank most tutorials show: concatenate, truncate to the newest ``N`` frames.
+
+    A :class:`SinkWindowMemory` without a sink; kept as a baseline.
+
+    Example:
+        >>> import memkit
+        >>> mem = memkit.FIFOMemory(heads=2, head_dim=8, tokens_per_frame=4, frames=3)
+        >>> mem.init_state(1).win_k.shape
+        torch.Size([1, 2, 3, 4, 8])
+    """
+
+    def __init__(self, heads: int, head_dim: int, tokens_per_frame: int, *, frames: int = 4) -> None:
+        super().__init__(heads, head_dim, tokens_per_frame, sink_frames=0, window_frames=frames)
+
+    def __repr__(self) -> str:
+        return (
+            f"FIFOMemory(heads={self.heads}, head_dim={self.head_dim}, tokens_per_frame={self.tokens_per_frame}, "
+            f"frames={self.window_frames})"
+        )

@@ -1,0 +1,208 @@
+"""The memory protocol and the three small records that cross it.
+
+A segment-autoregressive video transformer denoises segment ``s`` many times and then
+moves on. A memory is therefore read many times per segment and written once:
+
+* ``read(state, query) -> Context``: at every denoising step, at every memory layer.
+  Pure and cheap. The context holds keys/values in head space that the segment's
+  queries attend to besides their own keys.
+* ``write(state, chunk) -> state``: once per finished segment, from the *clean*
+  segment. Returns the next state; never changes the old one.
+
+Keys in a :class:`Chunk` and a :class:`Context` are **before** rotary embedding; every
+context slot carries its frame position, so the attention layer rotates kept keys at the
+position they were recorded at, however long ago.
+"""
+
+import dataclasses
+from typing import Protocol, TypeVar, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from memkit.errors import ShapeError
+from memkit.typing import Bool, Float, Int, check_floating, check_shape
+
+__all__ = ["Query", "Chunk", "Context", "Memory", "empty_context", "token_positions"]
+
+StateT = TypeVar("StateT")
+
+
+def _check_prompt(owner: str, prompt: Tensor | None, mask: Tensor | None, batch: int) -> None:
+    if prompt is None:
+        if mask is not None:
+            raise ShapeError(f"{owner}.prompt_mask was given without {owner}.prompt")
+        return
+    check_floating(f"{owner}.prompt", prompt)
+    sizes = check_shape(f"{owner}.prompt", prompt, "b p e", b=batch)
+    if mask is not None:
+        check_shape(f"{owner}.prompt_mask", mask, "b p", b=batch, p=sizes["p"])
+        if mask.dtype != torch.bool:
+            raise ShapeError(f"{owner}.prompt_mask: expected dtype torch.bool (True = real token), got {mask.dtype}")
+
+
+def _check_layout(owner: str, frame_positions: Tensor, tokens_per_frame: int, batch: int, tokens: int) -> None:
+    if isinstance(tokens_per_frame, bool) or not isinstance(tokens_per_frame, int) or tokens_per_frame < 1:
+        raise ShapeError(f"{owner}.tokens_per_frame: expected a positive int, got {tokens_per_frame!r}")
+    if frame_positions.dtype in (torch.bool,) or frame_positions.is_floating_point():
+        raise ShapeError(f"{owner}.frame_positions: expected an integer tensor, got dtype {frame_positions.dtype}")
+    sizes = check_shape(f"{owner}.frame_positions", frame_positions, "b f", b=batch)
+    if sizes["f"] * tokens_per_frame != tokens:
+        raise ShapeError(
+            f"{owner}: inconsistent frame layout: {sizes['f']} frames x {tokens_per_frame} tokens per frame "
+            f"= {sizes['f'] * tokens_per_frame}, but dimension n (tokens) is {tokens}"
+        )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Query:
+    """What a memory may look at when it is read (once per denoising step).
+
+    Attributes:
+        q: the segment's queries before rotary embedding, ``(b h n d)``.
+        frame_positions: frame index of each of the segment's frames, ``(b f)``;
+            ``n = f * tokens_per_frame``, tokens laid out frame-major.
+        tokens_per_frame: tokens in one frame.
+        prompt: the segment's prompt embedding ``(b p e)``, if the host has one.
+        prompt_mask: ``(b p)`` bool, True for real prompt tokens, False for padding.
+    """
+
+    q: Float[Tensor, "b h n d"]
+    frame_positions: Int[Tensor, "b f"]
+    tokens_per_frame: int
+    prompt: Float[Tensor, "b p e"] | None = None
+    prompt_mask: Bool[Tensor, "b p"] | None = None
+
+    def __post_init__(self) -> None:
+        check_floating("query.q", self.q)
+        s = check_shape("query.q", self.q, "b h n d")
+        _check_layout("query", self.frame_positions, self.tokens_per_frame, s["b"], s["n"])
+        _check_prompt("query", self.prompt, self.prompt_mask, s["b"])
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.q.shape[0])
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Chunk:
+    """What a finished (clean) segment offers a memory when it is written.
+
+    Attributes:
+        k: keys before rotary embedding, ``(b h n d)``.
+        v: values, ``(b h n d)``.
+        hidden: the attention layer's input hidden states, ``(b n D)``.
+        frame_positions: frame index of each frame, ``(b f)``, ``n = f * tokens_per_frame``.
+        tokens_per_frame: tokens in one frame.
+        prompt: the segment's prompt embedding ``(b p e)``, if any.
+        prompt_mask: ``(b p)`` bool, True for real prompt tokens.
+    """
+
+    k: Float[Tensor, "b h n d"]
+    v: Float[Tensor, "b h n d"]
+    hidden: Float[Tensor, "b n D"]
+    frame_positions: Int[Tensor, "b f"]
+    tokens_per_frame: int
+    prompt: Float[Tensor, "b p e"] | None = None
+    prompt_mask: Bool[Tensor, "b p"] | None = None
+
+    def __post_init__(self) -> None:
+        check_floating("chunk.k", self.k)
+        check_floating("chunk.v", self.v)
+        check_floating("chunk.hidden", self.hidden)
+        s = check_shape("chunk.k", self.k, "b h n d")
+        check_shape("chunk.v", self.v, "b h n d", b=s["b"], h=s["h"], n=s["n"], d=s["d"])
+        check_shape("chunk.hidden", self.hidden, "b n D", b=s["b"], n=s["n"])
+        _check_layout("chunk", self.frame_positions, self.tokens_per_frame, s["b"], s["n"])
+        _check_prompt("chunk", self.prompt, self.prompt_mask, s["b"])
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.frame_positions.shape[1])
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.k.shape[0])
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Context:
+    """Keys/values a memory hands to attention.
+
+    Attributes:
+        k: keys before rotary embedding, ``(b h m d)``.
+        v: values, ``(b h m d)``.
+        mask: ``(b h m)`` bool, True where a slot holds something; invalid slots are
+            never attended to (a context with no valid slot contributes nothing).
+        positions: ``(b h m)`` integer frame position at which to rotate each key.
+    """
+
+    k: Float[Tensor, "b h m d"]
+    v: Float[Tensor, "b h m d"]
+    mask: Bool[Tensor, "b h m"]
+    positions: Int[Tensor, "b h m"]
+
+    def __post_init__(self) -> None:
+        s = check_shape("context.k", self.k, "b h m d")
+        check_shape("context.v", self.v, "b h m d", b=s["b"], h=s["h"], m=s["m"], d=s["d"])
+        check_shape("context.mask", self.mask, "b h m", b=s["b"], h=s["h"], m=s["m"])
+        check_shape("context.positions", self.positions, "b h m", b=s["b"], h=s["h"], m=s["m"])
+        if self.mask.dtype != torch.bool:
+            raise ShapeError(f"context.mask: expected dtype torch.bool, got {self.mask.dtype}")
+
+    @property
+    def num_slots(self) -> int:
+        return int(self.k.shape[2])
+
+    @staticmethod
+    def concat(contexts: "list[Context] | tuple[Context, ...]") -> "Context":
+        """One context holding every slot of ``contexts`` (attention over it is the same)."""
+        if len(contexts) == 1:
+            return contexts[0]
+        return Context(
+            k=torch.cat([c.k for c in contexts], dim=2),
+            v=torch.cat([c.v for c in contexts], dim=2),
+            mask=torch.cat([c.mask for c in contexts], dim=2),
+            positions=torch.cat([c.positions for c in contexts], dim=2),
+        )
+
+
+def empty_context(query: Query, dtype: torch.dtype | None = None) -> Context:
+    """A context with no slots, shaped for ``query`` (what :class:`NoMemory` returns)."""
+    b, h, _, d = query.q.shape
+    dtype = dtype or query.q.dtype
+    z = query.q.new_zeros((b, h, 0, d), dtype=dtype)
+    return Context(
+        k=z,
+        v=z,
+        mask=torch.zeros((b, h, 0), dtype=torch.bool, device=query.q.device),
+        positions=torch.zeros((b, h, 0), dtype=torch.long, device=query.q.device),
+    )
+
+
+def token_positions(frame_positions: Tensor, tokens_per_frame: int) -> Tensor:
+    """Frame position of every token, ``(b f) -> (b f*t)``, tokens laid out frame-major."""
+    return frame_positions.repeat_interleave(tokens_per_frame, dim=1)
+
+
+@runtime_checkable
+class Memory(Protocol[StateT]):
+    """The protocol every memkit memory implements (generic over its state type).
+
+    Modules hold parameters only; the state flows in and out. ``read`` and ``write``
+    are pure: they never change the state they are given.
+    """
+
+    def init_state(
+        self, batch_size: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> StateT:
+        """The empty state for ``batch_size`` streams; its shapes never change afterwards."""
+        ...
+
+    def read(self, state: StateT, query: Query) -> Context:
+        """Keys/values the current segment may attend to (called at every denoising step)."""
+        ...
+
+    def write(self, state: StateT, chunk: Chunk) -> StateT:
+        """The state after the finished segment ``chunk`` (called once per segment)."""
+        ...

@@ -1,0 +1,124 @@
+"""Shape aliases, the type-check switch, and shape checks with readable errors.
+
+Public entry points carry jaxtyping annotations and are wrapped by :func:`typechecked`,
+which checks them with beartype when the environment variable ``MEMKIT_TYPECHECK`` is
+``1`` (the default) and skips checking when it is ``0``. The switch is read once, at
+import time, so set it before ``import memkit``.
+
+Inside ``torch.compile`` the check is skipped: jaxtyping and dynamo do not mix, and a
+compiled graph has already been checked on its first eager call.
+"""
+
+import functools
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+from jaxtyping import Bool, Float, Int, TypeCheckError, jaxtyped
+from torch import Tensor
+
+from memkit.errors import ShapeError
+
+__all__ = [
+    "Bool",
+    "Float",
+    "Int",
+    "Tensor",
+    "TYPECHECK",
+    "typechecked",
+    "check_shape",
+    "check_same_device",
+    "DIM_NAMES",
+]
+
+TYPECHECK: bool = os.environ.get("MEMKIT_TYPECHECK", "1") not in ("0", "false", "False", "")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: What each one-letter dimension in memkit's shape strings means.
+DIM_NAMES: dict[str, str] = {
+    "b": "batch",
+    "h": "heads",
+    "n": "tokens",
+    "d": "head_dim",
+    "m": "memory slots",
+    "f": "frames",
+    "t": "tokens per frame",
+    "p": "prompt tokens",
+    "e": "prompt dim",
+    "D": "model dim",
+}
+
+
+def typechecked(fn: F) -> F:
+    """Check ``fn``'s jaxtyping annotations with beartype, unless switched off.
+
+    A mismatch raises :class:`memkit.ShapeError` (the jaxtyping report, which lists
+    every dimension it bound, is kept as the message and as ``__cause__``).
+    """
+    if not TYPECHECK:
+        return fn
+    checked = jaxtyped(typechecker=_beartype())(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
+        try:
+            return checked(*args, **kwargs)
+        except TypeCheckError as err:
+            raise ShapeError(str(err)) from err
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _beartype() -> Any:
+    from beartype import beartype
+
+    return beartype
+
+
+def _describe(dim: str) -> str:
+    name = DIM_NAMES.get(dim)
+    return f"{dim} ({name})" if name else dim
+
+
+def check_shape(name: str, x: Tensor, spec: str, **expected: int) -> dict[str, int]:
+    """Check that ``x`` has the layout ``spec`` (e.g. ``"b h n d"``) and sizes ``expected``.
+
+    Returns the size bound to each dimension. Raises :class:`ShapeError` naming the
+    dimension, what it should be and what it is.
+
+    >>> check_shape("q", torch.zeros(2, 4, 8, 16), "b h n d", h=4)["n"]
+    8
+    """
+    dims = spec.split()
+    if not isinstance(x, Tensor):
+        raise ShapeError(f"{name}: expected a tensor of shape ({spec}), got {type(x).__name__}")
+    if x.ndim != len(dims):
+        raise ShapeError(
+            f"{name}: expected {len(dims)} dimensions ({spec}), got {x.ndim} with shape {tuple(x.shape)}"
+        )
+    sizes = dict(zip(dims, x.shape, strict=True))
+    for dim, want in expected.items():
+        if dim not in sizes:
+            raise KeyError(f"check_shape: {dim!r} is not a dimension of {spec!r}")
+        if sizes[dim] != want:
+            raise ShapeError(
+                f"{name}: dimension {_describe(dim)} should be {want}, got {sizes[dim]} "
+                f"(shape ({spec}) = {tuple(x.shape)})"
+            )
+    return sizes
+
+
+def check_same_device(name: str, x: Tensor, device: torch.device) -> None:
+    """Refuse a tensor that lives on another device than the state it meets."""
+    if x.device != device:
+        raise ShapeError(f"{name}: expected a tensor on device {device}, got one on {x.device}")
+
+
+def check_floating(name: str, x: Tensor) -> None:
+    """Refuse an integer or boolean tensor where features are expected."""
+    if not x.is_floating_point():
+        raise ShapeError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
