@@ -22,7 +22,7 @@ $(VENV)/.dev: $(VENV)/.runtime
 install-dev: $(VENV)/.dev
 
 demo: $(VENV)/.runtime
-	$(VENV)/bin/memkit demo
+	$(PY) -m memkit.tour
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check memkit tests benchmarks

@@ -3,7 +3,7 @@
 from memkit.attention import attend, attend_partial, available_backends, merge_partials
 from memkit.errors import BackendUnavailableError, MemkitError, ShapeError, StateError
 from memkit.layers import MemoryAttention, init_memory_states, memory_layers
-from memkit.memories import FIFOMemory, NoMemory, SinkWindowMemory
+from memkit.memories import FIFOMemory, NoMemory, SinkWindowMemory, SparseKVMemory
 from memkit.protocol import Chunk, Context, Memory, Query
 from memkit.state import MemoryState, map_tensors, memory_state, state_nbytes
 
@@ -28,6 +28,7 @@ __all__ = [
     "NoMemory",
     "SinkWindowMemory",
     "FIFOMemory",
+    "SparseKVMemory",
     "MemkitError",
     "ShapeError",
     "BackendUnavailableError",

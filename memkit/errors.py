@@ -22,3 +22,10 @@ class BackendUnavailableError(MemkitError, RuntimeError):
 
 class StateError(MemkitError, ValueError):
     """A memory state does not belong to the memory it was handed to."""
+
+
+class DataError(MemkitError, ValueError):
+    """A data file or data-set argument cannot be used: missing, unreadable, wrong shape or values.
+
+    The message names the file (when there is one), what was expected and what was found.
+    """

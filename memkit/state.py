@@ -16,7 +16,7 @@ fixed by ``init_state``: nothing grows with the length of the video.
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, dataclass_transform
 
 import torch
 import torch.utils._pytree as pytree
@@ -32,7 +32,7 @@ T = TypeVar("T", bound="MemoryState")
 
 def map_tensors(fn: Callable[[Tensor], Tensor], tree: S) -> S:
     """Apply ``fn`` to every tensor leaf of a pytree (states, tuples of states...)."""
-    return pytree.tree_map(lambda x: fn(x) if isinstance(x, Tensor) else x, tree)  # type: ignore[no-any-return]
+    return pytree.tree_map(lambda x: fn(x) if isinstance(x, Tensor) else x, tree)
 
 
 def state_nbytes(tree: Any) -> int:
@@ -88,6 +88,7 @@ class MemoryState:
         return map_tensors(lambda x: x[index], self)
 
 
+@dataclass_transform(frozen_default=True, eq_default=False)
 def memory_state(cls: type[T]) -> type[T]:
     """Make ``cls`` a frozen dataclass registered as a torch pytree.
 

@@ -11,6 +11,7 @@ compiled graph has already been checked on its first eager call.
 
 import functools
 import os
+import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -68,9 +69,50 @@ def typechecked(fn: F) -> F:
         try:
             return checked(*args, **kwargs)
         except TypeCheckError as err:
-            raise ShapeError(str(err)) from err
+            report = str(err)
+            headline = summarize_typecheck_error(report)
+            raise ShapeError(f"{headline}\n\n{report}" if headline else report) from err
 
     return wrapper  # type: ignore[return-value]
+
+
+_DTYPE_KINDS = {"f": "floating-point", "bf": "floating-point", "i": "integer", "u": "integer", "bool": "boolean"}
+
+
+def summarize_typecheck_error(report: str) -> str | None:
+    """One line naming the offending argument and dimension, read off a jaxtyping report.
+
+    jaxtyping lists every binding it made; this finds the first dimension of the failing
+    argument whose size disagrees with an earlier binding (or a rank / dtype mismatch).
+    Returns None when the report has another form.
+    """
+    param = re.search(r"typechecking parameter '([^']+)'", report)
+    actual = re.search(r"Actual value: ([a-z]+)(\d*)\[([\d,]*)\]", report)
+    expected = re.search(r"Expected type: <class '(\w+)\[\w+, '([^']*)'\]'>", report)
+    if param and not expected:
+        other = re.search(r"Expected type: <class '(?:[\w.]+\.)?(\w+)'>", report)
+        value = re.search(r"Actual value: (\w+)", report)
+        if other and value:
+            return f"{param.group(1)}: expected a {other.group(1)}, got {value.group(1)}"
+    if not (param and actual and expected):
+        return None
+    name = param.group(1)
+    kind, spec = expected.group(1), expected.group(2).split()
+    shape = [int(x) for x in actual.group(3).split(",") if x]
+    dtype_kind = _DTYPE_KINDS.get(actual.group(1), actual.group(1))
+    want_kind = {"Float": "floating-point", "Int": "integer", "Bool": "boolean"}.get(kind)
+    if want_kind and dtype_kind != want_kind:
+        return f"{name}: expected a {want_kind} tensor, got {actual.group(1)}{actual.group(2)}"
+    if len(shape) != len(spec):
+        return f"{name}: expected {len(spec)} dimensions ({' '.join(spec)}), got {len(shape)} with shape {tuple(shape)}"
+    bindings = dict(re.findall(r"^(\w+)=(\d+)$", report, flags=re.MULTILINE))
+    for dim, size in zip(spec, shape, strict=True):
+        if dim in bindings and int(bindings[dim]) != size:
+            return (
+                f"{name}: dimension {_describe(dim)} should be {bindings[dim]}, got {size} "
+                f"(shape ({' '.join(spec)}) = {tuple(shape)})"
+            )
+    return None
 
 
 def _beartype() -> Any:
@@ -97,9 +139,7 @@ def check_shape(name: str, x: Tensor, spec: str, **expected: int) -> dict[str, i
     if not isinstance(x, Tensor):
         raise ShapeError(f"{name}: expected a tensor of shape ({spec}), got {type(x).__name__}")
     if x.ndim != len(dims):
-        raise ShapeError(
-            f"{name}: expected {len(dims)} dimensions ({spec}), got {x.ndim} with shape {tuple(x.shape)}"
-        )
+        raise ShapeError(f"{name}: expected {len(dims)} dimensions ({spec}), got {x.ndim} with shape {tuple(x.shape)}")
     sizes = dict(zip(dims, x.shape, strict=True))
     for dim, want in expected.items():
         if dim not in sizes:

@@ -4,4 +4,12 @@ from memkit.attention.attend import attend
 from memkit.attention.backends import Backend, available_backends, get_backend, register_backend
 from memkit.attention.reference import attend_partial, merge_partials
 
-__all__ = ["attend", "attend_partial", "merge_partials", "Backend", "available_backends", "get_backend", "register_backend"]
+__all__ = [
+    "attend",
+    "attend_partial",
+    "merge_partials",
+    "Backend",
+    "available_backends",
+    "get_backend",
+    "register_backend",
+]

@@ -103,7 +103,7 @@ def attend_xformers(q: Tensor, k: Tensor, v: Tensor, contexts: list[tuple[Tensor
     import xformers.ops as xops
 
     keys, values, mask = _concat(k, v, contexts)
-    b, h, n, d = q.shape
+    b, h, n, _ = q.shape
     m = keys.shape[2]
     bias = None
     if mask is not None:

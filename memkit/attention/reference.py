@@ -43,9 +43,7 @@ def merge_partials(outs: list[Tensor], lses: list[Tensor]) -> tuple[Tensor, Tens
     return out, lse
 
 
-def attend_math(
-    q: Tensor, k: Tensor, v: Tensor, contexts: list[tuple[Tensor, Tensor, Tensor]]
-) -> Tensor:
+def attend_math(q: Tensor, k: Tensor, v: Tensor, contexts: list[tuple[Tensor, Tensor, Tensor]]) -> Tensor:
     """Reference backend: one partial per source, merged by log-sum-exp; float32 inside."""
     outs, lses = [], []
     for kk, vv, mm in [(k, v, None), *contexts]:

@@ -36,7 +36,8 @@ class MemoryAttention(nn.Module):
 
     Example:
         >>> import torch, memkit
-        >>> attn = memkit.MemoryAttention(32, 4, memory=memkit.SinkWindowMemory(4, 8, 2, sink_frames=1, window_frames=2))
+        >>> mem = memkit.SinkWindowMemory(4, 8, 2, sink_frames=1, window_frames=2)
+        >>> attn = memkit.MemoryAttention(32, 4, memory=mem)
         >>> state = attn.init_state(1)
         >>> x, pos = torch.randn(1, 6, 32), torch.tensor([[0, 1, 2]])
         >>> y, state = attn.forward_and_write(x, state, pos)   # clean pass: read, then write

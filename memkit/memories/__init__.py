@@ -2,5 +2,6 @@
 
 from memkit.memories.none import NoMemory, NoState
 from memkit.memories.sink_window import FIFOMemory, SinkWindowMemory, SinkWindowState
+from memkit.memories.sparse_kv import SparseKVMemory, SparseKVState
 
-__all__ = ["NoMemory", "NoState", "SinkWindowMemory", "SinkWindowState", "FIFOMemory"]
+__all__ = ["NoMemory", "NoState", "SinkWindowMemory", "SinkWindowState", "FIFOMemory", "SparseKVMemory", "SparseKVState"]

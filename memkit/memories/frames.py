@@ -105,3 +105,89 @@ def check_state(owner: str, state: object, expected: type) -> None:
     """Refuse a state made by another kind of memory."""
     if not isinstance(state, expected):
         raise StateError(f"{owner}: expected a {expected.__name__}, got {type(state).__name__}")
+
+
+def gather_per_head(x: Tensor, index: Tensor) -> Tensor:
+    """Select frames of ``x (b h F ...)`` with a per-(batch, head) ``index (b h K)`` -> ``(b h K ...)``.
+
+    >>> gather_per_head(torch.arange(6.).reshape(1, 2, 3), torch.tensor([[[2], [0]]])).tolist()
+    [[[2.0], [3.0]]]
+    """
+    shape = (*index.shape, *([1] * (x.ndim - 3)))
+    expanded = index.reshape(shape).expand(*index.shape, *x.shape[3:])
+    return x.gather(2, expanded)
+
+
+def rank_frames(scores: Tensor, valid: Tensor, priority: Tensor) -> Tensor:
+    """Indices of every entry of the last dimension, best first (a total, deterministic order).
+
+    Entries are ordered by: valid before invalid, then higher ``scores``, then higher
+    ``priority`` (the tie-break, e.g. recency), then lower index. ``scores`` (float),
+    ``valid`` (bool) and ``priority`` (int) share one shape ``(... L)``; NaN scores rank
+    as ``-inf``. Three stable sorts (least significant key first) give a lexicographic
+    order without mixing float and integer keys, and without data-dependent branches.
+
+    >>> rank_frames(torch.tensor([1.0, 3.0, 3.0, 9.0]), torch.tensor([True, True, True, False]),
+    ...             torch.tensor([0, 1, 2, 3])).tolist()
+    [2, 1, 0, 3]
+    """
+    order = priority.argsort(dim=-1, descending=True, stable=True)
+    s = scores.float().gather(-1, order)
+    s = torch.where(torch.isnan(s), torch.full_like(s, float("-inf")), s)
+    order = order.gather(-1, s.argsort(dim=-1, descending=True, stable=True))
+    ok = valid.gather(-1, order).to(torch.uint8)
+    return order.gather(-1, ok.argsort(dim=-1, descending=True, stable=True))
+
+
+def top_k_frames(scores: Tensor, valid: Tensor, priority: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` best entries by :func:`rank_frames`: indices ``(... k)`` and their validity ``(... k)``.
+
+    Invalid entries are returned (marked invalid) only when fewer than ``k`` are valid.
+
+    >>> idx, ok = top_k_frames(torch.tensor([[0.5, 2.0, 1.0]]), torch.tensor([[True, False, True]]),
+    ...                        torch.zeros(1, 3, dtype=torch.long), 2)
+    >>> idx.tolist(), ok.tolist()
+    ([[2, 0]], [[True, True]])
+    """
+    length = scores.shape[-1]
+    if not 0 < k <= length:
+        raise ValueError(f"top_k_frames: k must be in 1..{length} (the number of candidates), got {k}")
+    index = rank_frames(scores, valid, priority)[..., :k]
+    return index, valid.gather(-1, index)
+
+
+def sink_sources(frames_seen: Tensor, sink_frames: int, num_frames: int) -> tuple[Tensor, Tensor]:
+    """Which new frame fills each sink slot: source index ``(b S)`` and whether it does ``(b S)``.
+
+    The sink holds the first ``sink_frames`` frames ever written; slot ``j`` takes new
+    frame ``j - frames_seen`` when that frame exists in a chunk of ``num_frames`` frames.
+
+    >>> src, take = sink_sources(torch.tensor([1]), 3, 4)
+    >>> src.tolist(), take.tolist()
+    ([[0, 0, 1]], [[False, True, True]])
+    """
+    src = torch.arange(sink_frames, device=frames_seen.device) - frames_seen[:, None]
+    take = (src >= 0) & (src < num_frames)
+    return src.clamp(0, max(num_frames - 1, 0)), take
+
+
+def ring_sources(start: Tensor, first: Tensor, num_frames: int, capacity: int) -> tuple[Tensor, Tensor]:
+    """Which new frame lands in each slot of a ring buffer: source ``(b C)`` and whether any does ``(b C)``.
+
+    New frames ``first .. num_frames-1`` of a chunk (``first (b,)``) get ring indices
+    ``start, start+1, ...`` (``start (b,)`` frames written to the ring so far) and go to slot
+    ``index % capacity``. When a chunk has more frames than the ring, only the last
+    ``capacity`` survive, so each slot takes at most one frame: written as a gather, not a
+    scatter with colliding indices.
+
+    >>> src, take = ring_sources(torch.tensor([2]), torch.tensor([0]), 2, 3)
+    >>> src.tolist(), take.tolist()
+    ([[1, 0, 0]], [[True, False, True]])
+    """
+    count = num_frames - first  # (b,) frames going to the ring
+    last_index = start + count - 1  # ring index of the newest new frame
+    slots = torch.arange(capacity, device=start.device)
+    last = last_index[:, None] - torch.remainder(last_index[:, None] - slots, capacity)  # (b C)
+    take = last >= start[:, None]
+    src = first[:, None] + last - start[:, None]
+    return src.clamp(0, max(num_frames - 1, 0)), take

@@ -87,7 +87,14 @@ class SinkWindowMemory:
         self, batch_size: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> SinkWindowState:
         dtype = dtype or torch.get_default_dtype()
-        b, h, t, d, s, w = batch_size, self.heads, self.tokens_per_frame, self.head_dim, self.sink_frames, self.window_frames
+        b, h, t, d, s, w = (
+            batch_size,
+            self.heads,
+            self.tokens_per_frame,
+            self.head_dim,
+            self.sink_frames,
+            self.window_frames,
+        )
 
         def buf(frames: int) -> Tensor:
             return torch.zeros((b, h, frames, t, d), device=device, dtype=dtype)

@@ -1,0 +1,221 @@
+"""``SparseKVMemory``: a ring buffer of past frames read through top-k routing (MemFlow SMA, MoC)."""
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from memkit.memories.frames import (
+    check_chunk,
+    check_query,
+    check_state,
+    frames_to_context,
+    gather_frames,
+    gather_per_head,
+    ring_sources,
+    sink_sources,
+    split_frames,
+    top_k_frames,
+)
+from memkit.protocol import Chunk, Context, Query
+from memkit.state import MemoryState, memory_state
+from memkit.typing import typechecked
+
+__all__ = ["SparseKVMemory", "SparseKVState"]
+
+
+@memory_state
+class SparseKVState(MemoryState):
+    """State of :class:`SparseKVMemory`.
+
+    Attributes:
+        k, v: ``(b h C t d)`` the ring buffer of past frames' keys (before rotary) and values.
+        desc: ``(b h C d)`` each frame's routing descriptor: its keys mean-pooled over its tokens.
+        pos: ``(b C)`` frame position of each slot.
+        valid: ``(b C)`` which slots hold a frame.
+        sink_k, sink_v: ``(b h A t d)`` the first ``A`` frames ever written (always returned).
+        sink_pos, sink_valid: ``(b A)``.
+        frames_seen: ``(b,)`` frames written so far (the ring's write counter is
+            ``max(frames_seen - A, 0)``).
+
+    Example:
+        >>> import memkit
+        >>> s = memkit.SparseKVMemory(heads=2, head_dim=8, tokens_per_frame=4, capacity=5).init_state(3)
+        >>> s.k.shape, s.desc.shape, s.valid.shape
+        (torch.Size([3, 2, 5, 4, 8]), torch.Size([3, 2, 5, 8]), torch.Size([3, 5]))
+    """
+
+    k: Tensor
+    v: Tensor
+    desc: Tensor
+    pos: Tensor
+    valid: Tensor
+    sink_k: Tensor
+    sink_v: Tensor
+    sink_pos: Tensor
+    sink_valid: Tensor
+    frames_seen: Tensor
+
+
+class SparseKVMemory:
+    """Past frames in a fixed ring buffer; each read returns only the top-k most relevant.
+
+    The routing of Mixture of Contexts, as MemFlow's Sparse Memory Activation uses it: the
+    current segment's queries are mean-pooled to one vector per (batch, head); every stored
+    frame has one descriptor per head (its keys mean-pooled); the score is their dot product,
+    and each head attends only to its ``top_k`` best frames (heads choose independently, so
+    ``Context.positions`` differ per head). The first ``always_frames`` frames ever written
+    live in a separate sink and are always returned (MoC's mandatory anchors, LongLive's frame
+    sink); every frame sits in exactly one of the sink and the ring.
+
+    Ties are broken deterministically: equal scores prefer the more recently written frame.
+    Invalid (empty) slots are never selected; with fewer than ``top_k`` valid frames the extra
+    returned slots are masked invalid. With ``top_k >= capacity`` a read returns every stored
+    frame, so attention over it equals dense attention over the whole buffer.
+
+    Read returns ``(A + K) * t`` slots per head, ``K = min(top_k, capacity)``, sink first.
+
+    Cost: ``read`` O(b h (n d + C d + C log C + K t d)) (pool queries, score, rank, gather);
+    ``write`` O(b h (C + A) t d) (a pure write copies the buffers).
+    State bytes: ``b h (2 (C + A) t d + C d) * itemsize + 9 b (C + A) + 8 b``.
+
+    Args:
+        heads, head_dim: the attention layer's ``h`` and ``d``.
+        tokens_per_frame: ``t``, tokens in one frame.
+        capacity: ``C``, frames in the ring buffer (the newest ``C`` non-sink frames).
+        top_k: ``K``, frames each head reads from the ring.
+        always_frames: ``A``, first frames kept in the sink and always returned.
+
+    Example:
+        >>> import torch, memkit
+        >>> mem = memkit.SparseKVMemory(heads=2, head_dim=8, tokens_per_frame=4, capacity=6, top_k=2)
+        >>> state = mem.init_state(1)
+        >>> k = torch.randn(1, 2, 16, 8)  # 4 frames of 4 tokens
+        >>> state = mem.write(state, memkit.Chunk(k, k, torch.randn(1, 16, 32), torch.tensor([[0, 1, 2, 3]]), 4))
+        >>> q = memkit.Query(torch.randn(1, 2, 8, 8), torch.tensor([[4, 5]]), tokens_per_frame=4)
+        >>> ctx = mem.read(state, q)
+        >>> ctx.k.shape, bool(ctx.mask.all())   # 2 frames x 4 tokens per head, all valid
+        (torch.Size([1, 2, 8, 8]), True)
+    """
+
+    def __init__(
+        self,
+        heads: int,
+        head_dim: int,
+        tokens_per_frame: int,
+        *,
+        capacity: int = 16,
+        top_k: int = 3,
+        always_frames: int = 0,
+    ) -> None:
+        if min(heads, head_dim, tokens_per_frame) < 1:
+            raise ValueError(
+                f"SparseKVMemory: heads, head_dim and tokens_per_frame must be positive, "
+                f"got {heads}, {head_dim}, {tokens_per_frame}"
+            )
+        if capacity < 1 or top_k < 1 or always_frames < 0:
+            raise ValueError(
+                f"SparseKVMemory: capacity and top_k must be positive and always_frames non-negative, "
+                f"got capacity={capacity}, top_k={top_k}, always_frames={always_frames}"
+            )
+        self.heads, self.head_dim, self.tokens_per_frame = heads, head_dim, tokens_per_frame
+        self.capacity, self.top_k, self.always_frames = capacity, top_k, always_frames
+
+    @property
+    def _name(self) -> str:
+        return type(self).__name__
+
+    def init_state(
+        self, batch_size: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> SparseKVState:
+        """The empty state: every slot invalid, shapes fixed from here on."""
+        dtype = dtype or torch.get_default_dtype()
+        b, h, t, d = batch_size, self.heads, self.tokens_per_frame, self.head_dim
+        c, a = self.capacity, self.always_frames
+
+        def zeros(*shape: int, dt: torch.dtype = dtype) -> Tensor:
+            return torch.zeros(shape, device=device, dtype=dt)
+
+        return SparseKVState(
+            k=zeros(b, h, c, t, d),
+            v=zeros(b, h, c, t, d),
+            desc=zeros(b, h, c, d),
+            pos=zeros(b, c, dt=torch.long),
+            valid=zeros(b, c, dt=torch.bool),
+            sink_k=zeros(b, h, a, t, d),
+            sink_v=zeros(b, h, a, t, d),
+            sink_pos=zeros(b, a, dt=torch.long),
+            sink_valid=zeros(b, a, dt=torch.bool),
+            frames_seen=zeros(b, dt=torch.long),
+        )
+
+    def _recency(self, state: SparseKVState) -> Tensor:
+        """``(b C)``: larger for more recently written ring slots (the tie-break)."""
+        ring_count = (state.frames_seen - self.always_frames).clamp(min=0)
+        slots = torch.arange(self.capacity, device=ring_count.device)
+        # slot ring_count % C is the oldest (next to be overwritten): recency 0; the newest C-1
+        return torch.remainder(slots - ring_count[:, None], self.capacity)
+
+    @typechecked
+    def read(self, state: SparseKVState, query: Query) -> Context:
+        """The sink, then each head's top-k ring frames: ``(b h (A + K)*t d)``."""
+        check_state(f"{self._name}.read", state, SparseKVState)
+        check_query(self._name, query, state.batch_size, self.heads, self.head_dim, state.k.device)
+        b, h, c, t, _ = state.k.shape
+        routed = query.q.float().mean(dim=2)  # (b h d)
+        scores = torch.einsum("bhcd,bhd->bhc", state.desc.float(), routed)
+        valid = state.valid[:, None, :].expand(b, h, c)
+        priority = self._recency(state)[:, None, :].expand(b, h, c)
+        index, ok = top_k_frames(scores, valid, priority, min(self.top_k, c))  # (b h K)
+        pos = state.pos[:, None, :].expand(b, h, c).gather(2, index)
+        selected = Context(
+            k=rearrange(gather_per_head(state.k, index), "b h f t d -> b h (f t) d"),
+            v=rearrange(gather_per_head(state.v, index), "b h f t d -> b h (f t) d"),
+            mask=ok.repeat_interleave(t, dim=2),
+            positions=pos.repeat_interleave(t, dim=2),
+        )
+        if self.always_frames == 0:
+            return selected
+        sink = frames_to_context(state.sink_k, state.sink_v, state.sink_pos, state.sink_valid)
+        return Context.concat([sink, selected])
+
+    @typechecked
+    def write(self, state: SparseKVState, chunk: Chunk) -> SparseKVState:
+        """Fill the sink with the first frames ever seen; write the rest into the ring."""
+        check_state(f"{self._name}.write", state, SparseKVState)
+        check_chunk(self._name, chunk, state.batch_size, self.heads, self.head_dim, state.k.device, self.tokens_per_frame)
+        dtype = state.k.dtype
+        k = split_frames(chunk.k.to(dtype), self.tokens_per_frame)  # (b h f t d)
+        v = split_frames(chunk.v.to(dtype), self.tokens_per_frame)
+        desc = k.float().mean(dim=3).to(dtype)  # (b h f d)
+        pos = chunk.frame_positions.long()
+        f = pos.shape[1]
+        seen = state.frames_seen
+
+        src, take = sink_sources(seen, self.always_frames, f)
+        take5 = take[:, None, :, None, None]
+        sink_k = torch.where(take5, gather_frames(k, src, 2), state.sink_k)
+        sink_v = torch.where(take5, gather_frames(v, src, 2), state.sink_v)
+        sink_pos = torch.where(take, pos.gather(1, src), state.sink_pos)
+
+        first = (self.always_frames - seen).clamp(0, f)  # the chunk's first frames went to the sink
+        start = (seen - self.always_frames).clamp(min=0)
+        rsrc, rtake = ring_sources(start, first, f, self.capacity)
+        rtake5 = rtake[:, None, :, None, None]
+        return SparseKVState(
+            k=torch.where(rtake5, gather_frames(k, rsrc, 2), state.k),
+            v=torch.where(rtake5, gather_frames(v, rsrc, 2), state.v),
+            desc=torch.where(rtake[:, None, :, None], gather_frames(desc, rsrc, 2), state.desc),
+            pos=torch.where(rtake, pos.gather(1, rsrc), state.pos),
+            valid=state.valid | rtake,
+            sink_k=sink_k,
+            sink_v=sink_v,
+            sink_pos=sink_pos,
+            sink_valid=state.sink_valid | take,
+            frames_seen=seen + f,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"{self._name}(heads={self.heads}, head_dim={self.head_dim}, tokens_per_frame={self.tokens_per_frame}, "
+            f"capacity={self.capacity}, top_k={self.top_k}, always_frames={self.always_frames})"
+        )
