@@ -1,9 +1,10 @@
 """memkit: interchangeable memory modules for long video generation."""
 
 from memkit.attention import attend, attend_partial, available_backends, merge_partials
-from memkit.errors import BackendUnavailableError, MemkitError, ShapeError, StateError
+from memkit.errors import BackendUnavailableError, CheckpointError, MemkitError, ShapeError, StateError
+from memkit.io import load_states, save_states
 from memkit.layers import MemoryAttention, init_memory_states, memory_layers
-from memkit.memories import FIFOMemory, NoMemory, SinkWindowMemory, SparseKVMemory
+from memkit.memories import FIFOMemory, NoMemory, RecurrentMemory, SinkWindowMemory, SparseKVMemory
 from memkit.protocol import Chunk, Context, Memory, Query
 from memkit.state import MemoryState, map_tensors, memory_state, state_nbytes
 
@@ -29,8 +30,13 @@ __all__ = [
     "SinkWindowMemory",
     "FIFOMemory",
     "SparseKVMemory",
+    "PromptBankMemory",
+    "RecurrentMemory",
     "MemkitError",
     "ShapeError",
     "BackendUnavailableError",
     "StateError",
+    "CheckpointError",
+    "save_states",
+    "load_states",
 ]

@@ -29,3 +29,15 @@ class DataError(MemkitError, ValueError):
 
     The message names the file (when there is one), what was expected and what was found.
     """
+
+
+class CheckpointError(MemkitError, ValueError):
+    """A saved state or checkpoint cannot be loaded as asked: the message says what differs."""
+
+
+class AttachError(MemkitError, RuntimeError):
+    """Memory cannot be attached to (or used with) a host model as asked.
+
+    Raised by :func:`memkit.attach` and :class:`memkit.MemorySession`: no layer matched, a
+    layer has no memory, the session is detached, no segment layout was set.
+    """

@@ -112,7 +112,7 @@ def check_memory(
 
     hypothesis draws ``examples`` random streams of 1 to ``segments`` segments (random
     queries, keys, values, hidden states, start positions and which stream to perturb);
-    each segment is read, then written. Runs under ``torch.no_grad()`` with an
+    each segment is read, then written, and one more segment is read at the end. Runs under ``torch.no_grad()`` with an
     ``nn.Module`` memory in eval mode; derandomized, so a failure reproduces.
 
     Args:
@@ -285,11 +285,14 @@ def _context_tensors(ctx: Context) -> dict[str, Tensor]:
     return {"k": ctx.k, "v": ctx.v, "mask": ctx.mask, "positions": ctx.positions}
 
 
+def _select(ctx: Context, items: list[int]) -> Context:
+    return Context(*(x[items] for x in _context_tensors(ctx).values()))
+
+
 def _context_difference(a: Context, b: Context, items: list[int] | None = None) -> str | None:
     """Where two contexts differ (only valid slots' keys, values and positions count)."""
     if items is not None:
-        a = Context(*(x[items] for x in _context_tensors(a).values()))
-        b = Context(*(x[items] for x in _context_tensors(b).values()))
+        a, b = _select(a, items), _select(b, items)
     if a.k.shape != b.k.shape:
         return f"context shape {tuple(a.k.shape)} became {tuple(b.k.shape)}"
     if not torch.equal(a.mask, b.mask):
@@ -357,7 +360,7 @@ def _check_stream(
     gen = torch.Generator().manual_seed(seed)
     segment_positions = [
         (start + s * f + torch.arange(f))[None].expand(b, f).clone() for s in range(n_segments + 1)
-    ]  # one more segment than the stream, to continue after save/load
+    ]  # the stream's segments are written; the last one is only read
     inputs = [_inputs(cfg, gen, p) for p in segment_positions]
     others = [_inputs(cfg, gen, p) for p in segment_positions]
 
@@ -366,7 +369,7 @@ def _check_stream(
     nbytes = state_nbytes(state)
 
     states, contexts, saved_contexts = [], [], []
-    for query, chunk in inputs[:n_segments]:
+    for s, (query, chunk) in enumerate(inputs):
         before = _clone(state)
         ctx = memory.read(state, query)
         if (where := _tree_difference(before, state)) is not None:
@@ -383,6 +386,8 @@ def _check_stream(
         states.append(state)
         contexts.append(ctx)
         saved_contexts.append(Context(*(x.clone() for x in _context_tensors(ctx).values())))
+        if s == n_segments:
+            break
 
         new_state = memory.write(state, chunk)
         if (where := _tree_difference(before, state)) is not None:
@@ -411,9 +416,9 @@ def _check_stream(
             raise fail("causality", f"reading the state of segment {s} again after later writes: {where}")
 
     if b > 1:
-        _check_batch(fail, memory, cfg, inputs[:n_segments], others, contexts, perturbed, perturb_at)
+        _check_batch(fail, memory, cfg, inputs, others, contexts, perturbed, perturb_at)
         _check_selection(fail, memory, states, inputs, contexts)
-    _check_save_load(fail, memory, state, inputs[n_segments])
+    _check_save_load(fail, memory, state, inputs[n_segments])  # the state after the last write
 
 
 def _check_batch(
@@ -429,7 +434,7 @@ def _check_batch(
     """Stream ``perturbed`` gets other queries throughout and another chunk at ``perturb_at``."""
     rest = [i for i in range(cfg.batch_size) if i != perturbed]
     state = memory.init_state(cfg.batch_size, device=cfg.device, dtype=cfg.state_dtype)
-    for s, ((query, chunk), (other_query, other_chunk)) in enumerate(zip(inputs, others, strict=False)):
+    for s, ((query, chunk), (other_query, other_chunk)) in enumerate(zip(inputs, others, strict=True)):
         ctx = memory.read(state, _replace_item(query, other_query, perturbed))
         if (where := _context_difference(contexts[s], ctx, rest)) is not None:
             raise fail(
@@ -448,9 +453,10 @@ def _check_selection(
             one = map_tensors(lambda x, i=i: x[i : i + 1], state)
             query = inputs[s][0]
             one_query = dataclasses.replace(
-                query, **{k: x[i : i + 1] for k, x in vars(query).items() if isinstance(x, Tensor)}
+                query,
+                **{f.name: x[i : i + 1] for f in dataclasses.fields(query) if isinstance(x := getattr(query, f.name), Tensor)},
             )
-            if (where := _context_difference(memory.read(one, one_query), ctx, [i])) is not None:
+            if (where := _context_difference(memory.read(one, one_query), _select(ctx, [i]))) is not None:
                 raise fail(
                     "batch selection",
                     f"reading item {i} of the state at segment {s} alone differs from item {i} of the batched read: "

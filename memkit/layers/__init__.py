@@ -1,6 +1,20 @@
 """Layers: the attention layer that carries a memory, and rotary embeddings."""
 
-from memkit.layers.memory_attention import MemoryAttention, init_memory_states, memory_layers
+from memkit.layers.memory_attention import (
+    MemoryAttention,
+    Rotate,
+    attend_with_context,
+    init_memory_states,
+    memory_layers,
+)
 from memkit.layers.rotary import apply_rotary, rotary_angles
 
-__all__ = ["MemoryAttention", "init_memory_states", "memory_layers", "apply_rotary", "rotary_angles"]
+__all__ = [
+    "MemoryAttention",
+    "attend_with_context",
+    "Rotate",
+    "init_memory_states",
+    "memory_layers",
+    "apply_rotary",
+    "rotary_angles",
+]

@@ -1,5 +1,7 @@
 """``MemoryAttention``: a self-attention layer that reads and writes a memory."""
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -12,6 +14,55 @@ from memkit.layers.rotary import apply_rotary
 from memkit.memories.none import NoMemory
 from memkit.protocol import Chunk, Context, Memory, Query, token_positions
 from memkit.typing import Bool, Float, Int, check_floating, check_shape, typechecked
+
+#: ``rotate(x, positions) -> x``: rotary embedding of ``x (b h n d)`` at integer frame positions
+#: ``(b n)`` (shared by every head) or ``(b h n)``.
+Rotate = Callable[[Tensor, Tensor], Tensor]
+
+
+def attend_with_context(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    context: Context,
+    positions: Tensor,
+    *,
+    rotate: Rotate | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Attention of a segment over its own tokens and a memory's context, rotary included.
+
+    The one place where pre-rotary keys meet their positions: the segment's ``q`` and
+    ``k`` are rotated at ``positions``, each context key at the position it was recorded
+    at (``context.positions``), then :func:`memkit.attend` runs over both.
+    :class:`MemoryAttention` and :mod:`memkit.integrations` share it.
+
+    Args:
+        q, k, v: the segment's queries, keys and values before rotary, ``(b h n d)``.
+        context: what the memory returned, keys before rotary, ``(b h m d)``.
+        positions: frame position of each segment token, ``(b n)`` or ``(b h n)``.
+        rotate: ``rotate(x, positions)``; ``None`` for a model without rotary embeddings.
+        backend: attention backend (see :func:`memkit.attend`).
+
+    Returns:
+        ``(b h n d)``.
+
+    Example:
+        >>> import torch, functools, memkit
+        >>> from memkit.layers import apply_rotary, attend_with_context
+        >>> q = k = v = torch.randn(1, 2, 6, 8)
+        >>> ctx = memkit.Context(torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8),
+        ...                      torch.ones(1, 2, 3, dtype=torch.bool), torch.zeros(1, 2, 3, dtype=torch.long))
+        >>> pos = torch.tensor([[1, 1, 2, 2, 3, 3]])
+        >>> attend_with_context(q, k, v, ctx, pos, rotate=apply_rotary).shape
+        torch.Size([1, 2, 6, 8])
+    """
+    if rotate is not None:
+        q, k = rotate(q, positions), rotate(k, positions)
+        context = Context(
+            k=rotate(context.k, context.positions), v=context.v, mask=context.mask, positions=context.positions
+        )
+    return attend(q, k, v, context, backend=backend)
 
 
 class MemoryAttention(nn.Module):
@@ -83,15 +134,15 @@ class MemoryAttention(nn.Module):
         return self.q_norm(q), self.k_norm(k), v
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, context: Context, positions: Tensor) -> Tensor:
-        q_rot = apply_rotary(q, positions, self.rope_theta)
-        k_rot = apply_rotary(k, positions, self.rope_theta)
-        ctx = Context(
-            k=apply_rotary(context.k, context.positions, self.rope_theta),
-            v=context.v,
-            mask=context.mask,
-            positions=context.positions,
+        out = attend_with_context(
+            q,
+            k,
+            v,
+            context,
+            positions,
+            rotate=functools.partial(apply_rotary, theta=self.rope_theta),
+            backend=self.backend,
         )
-        out = attend(q_rot, k_rot, v, ctx, backend=self.backend)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
     def _check(self, x: Tensor, frame_positions: Tensor) -> int:

@@ -1,7 +1,19 @@
 """Memories: one file each, all implementing :class:`memkit.Memory`."""
 
 from memkit.memories.none import NoMemory, NoState
+from memkit.memories.recurrent import RecurrentMemory, RecurrentState
+from memkit.memories.prompt_bank import PromptBankMemory, PromptBankState
 from memkit.memories.sink_window import FIFOMemory, SinkWindowMemory, SinkWindowState
 from memkit.memories.sparse_kv import SparseKVMemory, SparseKVState
 
-__all__ = ["NoMemory", "NoState", "SinkWindowMemory", "SinkWindowState", "FIFOMemory", "SparseKVMemory", "SparseKVState"]
+__all__ = [
+    "NoMemory",
+    "NoState",
+    "SinkWindowMemory",
+    "SinkWindowState",
+    "FIFOMemory",
+    "SparseKVMemory",
+    "SparseKVState",
+    "RecurrentMemory",
+    "RecurrentState",
+]

@@ -1,0 +1,307 @@
+"""``RecurrentMemory``: MALT Diffusion's fixed-size recurrent memory, with a gated update.
+
+A latent of ``M`` slots of the model dimension ``D`` summarises every segment written so
+far. Writing a finished segment updates it by attention from the latent over
+``[latent; segment]`` followed by a learned gate (Block-Recurrent Transformer style);
+reading hands the latent to attention as ``M`` extra keys/values. Its size never depends
+on the length of the video.
+"""
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from memkit.errors import StateError
+from memkit.memories.frames import check_chunk, check_query, check_state
+from memkit.protocol import Chunk, Context, Query
+from memkit.state import MemoryState, memory_state
+from memkit.typing import Float, check_shape, typechecked
+
+__all__ = ["RecurrentMemory", "RecurrentState"]
+
+
+@memory_state
+class RecurrentState(MemoryState):
+    """State of :class:`RecurrentMemory`.
+
+    Attributes:
+        latent: ``(b M D)`` the memory after every write so far.
+        read_k, read_v: ``(b h M d)`` the latent projected to the attention layer's head
+            space, computed once per write so that ``read`` (called at every denoising
+            step) does no arithmetic.
+        partial: ``K - 1`` tensors ``(b M D)`` for ``truncation=K`` (empty otherwise): the
+            same values as ``latent`` whose autograd history reaches back only ``1 .. K-1``
+            writes (see :class:`RecurrentMemory`, "Truncated backprop").
+        writes: ``(b,)`` segments written so far.
+    """
+
+    latent: Tensor
+    read_k: Tensor
+    read_v: Tensor
+    partial: tuple[Tensor, ...]
+    writes: Tensor
+
+
+class RecurrentMemory(nn.Module):
+    """A fixed-size latent memory updated recurrently from each clean segment (MALT Diffusion).
+
+    The module holds parameters only (the learned initial latent and the update/read
+    projections); the latent itself flows through :class:`RecurrentState`.
+
+    **Write** (once per finished segment, from its clean hidden states ``X (b n D)``; in
+    training mode ``X`` is first noised, ``X <- X + noise_std * rms(X) * eps`` with
+    ``eps ~ N(0, 1)`` and ``rms`` the detached per-token root mean square)::
+
+        A  = L + W_o MHA(query = LN_l(L), keys/values = [LN_l(L); LN_x(X)])
+        C  = A + MLP(LN_c(A))                     (skipped when mlp_ratio = 0)
+        G  = sigmoid(W_g [L; C] + b_g)            per slot and channel
+        L' = G * C + (1 - G) * L
+
+    ``W_g`` starts at zero and ``b_g`` at ``gate_bias`` (default -2), so an untrained gate
+    is ``sigmoid(-2) ~ 0.12`` everywhere: mostly closed, the latent keeps ~88% of its old
+    content per write. As with an LSTM's forget bias, information then survives many writes
+    from the first step of training (0.88^4 ~ 0.6 after four writes) and training opens
+    the gate where new content is worth taking in.
+
+    **Read** (every denoising step)::
+
+        K_mem = W_k LN_r(L),  V_mem = W_v LN_r(L)        (b h M d), mask all True
+        position of every slot = min(query.frame_positions) - 1
+
+    The latent summarises the whole past, so it has no frame of its own. Placing every
+    slot one frame before the current segment makes its rotary offset to the segment's
+    queries ``1 .. f`` frames, the same at frame 10 as at frame 10 000: the distance never
+    grows with the length of the video, so a model never meets offsets it was not trained
+    on.
+
+    **Truncated backprop** (``truncation=K``, MALT's stop-gradient training): a loss at
+    segment ``s`` reads the latent after writes ``1 .. s-1``; its gradient reaches writes
+    ``s-1 .. s-K`` (their segments and the parameters used there) and nothing older. The
+    window slides, so every loss needs its own cut. The state carries ``K`` copies of the
+    latent (same values) whose histories reach back ``1 .. K`` writes: on a write, copy
+    ``j`` is the update of copy ``j-1``, and copy ``0`` is the detached latent. The
+    segment's keys/values are projected once and shared by the ``K`` updates, the state
+    does not depend on the segment length, and each copy's autograd graph is at most ``K``
+    writes deep, so nothing older is kept alive. With grad disabled all copies are one
+    tensor updated once (same values). The latent ``K`` writes back (the initial latent
+    during the first writes) is a constant to the loss. ``truncation=None`` is full
+    backprop through every write (call ``state.detach()`` to cut it yourself).
+
+    Cost: ``read`` O(M h d) (returns the stored projections and builds positions; the host
+    attention then pays O(n M h d) for the ``M`` extra keys). ``write``: O(n D^2) to
+    project the segment, plus per latent update O((M + n) M D) for attention and
+    O(M D^2 (4 + 2 mlp_ratio + 2)) for projections, MLP and gate; ``K`` updates with
+    grad enabled and ``truncation=K``, otherwise one.
+
+    State bytes: ``b (K M D + 2 h M d) itemsize + 8 b`` with ``K = truncation or 1``.
+
+    Args:
+        dim: model dimension ``D`` (``chunk.hidden``'s last dimension).
+        heads, head_dim: the host attention layer's ``h`` and ``d`` (``head_dim`` defaults
+            to ``dim // heads``).
+        slots: ``M``, latent tokens.
+        write_heads: heads of the write attention (default ``heads``; must divide ``dim``).
+        mlp_ratio: hidden width of the update MLP in units of ``D`` (0 disables it).
+        gate_bias: initial bias ``b_g`` of the update gate.
+        truncation: ``K``, writes a gradient flows through, or None for all of them.
+        noise_std: noise added to written segments in training mode, relative to each
+            token's RMS (0 disables it; never applied in eval mode).
+
+    Example:
+        >>> import torch, memkit
+        >>> mem = memkit.RecurrentMemory(dim=16, heads=2, slots=4, truncation=2)
+        >>> state = mem.init_state(1)
+        >>> k = torch.randn(1, 2, 6, 8)  # 3 frames of 2 tokens, 2 heads of dim 8
+        >>> state = mem.write(state, memkit.Chunk(k, k, torch.randn(1, 6, 16), torch.tensor([[0, 1, 2]]), 2))
+        >>> ctx = mem.read(state, memkit.Query(torch.randn(1, 2, 4, 8), torch.tensor([[3, 4]]), 2))
+        >>> ctx.k.shape, ctx.positions[0, 0].tolist()
+        (torch.Size([1, 2, 4, 8]), [2, 2, 2, 2])
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        head_dim: int | None = None,
+        *,
+        slots: int = 16,
+        write_heads: int | None = None,
+        mlp_ratio: float = 2.0,
+        gate_bias: float = -2.0,
+        truncation: int | None = None,
+        noise_std: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if head_dim is None:
+            if heads < 1 or dim % heads:
+                raise ValueError(
+                    f"RecurrentMemory: dim ({dim}) must be divisible by heads ({heads}) unless head_dim is given"
+                )
+            head_dim = dim // heads
+        write_heads = heads if write_heads is None else write_heads
+        if min(dim, heads, head_dim, slots, write_heads) < 1:
+            raise ValueError(
+                f"RecurrentMemory: dim, heads, head_dim, slots and write_heads must be positive, got "
+                f"{dim}, {heads}, {head_dim}, {slots}, {write_heads}"
+            )
+        if dim % write_heads:
+            raise ValueError(f"RecurrentMemory: dim ({dim}) must be divisible by write_heads ({write_heads})")
+        if truncation is not None and (isinstance(truncation, bool) or truncation < 1):
+            raise ValueError(f"RecurrentMemory: truncation must be None or a positive int, got {truncation!r}")
+        if noise_std < 0 or mlp_ratio < 0:
+            raise ValueError(f"RecurrentMemory: noise_std and mlp_ratio must be >= 0, got {noise_std}, {mlp_ratio}")
+        self.dim, self.heads, self.head_dim, self.slots = dim, heads, head_dim, slots
+        self.write_heads, self.mlp_ratio, self.gate_bias = write_heads, mlp_ratio, gate_bias
+        self.truncation, self.noise_std = truncation, noise_std
+
+        self.init_latent = nn.Parameter(torch.randn(slots, dim) * 0.02)
+        # write: one transformer-style block from the latent over [latent; segment], then the gate
+        self.norm_latent = nn.LayerNorm(dim)
+        self.norm_segment = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * dim, bias=False)
+        self.to_out = nn.Linear(dim, dim, bias=False)
+        hidden = round(mlp_ratio * dim)
+        self.mlp: nn.Module | None = None
+        if hidden > 0:
+            self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.gate = nn.Linear(2 * dim, dim)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.constant_(self.gate.bias, gate_bias)
+        # read: the latent in the host attention's head space
+        self.norm_read = nn.LayerNorm(dim)
+        self.to_read_kv = nn.Linear(dim, 2 * heads * head_dim, bias=False)
+
+    @property
+    def _name(self) -> str:
+        return type(self).__name__
+
+    @property
+    def _copies(self) -> int:
+        return 1 if self.truncation is None else self.truncation
+
+    def init_state(
+        self, batch_size: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> RecurrentState:
+        """The learned initial latent for ``batch_size`` streams (keeps its autograd link to the parameter)."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"{self._name}.init_state: batch_size must be a positive int, got {batch_size!r}")
+        device = self.init_latent.device if device is None else device
+        dtype = dtype or self.init_latent.dtype
+        latent = self.init_latent.to(device=device, dtype=dtype)[None].expand(batch_size, -1, -1)
+        read_k, read_v = self._read_kv(latent)
+        return RecurrentState(
+            latent=latent,
+            read_k=read_k,
+            read_v=read_v,
+            partial=(latent,) * (self._copies - 1),
+            writes=torch.zeros((batch_size,), device=device, dtype=torch.long),
+        )
+
+    def _check_state(self, owner: str, state: RecurrentState) -> None:
+        check_state(owner, state, RecurrentState)
+        check_shape(f"{owner}: state.latent", state.latent, "b m D", m=self.slots, D=self.dim)
+        if len(state.partial) != self._copies - 1:
+            raise StateError(
+                f"{owner}: the state holds {len(state.partial) + 1} latent copies but this memory has "
+                f"truncation={self.truncation} (made by a RecurrentMemory with another truncation?)"
+            )
+
+    @typechecked
+    def read(self, state: RecurrentState, query: Query) -> Context:
+        """The latent as ``M`` keys/values ``(b h M d)``, all valid, one frame before the query's first frame."""
+        self._check_state(f"{self._name}.read", state)
+        check_query(self._name, query, state.batch_size, self.heads, self.head_dim, state.latent.device)
+        b = state.batch_size
+        before = query.frame_positions.long().min(dim=1).values - 1  # (b,)
+        shape = (b, self.heads, self.slots)
+        return Context(
+            k=state.read_k,
+            v=state.read_v,
+            mask=torch.ones(shape, dtype=torch.bool, device=state.latent.device),
+            positions=before[:, None, None].expand(shape),
+        )
+
+    @typechecked
+    def write(self, state: RecurrentState, chunk: Chunk) -> RecurrentState:
+        """Update the latent from the finished segment's hidden states ``chunk.hidden (b n D)``."""
+        owner = f"{self._name}.write"
+        self._check_state(owner, state)
+        check_chunk(self._name, chunk, state.batch_size, self.heads, self.head_dim, state.latent.device)
+        check_shape(f"{owner}: chunk.hidden", chunk.hidden, "b n D", D=self.dim)
+        x = chunk.hidden.to(self.init_latent.dtype)
+        if self.training and self.noise_std > 0:
+            rms = x.detach().pow(2).mean(dim=-1, keepdim=True).add(1e-12).sqrt()
+            x = x + self.noise_std * rms * torch.randn_like(x)
+        seg_k, seg_v = self._segment_kv(x)
+        if self.truncation is None:
+            latent = self._update(state.latent, seg_k, seg_v)
+            partial: tuple[Tensor, ...] = ()
+        elif not torch.is_grad_enabled():
+            # every copy holds the same values; without autograd there is nothing to tell them apart
+            latent = self._update(state.latent, seg_k, seg_v)
+            partial = (latent,) * (self.truncation - 1)
+        else:
+            # copy j after this write = copy j-1 before it, updated; copy 0 is the detached latent
+            olds = (state.latent.detach(), *state.partial)
+            news = [self._update(old, seg_k, seg_v) for old in olds]
+            latent, partial = news[-1], tuple(news[:-1])
+        read_k, read_v = self._read_kv(latent)
+        return RecurrentState(latent=latent, read_k=read_k, read_v=read_v, partial=partial, writes=state.writes + 1)
+
+    def _segment_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        kv = self.to_kv(self.norm_segment(x))
+        k, v = rearrange(kv, "b n (two h d) -> two b h n d", two=2, h=self.write_heads)
+        return k, v
+
+    def _update(self, latent: Tensor, seg_k: Tensor, seg_v: Tensor) -> Tensor:
+        old = latent.to(self.init_latent.dtype)
+        normed = self.norm_latent(old)
+        q = rearrange(self.to_q(normed), "b m (h d) -> b h m d", h=self.write_heads)
+        own_k, own_v = rearrange(self.to_kv(normed), "b m (two h d) -> two b h m d", two=2, h=self.write_heads)
+        out = F.scaled_dot_product_attention(q, torch.cat([own_k, seg_k], dim=2), torch.cat([own_v, seg_v], dim=2))
+        candidate = old + self.to_out(rearrange(out, "b h m d -> b m (h d)"))
+        if self.mlp is not None:
+            candidate = candidate + self.mlp(candidate)
+        gate = torch.sigmoid(self.gate(torch.cat([old, candidate], dim=-1)))
+        new = gate * candidate + (1 - gate) * old
+        return new.to(latent.dtype)
+
+    def _read_kv(self, latent: Tensor) -> tuple[Tensor, Tensor]:
+        kv = self.to_read_kv(self.norm_read(latent.to(self.init_latent.dtype)))
+        k, v = rearrange(kv, "b m (two h d) -> two b h m d", two=2, h=self.heads)
+        return k.to(latent.dtype), v.to(latent.dtype)
+
+    @typechecked
+    def diversity_loss(self, state: RecurrentState) -> Float[Tensor, ""]:
+        """Redundancy between memory slots: mean squared off-diagonal cosine similarity.
+
+        ``mean_{i != j} cos(L_i, L_j)^2`` over the ``M`` slots of each stream, averaged over
+        the batch: 0 when the slots are orthogonal, 1 when they are all parallel, 0 for a
+        single slot. Add ``weight * mem.diversity_loss(state)`` to a training loss to push
+        slots to hold different things.
+
+        Example:
+            >>> import torch, memkit
+            >>> mem = memkit.RecurrentMemory(dim=4, heads=1, slots=3)
+            >>> state = mem.init_state(1)
+            >>> float(mem.diversity_loss(state.replace(latent=torch.eye(4)[None, :3])))
+            0.0
+        """
+        self._check_state(f"{self._name}.diversity_loss", state)
+        m = self.slots
+        if m < 2:
+            return state.latent.new_zeros(())
+        unit = F.normalize(state.latent.float(), dim=-1, eps=1e-8)
+        gram = unit @ unit.transpose(1, 2)  # (b M M)
+        off = gram.pow(2).sum(dim=(1, 2)) - gram.diagonal(dim1=1, dim2=2).pow(2).sum(dim=1)
+        return (off / (m * (m - 1))).mean().to(state.latent.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, heads={self.heads}, head_dim={self.head_dim}, slots={self.slots}, "
+            f"write_heads={self.write_heads}, mlp_ratio={self.mlp_ratio}, gate_bias={self.gate_bias}, "
+            f"truncation={self.truncation}, noise_std={self.noise_std}"
+        )
+

@@ -1,0 +1,454 @@
+"""``MALTNetwork``: the reference latent video diffusion transformer with memory.
+
+One call denoises one segment. Every block's self-attention is a
+:class:`memkit.MemoryAttention`; blocks listed in ``config.memory.layers`` carry the
+configured memory, the others :class:`memkit.NoMemory`. The MALT life cycle:
+
+* :meth:`MALTNetwork.forward` reads the memory states (every denoising step);
+* :meth:`MALTNetwork.write` passes the finished, clean segment through the same network
+  (``t = 0``, or a small noise level in training) and returns the next states.
+"""
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from memkit.errors import CheckpointError, ShapeError
+from memkit.layers import MemoryAttention, init_memory_states
+from memkit.memories import NoMemory
+from memkit.models.malt.config import MALTConfig, MemorySpec
+from memkit.models.malt.registry import build_memory
+from memkit.protocol import Memory
+from memkit.typing import Bool, Float, Int, check_shape, typechecked
+
+__all__ = ["MALTNetwork", "CheckpointError", "patchify", "unpatchify"]
+
+_WEIGHTS, _CONFIG = "model.safetensors", "config.json"
+
+
+def patchify(x: Tensor, patch: int, tubelet: int) -> Tensor:
+    """``(b F c H W) -> (b n tubelet*c*patch*patch)``, tokens frame-major then row-major."""
+    return rearrange(x, "b (f pt) c (hh p) (ww q) -> b (f hh ww) (pt c p q)", pt=tubelet, p=patch, q=patch)
+
+
+def unpatchify(tokens: Tensor, patch: int, tubelet: int, channels: int, height: int, width: int) -> Tensor:
+    """Inverse of :func:`patchify`."""
+    return rearrange(
+        tokens,
+        "b (f hh ww) (pt c p q) -> b (f pt) c (hh p) (ww q)",
+        hh=height // patch,
+        ww=width // patch,
+        pt=tubelet,
+        c=channels,
+        p=patch,
+        q=patch,
+    )
+
+
+def timestep_embedding(t: Tensor, dim: int) -> Tensor:
+    """Sinusoidal embedding of ``t`` in [0, 1] (scaled by 1000, as DiT does), ``(b,) -> (b dim)``."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * 1000.0 * freqs
+    return torch.cat([args.cos(), args.sin()], dim=-1)
+
+
+def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale) + shift
+
+
+class _CrossAttention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * dim, bias=False)
+        self.to_out = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, ctx: Tensor, mask: Tensor) -> Tensor:
+        q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)
+        k, v = rearrange(self.to_kv(ctx), "b p (two h d) -> two b h p d", two=2, h=self.heads)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))  # type: ignore[no-any-return]
+
+
+class MALTBlock(nn.Module):
+    """adaLN-Zero transformer block: memory self-attention, optional prompt cross-attention, MLP.
+
+    The modulation is computed per token-frame from the conditioning ``(b f D)`` (timestep
+    + pooled prompt + that frame's action), so each frame can be conditioned differently.
+    """
+
+    def __init__(self, config: MALTConfig, memory: Memory[Any] | None) -> None:
+        super().__init__()
+        dim = config.dim
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = MemoryAttention(
+            dim, config.heads, memory, rope_theta=config.rope_theta, qk_norm=config.qk_norm, backend=config.backend
+        )
+        self.cross: _CrossAttention | None = None
+        if config.prompt_dim and config.prompt_mode == "cross":
+            self.norm_cross = nn.LayerNorm(dim, eps=1e-6)
+            self.cross = _CrossAttention(dim, config.heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        hidden = int(dim * config.mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(
+        self,
+        h: Tensor,
+        cond: Tensor,
+        state: Any,
+        frame_positions: Tensor,
+        *,
+        write: bool,
+        mem_prompt: Tensor | None,
+        mem_prompt_mask: Tensor | None,
+        cross_ctx: tuple[Tensor, Tensor] | None,
+    ) -> tuple[Tensor, Any]:
+        t = h.shape[1] // frame_positions.shape[1]
+        mod = self.ada(cond).repeat_interleave(t, dim=1)  # (b n 6D)
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
+        x = _modulate(self.norm1(h), shift1, scale1)
+        if write:
+            a, state = self.attn.forward_and_write(x, state, frame_positions, mem_prompt, mem_prompt_mask)
+        else:
+            a = self.attn(x, state, frame_positions, mem_prompt, mem_prompt_mask)
+        h = h + gate1 * a
+        if self.cross is not None and cross_ctx is not None:
+            h = h + self.cross(self.norm_cross(h), *cross_ctx)
+        h = h + gate2 * self.mlp(_modulate(self.norm2(h), shift2, scale2))
+        return h, state
+
+
+class MALTNetwork(nn.Module):
+    """Latent video diffusion transformer that generates one segment at a time, with memory.
+
+    Predicts the flow-matching velocity of a noisy segment (see
+    :class:`memkit.models.malt.FlowMatching`). Positions are explicit token-frame indices
+    ``(b f)`` (``f = frames_per_segment / tubelet``), rotated into queries and keys by
+    :class:`memkit.MemoryAttention`, so they keep counting past the training length.
+
+    Args:
+        config: a :class:`MALTConfig`.
+        memories: optional explicit memory per block (``None`` entries = no memory);
+            overrides ``config.memory`` (which is then not what a saved config says).
+
+    Shapes: ``x (b F c H W)``, ``t (b,)``, ``frame_positions (b f)``, ``prompt (b p e)``,
+    ``prompt_mask (b p)``, ``actions (b F a)``; returns the velocity ``(b F c H W)``.
+
+    Example:
+        >>> import torch
+        >>> from memkit.models.malt import MALTConfig, MALTNetwork
+        >>> net = MALTNetwork(MALTConfig.preset("tiny", memory={"name": "fifo", "kwargs": {"frames": 4}}))
+        >>> states = net.init_states(1)
+        >>> clean = torch.randn(1, 2, 3, 8, 8)
+        >>> states = net.write(clean, states, net.segment_positions(0, 1))   # segment 0 into memory
+        >>> v = net(torch.randn(1, 2, 3, 8, 8), torch.ones(1), states, net.segment_positions(1, 1))
+        >>> v.shape
+        torch.Size([1, 2, 3, 8, 8])
+    """
+
+    def __init__(self, config: MALTConfig, memories: Sequence[Memory[Any] | None] | None = None) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        c, dim = config, config.dim
+        if memories is None:
+            memories = self._build_memories(config)
+        if len(memories) != c.depth:
+            raise ShapeError(f"memories: expected one entry per block ({c.depth}), got {len(memories)}")
+        self.patch_in = nn.Linear(c.patch_dim, dim)
+        self.spatial = nn.Parameter(torch.randn(c.tokens_per_frame, dim) * 0.02)
+        self.time_mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.action_mlp: nn.Module | None = None
+        if c.action_dim:
+            self.action_mlp = nn.Sequential(nn.Linear(c.action_dim * c.tubelet, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.prompt_proj: nn.Module | None = None
+        if c.prompt_dim:
+            self.prompt_proj = nn.Linear(c.prompt_dim, dim)
+            # the unconditional branch of classifier-free guidance (and dropped prompts in training)
+            self.null_prompt = nn.Parameter(torch.zeros(1, 1, dim))
+        self.blocks = nn.ModuleList(MALTBlock(c, m) for m in memories)
+        self.norm_out = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.ada_out = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.out = nn.Linear(dim, c.patch_dim)
+        self._init_weights()
+        # the clean pass can stop after the last block that writes a memory
+        writers = [i for i, b in enumerate(self.blocks) if not isinstance(b.attn.memory, NoMemory)]
+        self.write_depth = max(writers) + 1 if writers else 0
+
+    @staticmethod
+    def _build_memories(config: MALTConfig) -> list[Memory[Any] | None]:
+        layers = set(config.memory_layers())
+        return [
+            build_memory(
+                config.memory.name,
+                heads=config.heads,
+                head_dim=config.head_dim,
+                tokens_per_frame=config.tokens_per_frame,
+                dim=config.dim,
+                **config.memory.kwargs,
+            )
+            if i in layers
+            else None
+            for i in range(config.depth)
+        ]
+
+    def _init_weights(self) -> None:
+        for name, module in self.named_modules():
+            if ".attn.memory" in f".{name}":
+                continue  # memories initialise their own parameters
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for block in self.blocks:
+            nn.init.zeros_(block.ada[-1].weight)
+            nn.init.zeros_(block.ada[-1].bias)
+            if block.cross is not None:
+                nn.init.zeros_(block.cross.to_out.weight)
+        for layer in (self.ada_out[-1], self.out):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    # ----------------------------------------------------------------- states and positions
+    def init_states(
+        self, batch_size: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> tuple[Any, ...]:
+        """One empty memory state per block (a tuple; :func:`memkit.init_memory_states`)."""
+        return init_memory_states(self, batch_size, device=device, dtype=dtype)
+
+    def segment_positions(self, index: int, batch_size: int, device: torch.device | str | None = None) -> Tensor:
+        """Token-frame positions ``(b f)`` of segment ``index``: ``index * f + [0, f)``."""
+        f = self.config.token_frames
+        if device is None:
+            device = self.spatial.device
+        return (index * f + torch.arange(f, device=device)).expand(batch_size, f).contiguous()
+
+    # ----------------------------------------------------------------- forward
+    def _check_inputs(
+        self, x: Tensor, frame_positions: Tensor, prompt: Tensor | None, actions: Tensor | None
+    ) -> None:
+        c = self.config
+        b = check_shape("x", x, "b F c H W", F=c.frames_per_segment, c=c.channels, H=c.height, W=c.width)["b"]
+        check_shape("frame_positions", frame_positions, "b f", b=b, f=c.token_frames)
+        if prompt is not None:
+            if not c.prompt_dim:
+                raise ShapeError("prompt was given but the model has no prompt conditioning (prompt_dim = 0)")
+            check_shape("prompt", prompt, "b p e", b=b, e=c.prompt_dim)
+        if c.action_dim:
+            if actions is None:
+                raise ShapeError(f"actions (b F a) are required: the model is conditioned on {c.action_dim}-d actions")
+            check_shape("actions", actions, "b F a", b=b, F=c.frames_per_segment, a=c.action_dim)
+        elif actions is not None:
+            raise ShapeError("actions were given but the model has no action conditioning (action_dim = 0)")
+
+    def _run(
+        self,
+        x: Tensor,
+        t: Tensor,
+        states: tuple[Any, ...],
+        frame_positions: Tensor,
+        prompt: Tensor | None,
+        prompt_mask: Tensor | None,
+        actions: Tensor | None,
+        drop_prompt: Tensor | None,
+        write: bool,
+    ) -> tuple[Tensor | None, tuple[Any, ...]]:
+        c = self.config
+        self._check_inputs(x, frame_positions, prompt, actions)
+        if len(states) != c.depth:
+            raise ShapeError(f"states: expected one state per block ({c.depth}), got {len(states)}")
+        b, f = x.shape[0], c.token_frames
+        h = self.patch_in(patchify(x, c.patch_size, c.tubelet)) + self.spatial.repeat(f, 1)
+        cond = self.time_mlp(timestep_embedding(t, c.dim).to(h.dtype))[:, None, :].expand(b, f, c.dim)
+        if self.action_mlp is not None and actions is not None:
+            a = self.action_mlp(rearrange(actions.to(h.dtype), "b (f pt) a -> b f (pt a)", pt=c.tubelet))
+            cond = cond + a
+            h = h + a.repeat_interleave(c.tokens_per_frame, dim=1)
+
+        mem_prompt = mem_mask = None
+        cross_ctx = None
+        if self.prompt_proj is not None:
+            null = self.null_prompt.to(h.dtype).expand(b, 1, c.dim)
+            if prompt is None:
+                tokens, mask = null, torch.ones(b, 1, dtype=torch.bool, device=h.device)
+                use = torch.zeros(b, dtype=torch.bool, device=h.device)
+            else:
+                tokens = self.prompt_proj(prompt.to(h.dtype))
+                mask = prompt_mask if prompt_mask is not None else torch.ones(prompt.shape[:2], dtype=torch.bool, device=h.device)
+                use = torch.ones(b, dtype=torch.bool, device=h.device) if drop_prompt is None else ~drop_prompt
+                # memories see the prompt even when conditioning drops it: retrieval is not guidance
+                mem_prompt, mem_mask = tokens, mask
+            if c.prompt_mode == "adaln":
+                w = mask.to(h.dtype)[..., None]
+                pooled = (tokens * w).sum(1) / w.sum(1).clamp_min(1.0)
+                pooled = torch.where(use[:, None], pooled, null[:, 0])
+                cond = cond + pooled[:, None, :]
+            else:
+                keys = torch.cat([null, tokens], dim=1) if prompt is not None else null
+                kmask = torch.ones(b, 1, dtype=torch.bool, device=h.device)
+                if prompt is not None:
+                    kmask = torch.cat([kmask, mask & use[:, None]], dim=1)
+                cross_ctx = (keys, kmask)
+
+        depth = self.write_depth if write else c.depth
+        new_states = list(states)
+        for i, block in enumerate(self.blocks[:depth]):
+            writes = write and not isinstance(block.attn.memory, NoMemory)
+            h, new_states[i] = block(
+                h,
+                cond,
+                states[i],
+                frame_positions,
+                write=writes,
+                mem_prompt=mem_prompt,
+                mem_prompt_mask=mem_mask,
+                cross_ctx=cross_ctx,
+            )
+        if write:
+            return None, tuple(new_states)
+        shift, scale = self.ada_out(cond).repeat_interleave(c.tokens_per_frame, dim=1).chunk(2, dim=-1)
+        out = self.out(_modulate(self.norm_out(h), shift, scale))
+        return unpatchify(out, c.patch_size, c.tubelet, c.channels, c.height, c.width), tuple(new_states)
+
+    @typechecked
+    def forward(
+        self,
+        x: Float[Tensor, "b F c H W"],
+        t: Float[Tensor, " b"],
+        states: tuple[Any, ...],
+        frame_positions: Int[Tensor, "b f"],
+        *,
+        prompt: Float[Tensor, "b p e"] | None = None,
+        prompt_mask: Bool[Tensor, "b p"] | None = None,
+        actions: Float[Tensor, "b F a"] | None = None,
+        drop_prompt: Bool[Tensor, " b"] | None = None,
+    ) -> Float[Tensor, "b F c H W"]:
+        """Velocity of the noisy segment ``x`` at noise level ``t`` (1 = pure noise); reads ``states``.
+
+        ``prompt=None`` (or ``drop_prompt`` True for an item) gives the unconditional
+        prediction used by classifier-free guidance.
+        """
+        out, _ = self._run(x, t, states, frame_positions, prompt, prompt_mask, actions, drop_prompt, write=False)
+        assert out is not None
+        return out
+
+    @typechecked
+    def write(
+        self,
+        x: Float[Tensor, "b F c H W"],
+        states: tuple[Any, ...],
+        frame_positions: Int[Tensor, "b f"],
+        *,
+        t: Float[Tensor, " b"] | None = None,
+        prompt: Float[Tensor, "b p e"] | None = None,
+        prompt_mask: Bool[Tensor, "b p"] | None = None,
+        actions: Float[Tensor, "b F a"] | None = None,
+    ) -> tuple[Any, ...]:
+        """The clean pass: run the finished segment ``x`` through the network at noise level
+        ``t`` (default 0) and write every memory layer; returns the next states.
+
+        Only blocks up to the last memory block run (later blocks write nothing).
+        """
+        if t is None:
+            t = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
+        _, new = self._run(x, t, states, frame_positions, prompt, prompt_mask, actions, None, write=True)
+        return new
+
+    # ----------------------------------------------------------------- memory swap, save, load
+    def with_memory(self, memory: "MemorySpec | dict[str, Any] | str") -> "MALTNetwork":
+        """A copy of this network with another memory; shared weights are copied.
+
+        Parameters that belong to the old memory are dropped; those of the new memory keep
+        their fresh initialisation (so a memory with parameters should be trained with the model).
+
+        Example:
+            >>> from memkit.models.malt import MALTConfig, MALTNetwork
+            >>> net = MALTNetwork(MALTConfig.preset("tiny"))
+            >>> net.with_memory("fifo").config.memory.name
+            'fifo'
+        """
+        spec = MemorySpec.from_dict(memory)
+        other = MALTNetwork(self.config.replace(memory=spec)).to(self.spatial.device)
+        own = self.state_dict()
+        target = other.state_dict()
+        shared = {k: v for k, v in own.items() if k in target and ".attn.memory." not in k}
+        for k, v in target.items():
+            if k in own and ".attn.memory." in k and own[k].shape == v.shape and spec.name == self.config.memory.name:
+                shared[k] = own[k]
+        other.load_state_dict(shared, strict=False)
+        other.train(self.training)
+        return other
+
+    def save_pretrained(self, directory: str | Path, state_dict: dict[str, Tensor] | None = None) -> Path:
+        """Write ``model.safetensors`` and ``config.json`` into ``directory`` (created)."""
+        from safetensors.torch import save_file
+
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in (state_dict or self.state_dict()).items()}
+        save_file(tensors, str(path / _WEIGHTS))
+        (path / _CONFIG).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        *,
+        memory: "MemorySpec | dict[str, Any] | str | None" = None,
+        device: torch.device | str | None = None,
+    ) -> "MALTNetwork":
+        """Load a network saved by :meth:`save_pretrained` (optionally with another memory).
+
+        Raises:
+            CheckpointError: missing folder or files, unreadable weights, or weights that do
+                not fit the config.
+        """
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = Path(directory)
+        if not path.is_dir():
+            raise CheckpointError(f"checkpoint folder {str(path)!r} does not exist")
+        for name in (_CONFIG, _WEIGHTS):
+            if not (path / name).is_file():
+                raise CheckpointError(f"checkpoint {str(path)!r} has no {name}")
+        try:
+            config = MALTConfig.from_dict(json.loads((path / _CONFIG).read_text()))
+        except (json.JSONDecodeError, TypeError) as err:
+            raise CheckpointError(f"cannot read {path / _CONFIG}: {err}") from err
+        try:
+            weights = load_file(str(path / _WEIGHTS))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"cannot read {path / _WEIGHTS}: {err}") from err
+        net = cls(config)
+        try:
+            net.load_state_dict(weights)
+        except RuntimeError as err:
+            first = str(err).strip().splitlines()[0:2]
+            raise CheckpointError(f"{path / _WEIGHTS} does not match its config: {' '.join(first)}") from err
+        if device is not None:
+            net = net.to(device)
+        net.eval()
+        if memory is not None:
+            net = net.with_memory(memory)
+        return net
+
+    def __repr__(self) -> str:
+        c = self.config
+        n = sum(p.numel() for p in self.parameters())
+        return (
+            f"MALTNetwork(dim={c.dim}, depth={c.depth}, heads={c.heads}, frame={c.channels}x{c.height}x{c.width}, "
+            f"frames_per_segment={c.frames_per_segment}, memory={c.memory.name!r} at {c.memory_layers()}, params={n})"
+        )
