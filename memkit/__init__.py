@@ -1,10 +1,24 @@
 """memkit: interchangeable memory modules for long video generation."""
 
 from memkit.attention import attend, attend_partial, available_backends, merge_partials
-from memkit.errors import BackendUnavailableError, CheckpointError, MemkitError, ShapeError, StateError
+from memkit.errors import (
+    BackendUnavailableError,
+    CheckpointError,
+    MemkitError,
+    NonFiniteError,
+    ShapeError,
+    StateError,
+)
 from memkit.io import load_states, save_states
 from memkit.layers import MemoryAttention, init_memory_states, memory_layers
-from memkit.memories import FIFOMemory, NoMemory, RecurrentMemory, SinkWindowMemory, SparseKVMemory
+from memkit.memories import (
+    FIFOMemory,
+    NoMemory,
+    PromptBankMemory,
+    RecurrentMemory,
+    SinkWindowMemory,
+    SparseKVMemory,
+)
 from memkit.protocol import Chunk, Context, Memory, Query
 from memkit.state import MemoryState, map_tensors, memory_state, state_nbytes
 
@@ -37,6 +51,7 @@ __all__ = [
     "BackendUnavailableError",
     "StateError",
     "CheckpointError",
+    "NonFiniteError",
     "save_states",
     "load_states",
 ]

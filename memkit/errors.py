@@ -41,3 +41,12 @@ class AttachError(MemkitError, RuntimeError):
     Raised by :func:`memkit.attach` and :class:`memkit.MemorySession`: no layer matched, a
     layer has no memory, the session is detached, no segment layout was set.
     """
+
+
+class NonFiniteError(MemkitError, ValueError):
+    """A segment about to be written holds NaN or Inf: it would poison the memory for good.
+
+    memkit's policy: a :class:`memkit.Chunk` refuses non-finite keys, values or hidden
+    states when it is built (outside ``torch.compile``), so nothing non-finite is ever
+    written. Reads are not checked: they cannot change a memory.
+    """

@@ -204,4 +204,4 @@ def load_states(path: str | os.PathLike[str], like: S, memories: Any | Sequence[
             raise CheckpointError(f"{path}: {name} has dtype {s.dtype}, expected {t.dtype}")
     leaves, spec = pytree.tree_flatten(like)
     loaded = iter(saved[name].to(t.device) for name, t in expected)
-    return pytree.tree_unflatten([next(loaded) if isinstance(x, Tensor) else x for x in leaves], spec)  # type: ignore[no-any-return]
+    return pytree.tree_unflatten([next(loaded) if isinstance(x, Tensor) else x for x in leaves], spec)

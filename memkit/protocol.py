@@ -20,8 +20,8 @@ from typing import Protocol, TypeVar, runtime_checkable
 import torch
 from torch import Tensor
 
-from memkit.errors import ShapeError
-from memkit.typing import Bool, Float, Int, check_floating, check_shape
+from memkit.errors import NonFiniteError, ShapeError
+from memkit.typing import Bool, Float, Int, check_bool, check_floating, check_integer, check_shape
 
 __all__ = ["Query", "Chunk", "Context", "Memory", "empty_context", "token_positions"]
 
@@ -36,16 +36,14 @@ def _check_prompt(owner: str, prompt: Tensor | None, mask: Tensor | None, batch:
     check_floating(f"{owner}.prompt", prompt)
     sizes = check_shape(f"{owner}.prompt", prompt, "b p e", b=batch)
     if mask is not None:
+        check_bool(f"{owner}.prompt_mask", mask)
         check_shape(f"{owner}.prompt_mask", mask, "b p", b=batch, p=sizes["p"])
-        if mask.dtype != torch.bool:
-            raise ShapeError(f"{owner}.prompt_mask: expected dtype torch.bool (True = real token), got {mask.dtype}")
 
 
 def _check_layout(owner: str, frame_positions: Tensor, tokens_per_frame: int, batch: int, tokens: int) -> None:
     if isinstance(tokens_per_frame, bool) or not isinstance(tokens_per_frame, int) or tokens_per_frame < 1:
         raise ShapeError(f"{owner}.tokens_per_frame: expected a positive int, got {tokens_per_frame!r}")
-    if frame_positions.dtype in (torch.bool,) or frame_positions.is_floating_point():
-        raise ShapeError(f"{owner}.frame_positions: expected an integer tensor, got dtype {frame_positions.dtype}")
+    check_integer(f"{owner}.frame_positions", frame_positions)
     sizes = check_shape(f"{owner}.frame_positions", frame_positions, "b f", b=batch)
     if sizes["f"] * tokens_per_frame != tokens:
         raise ShapeError(
@@ -115,6 +113,16 @@ class Chunk:
         check_shape("chunk.hidden", self.hidden, "b n D", b=s["b"], n=s["n"])
         _check_layout("chunk", self.frame_positions, self.tokens_per_frame, s["b"], s["n"])
         _check_prompt("chunk", self.prompt, self.prompt_mask, s["b"])
+        if not torch.compiler.is_compiling():
+            # a NaN written once is read by every later segment: refuse it at the door
+            for name in ("k", "v", "hidden", "prompt"):
+                x = getattr(self, name)
+                if x is not None and not bool(torch.isfinite(x).all()):
+                    bad = int((~torch.isfinite(x)).sum())
+                    raise NonFiniteError(
+                        f"chunk.{name}: {bad} non-finite value(s) (NaN/Inf) in a segment about to be written; "
+                        "memkit refuses to write them into memory"
+                    )
 
     @property
     def num_frames(self) -> int:
@@ -143,12 +151,14 @@ class Context:
     positions: Int[Tensor, "b h m"]
 
     def __post_init__(self) -> None:
+        check_floating("context.k", self.k)
+        check_floating("context.v", self.v)
+        check_bool("context.mask", self.mask)
+        check_integer("context.positions", self.positions)
         s = check_shape("context.k", self.k, "b h m d")
         check_shape("context.v", self.v, "b h m d", b=s["b"], h=s["h"], m=s["m"], d=s["d"])
         check_shape("context.mask", self.mask, "b h m", b=s["b"], h=s["h"], m=s["m"])
         check_shape("context.positions", self.positions, "b h m", b=s["b"], h=s["h"], m=s["m"])
-        if self.mask.dtype != torch.bool:
-            raise ShapeError(f"context.mask: expected dtype torch.bool, got {self.mask.dtype}")
 
     @property
     def num_slots(self) -> int:

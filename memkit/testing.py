@@ -107,6 +107,7 @@ def check_memory(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
     state_dtype: torch.dtype | None = None,
+    shrink: bool = True,
 ) -> None:
     """Check that a memory keeps the protocol's promises (see :mod:`memkit.testing`).
 
@@ -131,6 +132,7 @@ def check_memory(
         device: where the state and inputs live (CPU by default).
         dtype: dtype of queries, keys, values, hidden states and prompts.
         state_dtype: passed to ``init_state`` (None: the memory's default).
+        shrink: let hypothesis shrink a failing stream to a minimal one (slower to fail).
 
     Raises:
         AssertionError: ``"check_memory: <Memory> fails property '<property>': <what happened>"``,
@@ -145,7 +147,7 @@ def check_memory(
         ... )
     """
     try:
-        from hypothesis import HealthCheck, given, settings
+        from hypothesis import HealthCheck, Phase, given, settings
         from hypothesis import strategies as st
     except ImportError as err:  # pragma: no cover - hypothesis ships with the dev extra
         raise ImportError("memkit.testing.check_memory needs hypothesis: pip install 'memkit[dev]'") from err
@@ -190,6 +192,7 @@ def check_memory(
         database=None,
         report_multiple_bugs=False,
         suppress_health_check=list(HealthCheck),
+        phases=[p for p in Phase if shrink or p not in (Phase.shrink, Phase.explain)],
     )
     @given(
         seed=st.integers(0, 2**31 - 1),

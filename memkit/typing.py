@@ -152,6 +152,22 @@ def check_shape(name: str, x: Tensor, spec: str, **expected: int) -> dict[str, i
     return sizes
 
 
+def check_integer(name: str, x: Tensor) -> None:
+    """Refuse a non-tensor, or a floating-point or boolean tensor, where indices are expected."""
+    if not isinstance(x, Tensor):
+        raise ShapeError(f"{name}: expected an integer tensor, got {type(x).__name__}")
+    if x.dtype == torch.bool or x.is_floating_point() or x.is_complex():
+        raise ShapeError(f"{name}: expected an integer tensor, got dtype {x.dtype}")
+
+
+def check_bool(name: str, x: Tensor) -> None:
+    """Refuse anything but a boolean tensor where a mask is expected."""
+    if not isinstance(x, Tensor):
+        raise ShapeError(f"{name}: expected a boolean tensor, got {type(x).__name__}")
+    if x.dtype != torch.bool:
+        raise ShapeError(f"{name}: expected dtype torch.bool, got {x.dtype}")
+
+
 def check_same_device(name: str, x: Tensor, device: torch.device) -> None:
     """Refuse a tensor that lives on another device than the state it meets."""
     if x.device != device:
@@ -159,6 +175,8 @@ def check_same_device(name: str, x: Tensor, device: torch.device) -> None:
 
 
 def check_floating(name: str, x: Tensor) -> None:
-    """Refuse an integer or boolean tensor where features are expected."""
+    """Refuse a non-tensor, or an integer or boolean tensor, where features are expected."""
+    if not isinstance(x, Tensor):
+        raise ShapeError(f"{name}: expected a floating-point tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise ShapeError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")

@@ -237,6 +237,8 @@ def test_latent_remembers_the_first_segment():
 
 @pytest.mark.parametrize("truncation", [None, 2])
 def test_compiles_fullgraph(truncation):
+    # every @typechecked function shares one wrapper code object, hence one dynamo cache: start empty
+    torch._dynamo.reset()
     mem = make(truncation=truncation).eval()
     gen = torch.Generator().manual_seed(0)
     state = mem.init_state(2)

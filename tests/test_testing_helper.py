@@ -36,6 +36,11 @@ def test_passes_with_prompts_a_wider_batch_and_an_instance() -> None:
     check_memory(mem, **SIZES, batch_size=3, segments=5, prompt_dim=6, model_dim=24, examples=10)
 
 
+def test_a_shrunk_failure_names_the_same_property() -> None:
+    with pytest.raises(AssertionError, match="fails property 'write never mutates the old state'"):
+        check_memory(_window(InPlaceWrite), **SIZES, examples=5)
+
+
 def test_importing_memkit_does_not_import_hypothesis_or_pytest() -> None:
     code = "import sys, memkit, memkit.testing; assert not {'hypothesis', 'pytest'} & set(sys.modules), sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -178,5 +183,5 @@ def _window(cls: type) -> Any:
 def test_broken_memories_fail_naming_the_property(factory: Any, prop: str, detail: str) -> None:
     assert prop in PROPERTIES
     with pytest.raises(AssertionError, match=rf"fails property '{prop}'") as info:
-        check_memory(factory, **SIZES, examples=10)
+        check_memory(factory, **SIZES, examples=10, shrink=False)
     assert detail in str(info.value)

@@ -40,7 +40,9 @@ def scene_sequence(seed: int, segments: int, num_scenes: int = 3) -> list[int]:
     Example:
         >>> from memkit.data import scene_sequence
         >>> scene_sequence(0, 5, num_scenes=2)
-        [1, 0, 1, 0, 1]
+        [0, 1, 0, 1, 0]
+        >>> scene_sequence(0, 6, num_scenes=3)
+        [2, 0, 1, 2, 0, 1]
     """
     seed = check_seed("scene_sequence", seed)
     segments = check_int("scene_sequence", "segments", segments)

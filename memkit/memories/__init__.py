@@ -1,8 +1,8 @@
 """Memories: one file each, all implementing :class:`memkit.Memory`."""
 
 from memkit.memories.none import NoMemory, NoState
-from memkit.memories.recurrent import RecurrentMemory, RecurrentState
 from memkit.memories.prompt_bank import PromptBankMemory, PromptBankState
+from memkit.memories.recurrent import RecurrentMemory, RecurrentState
 from memkit.memories.sink_window import FIFOMemory, SinkWindowMemory, SinkWindowState
 from memkit.memories.sparse_kv import SparseKVMemory, SparseKVState
 
@@ -14,6 +14,8 @@ __all__ = [
     "FIFOMemory",
     "SparseKVMemory",
     "SparseKVState",
+    "PromptBankMemory",
+    "PromptBankState",
     "RecurrentMemory",
     "RecurrentState",
 ]

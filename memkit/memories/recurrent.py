@@ -83,8 +83,8 @@ class RecurrentMemory(nn.Module):
     ``j`` is the update of copy ``j-1``, and copy ``0`` is the detached latent. The
     segment's keys/values are projected once and shared by the ``K`` updates, the state
     does not depend on the segment length, and each copy's autograd graph is at most ``K``
-    writes deep, so nothing older is kept alive. With grad disabled all copies are one
-    tensor updated once (same values). The latent ``K`` writes back (the initial latent
+    writes deep, so nothing older is kept alive. With grad disabled the latent is updated
+    once and copied (same values). The latent ``K`` writes back (the initial latent
     during the first writes) is a constant to the loss. ``truncation=None`` is full
     backprop through every write (call ``state.detach()`` to cut it yourself).
 
@@ -189,13 +189,14 @@ class RecurrentMemory(nn.Module):
             raise ValueError(f"{self._name}.init_state: batch_size must be a positive int, got {batch_size!r}")
         device = self.init_latent.device if device is None else device
         dtype = dtype or self.init_latent.dtype
-        latent = self.init_latent.to(device=device, dtype=dtype)[None].expand(batch_size, -1, -1)
+        # contiguous like every written latent, so a compiled write sees the same strides throughout
+        latent = self.init_latent.to(device=device, dtype=dtype)[None].expand(batch_size, -1, -1).contiguous()
         read_k, read_v = self._read_kv(latent)
         return RecurrentState(
             latent=latent,
             read_k=read_k,
             read_v=read_v,
-            partial=(latent,) * (self._copies - 1),
+            partial=tuple(latent.clone() for _ in range(self._copies - 1)),
             writes=torch.zeros((batch_size,), device=device, dtype=torch.long),
         )
 
@@ -239,9 +240,10 @@ class RecurrentMemory(nn.Module):
             latent = self._update(state.latent, seg_k, seg_v)
             partial: tuple[Tensor, ...] = ()
         elif not torch.is_grad_enabled():
-            # every copy holds the same values; without autograd there is nothing to tell them apart
+            # every copy holds the same values; without autograd there is nothing to tell them apart.
+            # Copies, not aliases: a compiled write guards on aliasing and would recompile.
             latent = self._update(state.latent, seg_k, seg_v)
-            partial = (latent,) * (self.truncation - 1)
+            partial = tuple(latent.clone() for _ in range(self.truncation - 1))
         else:
             # copy j after this write = copy j-1 before it, updated; copy 0 is the detached latent
             olds = (state.latent.detach(), *state.partial)

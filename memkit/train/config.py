@@ -1,0 +1,210 @@
+"""``TrainConfig``: what ``memkit train`` does, as one JSON-round-trippable record."""
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from memkit.models.malt.config import ConfigError, MALTConfig
+
+__all__ = ["DataSpec", "TrainConfig", "TRAIN_PRESETS"]
+
+
+@dataclasses.dataclass
+class DataSpec:
+    """Which synthetic world to train on.
+
+    Attributes:
+        world: ``"revisit"`` or ``"scenes"`` (:mod:`memkit.data`).
+        kwargs: the world's options besides ``frames_per_segment``, ``segments`` and
+            ``frame_size`` (taken from the model), e.g. ``{"speed": 2}``.
+        pose_actions: append the camera pose (the running sum of the per-frame motion over
+            the whole clip) to each frame's action, so ``action_dim`` is 4 instead of 2. A
+            segment-at-a-time model cannot integrate motion over segments it does not see;
+            the pose tells it where the camera is, which is what finding a revisited place needs.
+        seed: seed of the training clips (rank ``r`` of a distributed run uses other clips).
+    """
+
+    world: str = "revisit"
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    pose_actions: bool = True
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, d: "dict[str, Any] | DataSpec") -> "DataSpec":
+        if isinstance(d, DataSpec):
+            return d
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - fields
+        if unknown:
+            raise ConfigError(f"data: unknown field(s) {sorted(unknown)}; expected {sorted(fields)}")
+        return cls(**d)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Training hyperparameters of a MALT model (per process batch; see docs/guides/training.md).
+
+    Attributes:
+        model: the :class:`MALTConfig`.
+        data: the :class:`DataSpec`.
+        steps: optimizer steps in total (resuming continues up to this number).
+        batch_size: clips per process per step.
+        segments: ``S``, segments unrolled per clip (the last curriculum stage's value).
+        curriculum: ``[[start_step, S], ...]``: from ``start_step`` on, unroll ``S`` segments
+            (Recurrent Memory Transformer style: short unrolls first). Empty = always ``segments``.
+        lr, weight_decay, betas, warmup_steps: AdamW and a linear warmup, then cosine decay to 10%.
+        grad_clip: max global gradient norm.
+        ema_decay: decay of the exponential moving average of the weights (what is saved
+            as ``model.safetensors`` and generates).
+        truncate_segments: cut the gradient through the memory states every this many
+            segments (truncated backprop); ``None`` = through the whole unroll.
+            :class:`memkit.RecurrentMemory` has its own sliding ``truncation`` option.
+        write_noise: noise augmentation: the clean pass of training runs at a noise level
+            drawn uniformly from ``[0, write_noise]`` (generation writes at ``t = 0``).
+        prompt_dropout: probability of dropping a clip's prompt (classifier-free guidance).
+        time_sampling: ``"logit_normal"`` or ``"uniform"`` noise levels.
+        seed: initialisation and noise seed.
+        log_every: steps between progress-bar updates (every step goes to the JSONL log).
+        checkpoint_every: steps between checkpoints (and one at the end).
+
+    Example:
+        >>> cfg = TrainConfig.preset("tiny")
+        >>> TrainConfig.from_dict(cfg.to_dict()) == cfg
+        True
+        >>> cfg.segments_at(0)
+        2
+    """
+
+    model: MALTConfig = dataclasses.field(default_factory=MALTConfig)
+    data: DataSpec = dataclasses.field(default_factory=DataSpec)
+    steps: int = 1000
+    batch_size: int = 8
+    segments: int = 4
+    curriculum: list[list[int]] = dataclasses.field(default_factory=list)
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.99)
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    truncate_segments: int | None = None
+    write_noise: float = 0.1
+    prompt_dropout: float = 0.1
+    time_sampling: str = "logit_normal"
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 500
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            self.model = MALTConfig.from_dict(self.model)
+        if isinstance(self.data, dict):
+            self.data = DataSpec.from_dict(self.data)
+        self.betas = (float(self.betas[0]), float(self.betas[1]))
+        self.curriculum = [[int(a), int(b)] for a, b in self.curriculum]
+        for name in ("steps", "batch_size", "segments", "log_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if any(s < 1 for _, s in self.curriculum):
+            raise ConfigError(f"curriculum: every stage needs at least 1 segment, got {self.curriculum}")
+        if self.truncate_segments is not None and self.truncate_segments < 1:
+            raise ConfigError(f"truncate_segments must be None or positive, got {self.truncate_segments}")
+        if not 0.0 <= self.write_noise <= 1.0 or not 0.0 <= self.prompt_dropout <= 1.0:
+            raise ConfigError("write_noise and prompt_dropout must lie in [0, 1]")
+        want_actions = 4 if self.data.pose_actions else 2
+        if self.model.action_dim not in (0, want_actions):
+            raise ConfigError(
+                f"model.action_dim is {self.model.action_dim} but the data gives {want_actions}-d actions "
+                f"(pose_actions={self.data.pose_actions}); use {want_actions} or 0"
+            )
+
+    def segments_at(self, step: int) -> int:
+        """``S`` at ``step`` according to the curriculum."""
+        s = self.segments
+        if self.curriculum:
+            s = self.curriculum[0][1]
+            for start, stage in sorted(self.curriculum):
+                if step >= start:
+                    s = stage
+        return s
+
+    def max_segments(self) -> int:
+        return max([self.segments, *(s for _, s in self.curriculum)])
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["model"] = self.model.to_dict()
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - fields
+        if unknown:
+            raise ConfigError(f"unknown TrainConfig field(s): {sorted(unknown)}")
+        return cls(**d)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainConfig":
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path} is not valid JSON: {err}") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a JSON object")
+        return cls.from_dict(data)
+
+    @classmethod
+    def preset(cls, name: str, **changes: Any) -> "TrainConfig":
+        """A named configuration from ``TRAIN_PRESETS`` (``tiny``, ``demo-sparse_kv``, ...)."""
+        if name not in TRAIN_PRESETS:
+            raise ConfigError(f"unknown config {name!r}; expected a JSON file or one of {', '.join(sorted(TRAIN_PRESETS))}")
+        return cls.from_dict({**TRAIN_PRESETS[name], **changes})
+
+
+def _demo(memory: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """The demo setting: 16x16 revisit clips, 2 frames per segment, 8 segments (out 4, back 4)."""
+    model = dict(
+        height=16, width=16, frames_per_segment=2, patch_size=4, dim=64, depth=4, heads=4, action_dim=4, memory=memory
+    )
+    return dict(
+        model=model,
+        data=dict(world="revisit", kwargs={}, pose_actions=True),
+        steps=3000,
+        batch_size=16,
+        segments=8,
+        curriculum=[[0, 2], [300, 4], [800, 8]],
+        lr=2e-3,
+        warmup_steps=100,
+        ema_decay=0.995,
+        write_noise=0.1,
+        log_every=10,
+        checkpoint_every=500,
+        **extra,
+    )
+
+
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    # tests and smoke runs: 8x8 frames, 2 segments, a FIFO memory, a prompt
+    "tiny": dict(
+        model=dict(
+            height=8, width=8, frames_per_segment=2, patch_size=4, dim=32, depth=2, heads=2, action_dim=4,
+            memory={"name": "fifo", "kwargs": {"frames": 4}},
+        ),
+        data=dict(world="revisit", kwargs={}, pose_actions=True),
+        steps=20, batch_size=2, segments=2, lr=1e-3, warmup_steps=5, log_every=1, checkpoint_every=1000,
+    ),  # fmt: skip
+    "demo-none": _demo({"name": "none"}),
+    "demo-sparse_kv": _demo({"name": "sparse_kv", "kwargs": {"capacity": 16, "top_k": 4}}),
+    "demo-recurrent": _demo({"name": "recurrent", "kwargs": {"slots": 16, "truncation": 2}}),
+    "demo-fifo": _demo({"name": "fifo", "kwargs": {"frames": 4}}),
+}

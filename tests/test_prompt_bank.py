@@ -1,0 +1,248 @@
+"""PromptBankMemory: a bank of frames retrieved by the prompt (MemFlow NAM), with its flaws fixed."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import memkit
+from memkit import Chunk, PromptBankMemory, Query, ShapeError
+from memkit.memories import PromptBankState
+
+
+def chunk_of(keys: torch.Tensor, positions: list[int], t: int, prompt=None, mask=None) -> Chunk:  # type: ignore[no-untyped-def]
+    b = keys.shape[0]
+    pos = torch.tensor(positions).expand(b, len(positions)).clone()
+    return Chunk(keys, keys * 2, torch.zeros(b, keys.shape[2], 3), pos, t, prompt, mask)
+
+
+def random_chunk(b: int, h: int, d: int, t: int, positions: list[int], seed: int, prompt=None, mask=None) -> Chunk:  # type: ignore[no-untyped-def]
+    g = torch.Generator().manual_seed(seed)
+    return chunk_of(torch.randn(b, h, len(positions) * t, d, generator=g), positions, t, prompt, mask)
+
+
+def query_of(b: int, h: int, d: int, t: int, prompt=None, mask=None, seed: int = 0) -> Query:  # type: ignore[no-untyped-def]
+    g = torch.Generator().manual_seed(seed)
+    return Query(torch.randn(b, h, t, d, generator=g), torch.full((b, 1), 1000), t, prompt, mask)
+
+
+def selected_positions(ctx: memkit.Context, t: int) -> list[set[int]]:
+    """The frame positions a context returns, per batch item (same for every head)."""
+    return [set(ctx.positions[i, 0, ::t][ctx.mask[i, 0, ::t]].tolist()) for i in range(ctx.k.shape[0])]
+
+
+streams = st.fixed_dictionaries(
+    {
+        "b": st.integers(1, 2),
+        "h": st.integers(1, 2),
+        "d": st.sampled_from([2, 4]),
+        "t": st.integers(1, 3),
+        "bank": st.integers(1, 4),
+        "prototype": st.sampled_from(["first", "best"]),
+        # each write: (first position, frames, prompt seed or None); positions repeat on purpose
+        "writes": st.lists(
+            st.tuples(st.integers(0, 6), st.integers(1, 3), st.one_of(st.none(), st.integers(0, 50))),
+            max_size=8,
+        ),
+        "seed": st.integers(0, 1000),
+    }
+)
+
+
+def play(cfg: dict) -> tuple[PromptBankMemory, list[PromptBankState], list[Chunk]]:
+    b, h, d, t = cfg["b"], cfg["h"], cfg["d"], cfg["t"]
+    mem = PromptBankMemory(h, d, t, bank_frames=cfg["bank"], prototype=cfg["prototype"])
+    states, chunks = [mem.init_state(b)], []
+    for i, (start, frames, pseed) in enumerate(cfg["writes"]):
+        prompt = None if pseed is None else torch.randn(b, 3, h * d, generator=torch.Generator().manual_seed(pseed))
+        chunk = random_chunk(b, h, d, t, list(range(start, start + frames)), cfg["seed"] + i, prompt)
+        chunks.append(chunk)
+        states.append(mem.write(states[-1], chunk))
+    return mem, states, chunks
+
+
+@settings(max_examples=40, deadline=None)
+@given(cfg=streams)
+def test_bank_bounded_no_duplicates_shapes_constant_and_pure(cfg: dict) -> None:
+    mem, states, chunks = play(cfg)
+    shapes = [x.shape for x in torch.utils._pytree.tree_leaves(states[0])]
+    b, h, d, t, bank = cfg["b"], cfg["h"], cfg["d"], cfg["t"], cfg["bank"]
+    for state in states:
+        assert [x.shape for x in torch.utils._pytree.tree_leaves(state)] == shapes
+        assert state.nbytes == 2 * b * h * (bank + 1) * t * d * 4 + 17 * b * (bank + 1) + 8 * b
+        for i in range(b):
+            kept = state.pos[i][state.valid[i]].tolist()
+            assert len(kept) == len(set(kept)) <= bank + 1  # no frame held twice
+        ctx = mem.read(state, query_of(b, h, d, t, torch.randn(b, 2, h * d)))
+        assert ctx.k.shape == (b, h, bank * t, d)
+        assert (ctx.mask.sum(2) <= bank * t).all()
+        for i, got in enumerate(selected_positions(ctx, t)):
+            assert len(got) == min(bank, int(state.valid[i].sum()))
+    # a write never changes the state it was given: replaying from a copy gives the same
+    for state, chunk, nxt in zip(states[:-1], chunks, states[1:], strict=True):
+        copy = memkit.map_tensors(torch.clone, state)
+        again = mem.write(copy, chunk)
+        for x, y in zip(*(torch.utils._pytree.tree_leaves(s) for s in (state, copy)), strict=True):
+            assert torch.equal(x, y)
+        for x, z in zip(torch.utils._pytree.tree_leaves(again), torch.utils._pytree.tree_leaves(nxt), strict=True):
+            assert torch.equal(x, z)
+
+
+@settings(max_examples=40, deadline=None)
+@given(cfg=streams, pseed=st.integers(0, 100))
+def test_write_keeps_exactly_what_reads_with_the_same_prompt_returned(cfg: dict, pseed: int) -> None:
+    mem, states, _ = play(cfg)
+    b, h, d, t = cfg["b"], cfg["h"], cfg["d"], cfg["t"]
+    state = states[-1]
+    prompt = torch.randn(b, 4, h * d, generator=torch.Generator().manual_seed(pseed))
+    read_set = selected_positions(mem.read(state, query_of(b, h, d, t, prompt)), t)
+    new_pos = 99  # a frame not yet in the pool
+    nxt = mem.write(state, random_chunk(b, h, d, t, [new_pos], 7, prompt))
+    for i in range(b):
+        assert set(nxt.pos[i][nxt.valid[i]].tolist()) == read_set[i] | {new_pos}
+
+
+@settings(max_examples=40, deadline=None)
+@given(cfg=streams, pad=st.integers(1, 5), real=st.integers(1, 4))
+def test_retrieval_is_invariant_to_prompt_padding(cfg: dict, pad: int, real: int) -> None:
+    mem, states, _ = play(cfg)
+    b, h, d, t = cfg["b"], cfg["h"], cfg["d"], cfg["t"]
+    g = torch.Generator().manual_seed(cfg["seed"])
+    prompt = torch.randn(b, real, h * d, generator=g)
+    padded = torch.cat([prompt, 1e4 * torch.randn(b, pad, h * d, generator=g)], dim=1)
+    mask = torch.cat([torch.ones(b, real, dtype=torch.bool), torch.zeros(b, pad, dtype=torch.bool)], dim=1)
+    for state in states:
+        plain = mem.read(state, query_of(b, h, d, t, prompt))
+        masked = mem.read(state, query_of(b, h, d, t, padded, mask))
+        assert torch.equal(plain.k, masked.k) and torch.equal(plain.positions, masked.positions)
+        assert torch.equal(plain.mask, masked.mask)
+    last = states[-1]
+    w1 = mem.write(last, random_chunk(b, h, d, t, [50, 51], 3, prompt))
+    w2 = mem.write(last, random_chunk(b, h, d, t, [50, 51], 3, padded, mask))
+    assert torch.equal(w1.pos, w2.pos) and torch.equal(w1.valid, w2.valid) and torch.equal(w1.k, w2.k)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    h=st.integers(1, 3),
+    d=st.sampled_from([4, 8]),
+    t=st.integers(1, 3),
+    order=st.permutations(["A", "A", "B"]),
+    noise=st.floats(0.0, 0.3),
+    seed=st.integers(0, 1000),
+)
+def test_prompt_aligned_with_a_scene_retrieves_its_frames(
+    h: int, d: int, t: int, order: list[str], noise: float, seed: int
+) -> None:
+    g = torch.Generator().manual_seed(seed)
+    # in every head, scene A's keys point along one direction and scene B's along an orthogonal one
+    dirs = torch.linalg.qr(torch.randn(h, d, 2, generator=g)).Q.transpose(1, 2) * 3 * d**0.5  # (h 2 d)
+    a, b_dir = dirs[:, 0].flatten(), dirs[:, 1].flatten()
+    scene = {"A": a, "B": b_dir}
+    mem = PromptBankMemory(h, d, t, bank_frames=2)
+    state = mem.init_state(1)
+    for s, name in enumerate(order):  # no prompt while writing: the pool keeps all three frames
+        keys = scene[name].reshape(h, 1, d).expand(h, 2 * t, d) + noise * torch.randn(h, 2 * t, d, generator=g)
+        state = mem.write(state, chunk_of(keys[None].contiguous(), [2 * s, 2 * s + 1], t))
+    a_frames = {2 * s for s, name in enumerate(order) if name == "A"}
+    b_frame = {2 * s for s, name in enumerate(order) if name == "B"}
+    prompt_a = (a + 0.1 * torch.randn(4, h * d, generator=g))[None]
+    prompt_b = (b_dir + 0.1 * torch.randn(4, h * d, generator=g))[None]
+    assert selected_positions(mem.read(state, query_of(1, h, d, t, prompt_a)), t) == [a_frames]
+    got_b = selected_positions(mem.read(state, query_of(1, h, d, t, prompt_b)), t)[0]
+    assert b_frame <= got_b
+    # the switch acts at the first read of the new segment, and the write agrees with it
+    after = mem.write(state, chunk_of(torch.zeros(1, h, 2 * t, d), [10, 11], t, prompt_a))
+    assert set(after.pos[0][after.valid[0]].tolist()) == a_frames | {10}
+
+
+def test_without_prompt_recency_keeps_the_newest_frames() -> None:
+    mem = PromptBankMemory(1, 2, 1, bank_frames=2)
+    state = mem.init_state(1)
+    for s in range(5):
+        state = mem.write(state, random_chunk(1, 1, 2, 1, [3 * s, 3 * s + 1, 3 * s + 2], s))
+    assert selected_positions(mem.read(state, query_of(1, 1, 2, 1)), 1) == [{9, 12}]
+    assert sorted(state.pos[0][state.valid[0]].tolist()) == [6, 9, 12]
+    all_padded = torch.zeros(1, 2, dtype=torch.bool)
+    ctx = mem.read(state, query_of(1, 1, 2, 1, torch.randn(1, 2, 2), all_padded))
+    assert selected_positions(ctx, 1) == [{9, 12}]
+
+
+def test_rewritten_frame_replaces_its_entry() -> None:
+    mem = PromptBankMemory(1, 2, 1, bank_frames=2)
+    state = mem.init_state(1)
+    state = mem.write(state, chunk_of(torch.ones(1, 1, 1, 2), [0], 1))
+    state = mem.write(state, chunk_of(torch.ones(1, 1, 1, 2) * 3, [0], 1))  # frame 0 regenerated
+    assert state.valid.sum() == 1 and state.pos[0][state.valid[0]].tolist() == [0]
+    assert state.k[0, 0][state.valid[0]].flatten().tolist() == [3.0, 3.0]
+
+
+def test_best_prototype_picks_the_frame_matching_the_prompt() -> None:
+    mem = PromptBankMemory(1, 2, 1, bank_frames=1, prototype="best")
+    keys = torch.tensor([[5.0, 0.0], [0.0, 5.0], [5.0, 0.0]]).reshape(1, 1, 3, 2)
+    state = mem.write(mem.init_state(1), chunk_of(keys, [0, 1, 2], 1, torch.tensor([[[0.0, 2.0]]])))
+    assert state.pos[0][state.valid[0]].tolist() == [1]
+    state = mem.write(mem.init_state(1), chunk_of(keys, [0, 1, 2], 1))  # no prompt: the first frame
+    assert state.pos[0][state.valid[0]].tolist() == [0]
+
+
+@settings(max_examples=25, deadline=None)
+@given(cfg=streams)
+def test_batch_items_are_independent(cfg: dict) -> None:
+    cfg = {**cfg, "b": 2}
+    mem, states, chunks = play(cfg)
+    h, d, t = cfg["h"], cfg["d"], cfg["t"]
+    q = query_of(2, h, d, t, torch.randn(2, 3, h * d, generator=torch.Generator().manual_seed(1)))
+    ctx = mem.read(states[-1], q)
+    for i in range(2):
+        alone = mem.init_state(1)
+        for c in chunks:
+            sl = slice(i, i + 1)
+            p = None if c.prompt is None else c.prompt[sl]
+            alone = mem.write(alone, Chunk(c.k[sl], c.v[sl], c.hidden[sl], c.frame_positions[sl], t, p))
+        one = mem.read(alone, Query(q.q[i : i + 1], q.frame_positions[i : i + 1], t, q.prompt[i : i + 1]))  # type: ignore[index]
+        assert torch.equal(one.k, ctx.k[i : i + 1]) and torch.equal(one.positions, ctx.positions[i : i + 1])
+
+
+def test_prompt_projection_for_other_prompt_sizes() -> None:
+    torch.manual_seed(0)
+    mem = PromptBankMemory(2, 4, 2, bank_frames=2, prompt_dim=5)
+    assert mem.prompt_proj is not None and mem.prompt_proj.weight.shape == (8, 5)
+    state = mem.write(mem.init_state(1), random_chunk(1, 2, 4, 2, [0, 1], 0, torch.randn(1, 3, 5)))
+    ctx = mem.read(state, query_of(1, 2, 4, 2, torch.randn(1, 3, 5)))
+    assert selected_positions(ctx, 2) == [{0}]
+    # inside MemoryAttention the projection is a parameter of the layer
+    attn = memkit.MemoryAttention(8, 2, memory=mem)
+    assert any(p is mem.prompt_proj.weight for p in attn.parameters())
+
+
+def test_torch_compile_traces_read_and_write() -> None:
+    torch._dynamo.reset()
+    mem = PromptBankMemory(2, 4, 2, bank_frames=2, prototype="best")
+    read = torch.compile(mem.read, fullgraph=True, backend="eager")
+    write = torch.compile(mem.write, fullgraph=True, backend="eager")
+    state = eager = mem.init_state(2)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    for s in range(4):
+        prompt = torch.randn(2, 3, 8)
+        chunk = random_chunk(2, 2, 4, 2, [2 * s, 2 * s + 1], s, prompt, mask)
+        state, eager = write(state, chunk), mem.write(eager, chunk)
+        q = query_of(2, 2, 4, 2, prompt, mask, seed=s)
+        got, want = read(state, q), mem.read(eager, q)
+        assert torch.equal(got.k, want.k) and torch.equal(got.positions, want.positions)
+        assert torch.equal(got.mask, want.mask)
+
+
+def test_errors_name_the_dimension() -> None:
+    mem = PromptBankMemory(2, 4, 2, bank_frames=2)
+    state = mem.init_state(1)
+    with pytest.raises(ShapeError, match=r"dimension e \(prompt dim\) of query.prompt should be 8 \(heads\*head_dim"):
+        mem.read(state, query_of(1, 2, 4, 2, torch.randn(1, 3, 6)))
+    with pytest.raises(ShapeError, match=r"dimension e \(prompt dim\) of chunk.prompt should be 8"):
+        mem.write(state, random_chunk(1, 2, 4, 2, [0], 0, torch.randn(1, 3, 7)))
+    with pytest.raises(ShapeError, match=r"dimension h \(heads\) of query.q should be 2, got 3"):
+        mem.read(state, query_of(1, 3, 4, 2))
+    with pytest.raises(ShapeError, match=r"chunk.tokens_per_frame should be 2 \(the memory's frame size\), got 1"):
+        mem.write(state, random_chunk(1, 2, 4, 1, [0], 0))
+    with pytest.raises(ValueError, match=r"prototype must be one of \('first', 'best'\), got 'mean'"):
+        PromptBankMemory(2, 4, 2, prototype="mean")
