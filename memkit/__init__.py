@@ -2,22 +2,27 @@
 
 from memkit.attention import attend, attend_partial, available_backends, merge_partials
 from memkit.errors import (
+    AttachError,
     BackendUnavailableError,
     CheckpointError,
+    DataError,
     MemkitError,
     NonFiniteError,
     ShapeError,
     StateError,
 )
+from memkit.integrations import MemorySession, attach
 from memkit.io import load_states, save_states
 from memkit.layers import MemoryAttention, init_memory_states, memory_layers
 from memkit.memories import (
+    ComposeMemory,
     FIFOMemory,
     NoMemory,
     PromptBankMemory,
     RecurrentMemory,
     SinkWindowMemory,
     SparseKVMemory,
+    compose,
 )
 from memkit.protocol import Chunk, Context, Memory, Query
 from memkit.state import MemoryState, map_tensors, memory_state, state_nbytes
@@ -45,6 +50,8 @@ __all__ = [
     "FIFOMemory",
     "SparseKVMemory",
     "PromptBankMemory",
+    "ComposeMemory",
+    "compose",
     "RecurrentMemory",
     "MemkitError",
     "ShapeError",
@@ -52,6 +59,10 @@ __all__ = [
     "StateError",
     "CheckpointError",
     "NonFiniteError",
+    "AttachError",
+    "DataError",
+    "attach",
+    "MemorySession",
     "save_states",
     "load_states",
 ]

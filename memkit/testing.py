@@ -2,31 +2,26 @@
 
 :func:`check_memory` drives a memory through short random streams (read at every
 segment, write once per segment) and asserts the protocol's invariants. It raises
-``AssertionError`` naming the first property that failed:
+``AssertionError`` naming the first property that failed (:data:`PROPERTIES`):
 
-==========================================  =================================================================
-property                                    what it asks
-==========================================  =================================================================
-``is a Memory``                             ``init_state``, ``read`` and ``write`` exist (:class:`memkit.Memory`)
-``state is a pytree of tensors``            every leaf of the state is a tensor (use ``@memkit.memory_state``)
-``state tensors have the batch first``      dim 0 of every state tensor is the batch
-``state shapes never change``               a write keeps the pytree structure, every shape, dtype and device
-``state bytes never change``                ``memkit.state_nbytes`` is the same after every write
-``read never mutates the state``            the state given to ``read`` is bitwise unchanged
-``write never mutates the old state``       the state given to ``write`` is bitwise unchanged
-``reads are pure``                          the same state and query give the same context twice
-``context is valid``                        a :class:`memkit.Context` shaped ``(b h m d)``, bool mask, integer
-                                            positions, finite keys/values in valid slots
-``context shape never changes``             ``m`` (memory slots) is the same at every segment
-``causality``                               later writes change neither a context already returned nor what
-                                            reading an earlier state returns
-``batch independence``                      changing stream ``j``'s segments and queries leaves every other
-                                            stream's contexts unchanged
-``batch selection``                         reading item ``i`` of the state (``index_batch``) equals item ``i``
-                                            of the batched read
-``save/load round trip``                    ``torch.save`` then ``torch.load(weights_only=True)`` gives an equal
-                                            state that reads and writes as the original
-==========================================  =================================================================
+- ``is a Memory``: ``init_state``, ``read`` and ``write`` exist (:class:`memkit.Memory`).
+- ``state is a pytree of tensors``: every leaf of the state is a tensor (``@memkit.memory_state``).
+- ``state tensors have the batch first``: dim 0 of every state tensor is the batch.
+- ``state shapes never change``: a write keeps the pytree structure and every shape, dtype, device.
+- ``state bytes never change``: :func:`memkit.state_nbytes` is the same after every write.
+- ``read never mutates the state``: the state given to ``read`` is bitwise unchanged.
+- ``write never mutates the old state``: the state given to ``write`` is bitwise unchanged.
+- ``reads are pure``: the same state and query give the same context twice.
+- ``context is valid``: a :class:`memkit.Context` shaped ``(b h m d)`` for the query's batch,
+  heads and head dim, with finite keys and values in valid slots.
+- ``context shape never changes``: ``m`` (memory slots) is the same at every segment.
+- ``causality``: later writes change neither a context already returned nor what reading an
+  earlier state returns.
+- ``batch independence``: changing stream ``j``'s queries and one of its segments leaves every
+  other stream's contexts unchanged.
+- ``batch selection``: reading item ``i`` of the state alone equals item ``i`` of the batched read.
+- ``save/load round trip``: ``torch.save`` then ``torch.load(weights_only=True)`` gives an equal
+  state that reads and writes as the original.
 
 hypothesis is a development dependency (``pip install 'memkit[dev]'``); it is imported
 only when :func:`check_memory` runs, so ``import memkit`` never needs it.
@@ -119,7 +114,8 @@ def check_memory(
     Args:
         memory_factory: a function returning a fresh memory (called once per example), or
             a memory instance used as is.
-        heads, head_dim: ``h`` and ``d`` of queries, keys and values.
+        heads: ``h`` of queries, keys and values.
+        head_dim: ``d``.
         tokens_per_frame: ``t``.
         frames_per_segment: frames in each segment, so ``n = frames_per_segment * t``.
         batch_size: streams per batch; 2 or more to check batch independence.
@@ -172,7 +168,7 @@ def check_memory(
         if isinstance(memory_factory, Memory) and not isinstance(memory_factory, type):
             memory = memory_factory
         else:
-            memory = memory_factory()  # type: ignore[operator]
+            memory = memory_factory()
         if not isinstance(memory, Memory):
             raise _Fail(memory)(
                 "is a Memory",
@@ -183,6 +179,8 @@ def check_memory(
             memory.eval()
         return memory
 
+    # a memory instance handed in is put in eval mode for the checks and given back as it came
+    training = [(m, m.training) for m in (memory_factory,) if isinstance(m, nn.Module)]
     make()  # a memory that is not one fails here, before hypothesis starts drawing
 
     @settings(
@@ -192,7 +190,8 @@ def check_memory(
         database=None,
         report_multiple_bugs=False,
         suppress_health_check=list(HealthCheck),
-        phases=[p for p in Phase if shrink or p not in (Phase.shrink, Phase.explain)],
+        # explain reruns a failing stream hundreds of times to say which argument mattered: too slow here
+        phases=[p for p in Phase if p is not Phase.explain and (shrink or p is not Phase.shrink)],
     )
     @given(
         seed=st.integers(0, 2**31 - 1),
@@ -205,7 +204,11 @@ def check_memory(
         with torch.no_grad():
             _check_stream(make(), cfg, seed, n_segments, start, perturbed, min(perturb_at, n_segments - 1))
 
-    run()
+    try:
+        run()
+    finally:
+        for module, mode in training:
+            module.train(mode)
 
 
 # --- inputs ------------------------------------------------------------------------------
@@ -371,7 +374,9 @@ def _check_stream(
     spec, layout = _check_layout(fail, state, b)
     nbytes = state_nbytes(state)
 
-    states, contexts, saved_contexts = [], [], []
+    states: list[Any] = []
+    contexts: list[Context] = []
+    saved_contexts: list[Context] = []
     for s, (query, chunk) in enumerate(inputs):
         before = _clone(state)
         ctx = memory.read(state, query)
@@ -453,12 +458,8 @@ def _check_selection(
 ) -> None:
     for s, (state, ctx) in enumerate(zip(states, contexts, strict=True)):
         for i in range(ctx.k.shape[0]):
-            one = map_tensors(lambda x, i=i: x[i : i + 1], state)
-            query = inputs[s][0]
-            one_query = dataclasses.replace(
-                query,
-                **{f.name: x[i : i + 1] for f in dataclasses.fields(query) if isinstance(x := getattr(query, f.name), Tensor)},
-            )
+            one = _select_item(state, i)
+            one_query = _select_item(inputs[s][0], i)
             if (where := _context_difference(memory.read(one, one_query), _select(ctx, [i]))) is not None:
                 raise fail(
                     "batch selection",
@@ -467,9 +468,21 @@ def _check_selection(
                 )
 
 
-def _node_types(tree: Any) -> list[type]:
+def _select_item(tree: Any, i: int) -> Any:
+    """Batch item ``i`` of a state, query or chunk, keeping the batch dimension."""
+    if isinstance(tree, (Query, Chunk)):
+        changes: dict[str, Any] = {}
+        for field in dataclasses.fields(tree):
+            x = getattr(tree, field.name)
+            if isinstance(x, Tensor):
+                changes[field.name] = x[i : i + 1]
+        return dataclasses.replace(tree, **changes)
+    return map_tensors(lambda x: x[i : i + 1], tree)
+
+
+def _node_types(tree: Any) -> list[Any]:
     """Classes of the pytree's nodes (state dataclasses), for torch.load's allow-list."""
-    found: list[type] = []
+    found: list[Any] = []
 
     def visit(x: Any) -> None:
         if isinstance(x, Tensor) or x is None:

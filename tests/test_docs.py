@@ -3,8 +3,10 @@
 One test per page. A page's blocks run in order in one shared namespace, so a page can
 build on its earlier blocks, with a temporary directory as the working directory. A block
 fenced as ```python no-run is skipped (and counted: such blocks must stay rare). Tracebacks
-point at the page's own line numbers. A second test checks that mkdocs.yml's nav lists every
-page, so none is orphaned.
+point at the page's own line numbers.
+
+Two more checks keep the site whole: mkdocs.yml's nav lists every page (none is orphaned, none
+is missing), and docs/api.md has an entry for every name in ``memkit.__all__``.
 """
 
 import re
@@ -85,24 +87,40 @@ def test_page_code_runs(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     # a real (temporary) module, so classes a page defines can be pickled by torch.save
-    module = types.ModuleType(f"memkit_docs_{re.sub(r'\W', '_', page_id(page))}")
+    module = types.ModuleType("memkit_docs_" + re.sub(r"\W", "_", page_id(page)))
     monkeypatch.setitem(sys.modules, module.__name__, module)
+    default_dtype = torch.get_default_dtype()
+    try:
+        run_blocks(page, blocks, module)
+    finally:
+        torch.set_default_dtype(default_dtype)  # a page that changes it must not leak into the next
+
+
+def run_blocks(page: Path, blocks: list[Block], module: types.ModuleType) -> None:
     for block in blocks:
         # pad with newlines so tracebacks and linecache point at the page's own lines
         code = compile("\n" * (block.line - 1) + block.code, str(page), "exec")
         start = time.perf_counter()
         exec(code, module.__dict__)
         took = time.perf_counter() - start
-        assert took < MAX_BLOCK_SECONDS, f"{page_id(page)}:{block.line}: block took {took:.1f}s; docs blocks must be quick"
+        assert took < MAX_BLOCK_SECONDS, (
+            f"{page_id(page)}:{block.line}: block took {took:.1f}s; docs blocks must be quick"
+        )
 
 
 def test_no_run_blocks_are_rare() -> None:
-    no_run = [f"{page_id(p)}:{b.line}" for p in pages() for b in fenced_blocks(p.read_text(encoding="utf-8")) if b.no_run]
+    no_run = [
+        f"{page_id(p)}:{b.line}" for p in pages() for b in fenced_blocks(p.read_text(encoding="utf-8")) if b.no_run
+    ]
     assert len(no_run) < MAX_NO_RUN, f"too many ```python no-run blocks (make them run): {no_run}"
 
 
 def test_fence_parser() -> None:
-    text = "a\n```python\nx = 1\n```\n\n!!! note\n    ```python no-run\n    y = 2\n    ```\n````md\n```python\nz\n```\n````\n"
+    text = (
+        "a\n```python\nx = 1\n```\n\n"
+        "!!! note\n    ```python no-run\n    y = 2\n    ```\n"
+        "````md\n```python\nz\n```\n````\n"
+    )
     blocks = fenced_blocks(text)
     assert [(b.line, b.code, b.runs, b.no_run) for b in blocks] == [
         (3, "x = 1", True, False),
@@ -129,7 +147,7 @@ def _load_mkdocs_yml() -> dict[str, Any]:
 
     Loader.add_multi_constructor("tag:yaml.org,2002:python/", lambda loader, suffix, node: suffix)
     Loader.add_multi_constructor("!", lambda loader, suffix, node: suffix)
-    config = yaml.load((ROOT / "mkdocs.yml").read_text(encoding="utf-8"), Loader=Loader)  # noqa: S506
+    config = yaml.load((ROOT / "mkdocs.yml").read_text(encoding="utf-8"), Loader=Loader)
     assert isinstance(config, dict)
     return config
 
@@ -140,3 +158,12 @@ def test_nav_lists_every_page() -> None:
     on_disk = {p.relative_to(DOCS).as_posix() for p in pages() if p.is_relative_to(DOCS)}
     assert not on_disk - local, f"pages missing from mkdocs.yml nav (orphaned): {sorted(on_disk - local)}"
     assert not local - on_disk, f"mkdocs.yml nav lists pages that do not exist: {sorted(local - on_disk)}"
+
+
+def test_api_reference_lists_every_public_name() -> None:
+    import memkit
+
+    api = (DOCS / "api.md").read_text(encoding="utf-8")
+    documented = set(re.findall(r"^::: memkit\.(\w+)\s*$", api, flags=re.MULTILINE))
+    missing = sorted(set(memkit.__all__) - documented)
+    assert not missing, f"docs/api.md has no '::: memkit.NAME' entry for {missing}"

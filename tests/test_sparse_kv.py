@@ -101,7 +101,9 @@ def test_selects_the_top_k_valid_frames_and_never_an_invalid_one(cfg: dict, top_
             assert int(sel_mask[i, j].sum()) == min(kk, len(valid_pos))
             assert set(chosen) <= set(valid_pos) and len(set(chosen)) == len(chosen)
             # brute force: the chosen frames have the highest scores among valid frames
-            scores = {int(state.pos[i, s]): float(state.desc[i, j, s] @ routed[i, j]) for s in range(c) if state.valid[i, s]}
+            scores = {
+                int(state.pos[i, s]): float(state.desc[i, j, s] @ routed[i, j]) for s in range(c) if state.valid[i, s]
+            }
             if chosen:
                 worst_chosen = min(scores[p] for p in chosen)
                 best_left = max([scores[p] for p in scores if p not in chosen], default=-float("inf"))
@@ -173,7 +175,8 @@ def test_batch_items_are_independent(cfg: dict) -> None:
         for j, f in enumerate(cfg["writes"]):
             full = make_chunk(2, h, d, t, s0, f, cfg["seed"] + j)
             alone = mem.write(
-                alone, Chunk(full.k[i : i + 1], full.v[i : i + 1], full.hidden[i : i + 1], full.frame_positions[i : i + 1], t)
+                alone,
+                Chunk(full.k[i : i + 1], full.v[i : i + 1], full.hidden[i : i + 1], full.frame_positions[i : i + 1], t),
             )
             s0 += f
         one = mem.read(alone, Query(q.q[i : i + 1], q.frame_positions[i : i + 1], t))

@@ -3,6 +3,7 @@
 import dataclasses
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,11 +25,18 @@ SIZES = dict(heads=H, head_dim=D, tokens_per_frame=T, frames_per_segment=F)
         lambda: memkit.SinkWindowMemory(H, D, T, sink_frames=1, window_frames=3),
         lambda: memkit.SinkWindowMemory(H, D, T, sink_frames=3, window_frames=0),
         lambda: memkit.FIFOMemory(H, D, T, frames=3),
+        lambda: memkit.SparseKVMemory(H, D, T, capacity=4, top_k=2, always_frames=1),
+        lambda: memkit.RecurrentMemory(dim=H * D, heads=H, slots=3, truncation=2),
+        lambda: memkit.compose(memkit.SinkWindowMemory(H, D, T, sink_frames=1, window_frames=1), memkit.NoMemory()),
     ],
-    ids=["none", "sink_window", "sink_only", "fifo"],
+    ids=["none", "sink_window", "sink_only", "fifo", "sparse_kv", "recurrent", "compose"],
 )
 def test_memkit_memories_pass(factory: Any) -> None:
     check_memory(factory, **SIZES, examples=15)
+
+
+def test_a_prompt_reading_memory_passes() -> None:
+    check_memory(lambda: memkit.PromptBankMemory(H, D, T, bank_frames=2, prompt_dim=6), **SIZES, prompt_dim=6)
 
 
 def test_passes_with_prompts_a_wider_batch_and_an_instance() -> None:
@@ -36,14 +44,9 @@ def test_passes_with_prompts_a_wider_batch_and_an_instance() -> None:
     check_memory(mem, **SIZES, batch_size=3, segments=5, prompt_dim=6, model_dim=24, examples=10)
 
 
-def test_a_shrunk_failure_names_the_same_property() -> None:
-    with pytest.raises(AssertionError, match="fails property 'write never mutates the old state'"):
-        check_memory(_window(InPlaceWrite), **SIZES, examples=5)
-
-
 def test_importing_memkit_does_not_import_hypothesis_or_pytest() -> None:
     code = "import sys, memkit, memkit.testing; assert not {'hypothesis', 'pytest'} & set(sys.modules), sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 
 # --- deliberately broken memories ---------------------------------------------------------
@@ -107,10 +110,18 @@ class CompactingRead(memkit.SinkWindowMemory):
         return memkit.Context(ctx.k[:, :, keep], ctx.v[:, :, keep], ctx.mask[:, :, keep], ctx.positions[:, :, keep])
 
 
-class FloatPositions(memkit.SinkWindowMemory):
+class OneHead(memkit.SinkWindowMemory):
+    """Returns only the first head's slots: a context the host cannot attend with."""
+
     def read(self, state: SinkWindowState, query: memkit.Query) -> memkit.Context:
         ctx = super().read(state, query)
-        return dataclasses.replace(ctx, positions=ctx.positions.float())
+        return memkit.Context(ctx.k[:, :1], ctx.v[:, :1], ctx.mask[:, :1], ctx.positions[:, :1])
+
+
+class NonFiniteSlots(memkit.SinkWindowMemory):
+    def read(self, state: SinkWindowState, query: memkit.Query) -> memkit.Context:
+        ctx = super().read(state, query)
+        return dataclasses.replace(ctx, v=ctx.v.masked_fill(ctx.mask[..., None], float("nan")))
 
 
 @memkit.memory_state
@@ -174,7 +185,8 @@ def _window(cls: type) -> Any:
         (_window(InPlaceWrite), "write never mutates the old state", "frames_seen changed"),
         (GrowingMemory, "state shapes never change", ".k: ((2, 2, 0, 8)"),
         (_window(NoisyRead), "reads are pure", "context.k differs"),
-        (_window(FloatPositions), "context is valid", "positions must be an integer tensor"),
+        (_window(OneHead), "context is valid", "expected (b h m d) with (b, h, d) = (2, 2, 8)"),
+        (_window(NonFiniteSlots), "context is valid", "context.v holds non-finite values in valid slots"),
         (_window(CompactingRead), "context shape never changes", "preallocate"),
         (_window(BatchMixing), "batch independence", "changed stream(s)"),
     ],
@@ -185,3 +197,8 @@ def test_broken_memories_fail_naming_the_property(factory: Any, prop: str, detai
     with pytest.raises(AssertionError, match=rf"fails property '{prop}'") as info:
         check_memory(factory, **SIZES, examples=10, shrink=False)
     assert detail in str(info.value)
+
+
+def test_a_shrunk_failure_names_the_same_property() -> None:
+    with pytest.raises(AssertionError, match="fails property 'write never mutates the old state'"):
+        check_memory(_window(InPlaceWrite), **SIZES, segments=2, examples=3)

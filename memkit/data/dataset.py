@@ -43,9 +43,11 @@ class WorldDataset(Dataset[dict[str, Tensor]]):
         >>> from memkit.data import SceneWorld, WorldDataset
         >>> data = WorldDataset(SceneWorld(frames_per_segment=2, segments=3, frame_size=8), length=4, seed=1)
         >>> batch = next(iter(torch.utils.data.DataLoader(data, batch_size=2)))
-        >>> batch["video"].shape, batch["prompt_mask"].shape
-        (torch.Size([2, 3, 2, 3, 8, 8]), torch.Size([2, 3, 8]))
-        >>> bool((data[3]["video"] == data[3]["video"]).all())
+        >>> {key: tuple(value.shape) for key, value in batch.items()}  # doctest: +NORMALIZE_WHITESPACE
+        {'video': (2, 3, 2, 3, 8, 8), 'actions': (2, 3, 2, 2), 'prompt': (2, 3, 8, 16),
+         'prompt_mask': (2, 3, 8)}
+        >>> first, again = data[3], data[3]
+        >>> all(torch.equal(first.get(key), again.get(key)) for key in first)
         True
     """
 

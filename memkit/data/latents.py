@@ -71,8 +71,12 @@ class _LatentFile:
         if suffix == ".npy":
             return np.load(self.path, mmap_mode="r", allow_pickle=False)
         if suffix == ".safetensors":
-            from safetensors import safe_open
-
+            try:
+                from safetensors import safe_open
+            except ImportError as err:
+                raise DataError(
+                    f"{self.path}: reading .safetensors files needs the safetensors package: pip install safetensors"
+                ) from err
             handle = safe_open(str(self.path), framework="pt")
             return handle.get_slice(_pick(self.path, list(handle.keys()), self.key))
         if self._legacy is not None:
@@ -159,8 +163,8 @@ class LatentDataset(Dataset[dict[str, Tensor]]):
         >>> folder = tempfile.mkdtemp()
         >>> torch.save(torch.randn(2, 12, 4, 8, 8), f"{folder}/a.pt")  # 2 videos of 12 frames
         >>> data = LatentDataset(folder, segment_frames=3, segments=2)
-        >>> len(data), data[0]["video"].shape
-        (4, torch.Size([2, 3, 4, 8, 8]))
+        >>> len(data), {key: tuple(value.shape) for key, value in data[0].items()}
+        (4, {'video': (2, 3, 4, 8, 8)})
     """
 
     def __init__(
@@ -184,9 +188,7 @@ class LatentDataset(Dataset[dict[str, Tensor]]):
         counts = []
         for f in self.files:
             if len(f.shape) != 5:
-                raise DataError(
-                    f"{f.path}: expected 5 dimensions (b t c h w), got {len(f.shape)} with shape {f.shape}"
-                )
+                raise DataError(f"{f.path}: expected 5 dimensions (b t c h w), got {len(f.shape)} with shape {f.shape}")
             b, t = f.shape[:2]
             if b == 0:
                 raise DataError(f"{f.path}: holds no videos (dimension b is 0, shape {f.shape})")

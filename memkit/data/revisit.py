@@ -88,7 +88,8 @@ def make_canvas(seed: int, height: int = 32, width: int = 128) -> np.ndarray:
 
     Args:
         seed: non-negative int.
-        height, width: canvas size in pixels.
+        height: canvas height in pixels.
+        width: canvas width in pixels.
 
     Returns:
         ``(height, width, 3)`` float32 array in ``[0, 1]``.
@@ -155,7 +156,7 @@ def _skimage_data() -> Any:
     return skimage.data
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_photo_cached(name: str) -> np.ndarray:
     image = np.asarray(getattr(_skimage_data(), name)())
     if image.ndim == 2:
@@ -475,7 +476,9 @@ def revisit_clip(
         segments: ``S``; the clip has ``t = S * F`` frames.
         frame_size: ``int`` or ``(h, w)``.
         source: ``"procedural"`` or a name from :data:`PHOTOS`.
-        speed: pixels per frame; default ``max(1, w // 8)``.
+        speed: pixels per frame; default the smallest whole number, at least ``w // 8``, that
+            makes the canvas at least three frames wide, capped at ``w`` so that no strip of the
+            canvas goes unseen (very short clips get narrower canvases).
 
     Returns:
         a :class:`RevisitClip`.
@@ -496,11 +499,15 @@ def revisit_clip(
     fh, fw = frame_hw(owner, frame_size)
     if source != "procedural" and source not in PHOTOS:
         raise DataError(f"{owner}: source must be 'procedural' or one of {', '.join(PHOTOS)}, got {source!r}")
-    speed = float(max(1, fw // 8) if speed is None else speed)
+    frames = frames_per_segment * segments
+    far = (frames - 1) // 2  # steps to the turning point
+    if speed is None:
+        # out far enough that the canvas is >= 3 frames wide, but never skip a strip of it
+        speed = min(fw, max(1, fw // 8, math.ceil(2 * fw / far))) if far else 0
+    speed = float(speed)
     if not math.isfinite(speed) or speed < 0:
         raise DataError(f"{owner}: speed must be a finite number >= 0, got {speed!r}")
-    frames = frames_per_segment * segments
-    width = fw + math.ceil(speed * ((frames - 1) // 2))
+    width = fw + math.ceil(speed * far)
     if source == "procedural":
         canvas = make_canvas(seed, fh, width)
     else:
@@ -538,7 +545,8 @@ class RevisitWorld:
         sources: names to draw from: ``"procedural"`` and/or names from :data:`PHOTOS`
             (e.g. ``("procedural", *TRAIN_PHOTOS)``).
         speed: pixels per frame, default as in :func:`revisit_clip`.
-        prompt_tokens, prompt_dim: ``p`` and ``e`` of the prompt embedding.
+        prompt_tokens: ``p``, prompt length (with padding).
+        prompt_dim: ``e``, prompt embedding size.
 
     Example:
         >>> from memkit.data import RevisitWorld
@@ -582,4 +590,3 @@ class RevisitWorld:
             "prompt": prompt.expand(self.segments, -1, -1).clone(),
             "prompt_mask": mask.expand(self.segments, -1).clone(),
         }
-

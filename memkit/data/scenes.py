@@ -134,8 +134,9 @@ def scene_clip(
         num_scenes: scenes in the bank (at least 2).
         scene_ids: the scene of every segment (``S`` ints in ``[0, num_scenes)``); default
             :func:`scene_sequence`.
-        prompt_tokens, prompt_dim: ``p`` and ``e``; prompts are padded, see
+        prompt_tokens: ``p``, prompt length; prompts end in padding, see
             :func:`memkit.data.random_prompt`.
+        prompt_dim: ``e``, prompt embedding size.
         world_seed: fixes the scene bank when given.
 
     Returns:
@@ -187,7 +188,8 @@ class SceneWorld:
         segments: ``S``.
         frame_size: ``int`` or ``(h, w)``.
         num_scenes: scenes per clip's bank.
-        prompt_tokens, prompt_dim: ``p`` and ``e``.
+        prompt_tokens: ``p``, prompt length (with padding).
+        prompt_dim: ``e``, prompt embedding size.
         world_seed: fixes the scene bank across clips when given (see :func:`scene_clip`).
 
     Example:
@@ -228,4 +230,3 @@ class SceneWorld:
             "prompt": clip.prompts,
             "prompt_mask": clip.prompt_mask,
         }
-

@@ -36,7 +36,7 @@ from memkit.errors import AttachError, ShapeError
 from memkit.layers.memory_attention import Rotate, attend_with_context
 from memkit.protocol import Chunk, Memory, Query, token_positions
 from memkit.state import state_nbytes
-from memkit.typing import check_floating, check_shape
+from memkit.typing import Float, check_floating, check_shape, typechecked
 
 __all__ = [
     "attach",
@@ -50,17 +50,18 @@ __all__ = [
 ]
 
 
-class AttentionAdapter(Protocol):
-    """How to run one attention module with memkit's attention core in the middle.
+AttentionAdapter = Callable[..., Any]
+"""How to run one attention module with memkit's attention core in the middle.
 
-    Called as ``adapter(module, attend, *args, **kwargs)`` in place of
-    ``module(*args, **kwargs)``: compute ``q, k, v`` ``(b h n d)`` *before* rotary
-    embedding from the module's own projections, call ``attend(q, k, v)`` (a
-    :class:`LayerAttend`), and finish as the module does (output projection, return type).
-    """
+Called as ``adapter(module, attend, *args, **kwargs)`` in place of
+``module(*args, **kwargs)``: compute ``q, k, v`` ``(b h n d)`` *before* rotary embedding
+with the module's own projections, call ``attend(q, k, v)`` (a :class:`LayerAttend`), and
+finish as the module does (output projection, return type). For example::
 
-    def __call__(self, module: Any, attend: "LayerAttend", /, *args: Any, **kwargs: Any) -> Any: ...
-
+    def adapter(attn, attend, x, pos):
+        q, k, v = attn.qkv(x).unflatten(-1, (3, attn.heads, -1)).permute(2, 0, 3, 1, 4)
+        return attn.out(attend(q, k, v).transpose(1, 2).flatten(2))
+"""
 
 #: Which modules get memory: a glob over module names (``"blocks.*.attn"``), a list of
 #: exact names, an ``nn.Module`` subclass (or tuple of them), or ``predicate(name, module)``.
@@ -80,6 +81,14 @@ class Segment:
         tokens_per_frame: ``t``; ``None`` infers ``n // f`` at each layer.
         prompt: ``(b p e)`` prompt embedding for prompt-aware memories, or ``None``.
         prompt_mask: ``(b p)`` bool, True for real prompt tokens, or ``None``.
+
+    Example:
+        >>> import torch
+        >>> from memkit.integrations import Segment
+        >>> seg = Segment(torch.tensor([[4, 5]]))            # 2 frames, same for every batch item
+        >>> fp, t = seg.layout(batch=3, tokens=12, device=torch.device("cpu"))
+        >>> fp.shape, t                                       # 12 tokens / 2 frames
+        (torch.Size([3, 2]), 6)
     """
 
     frame_positions: Tensor
@@ -150,6 +159,20 @@ class LayerAttend:
         session: the :class:`MemorySession` whose state is used.
         name: the layer's module name.
         memory: the layer's memory.
+
+    Example:
+        >>> import torch, memkit
+        >>> from torch import nn
+        >>> def adapter(lin, attend, x):                  # a toy "attention": q = k = v = lin(x)
+        ...     q = lin(x).unflatten(-1, (2, -1)).transpose(1, 2)          # (b h n d)
+        ...     print(attend.name, attend.layout(q)[0].tolist(), attend.layout(q)[1])
+        ...     return attend(q, q, q).transpose(1, 2).flatten(2)
+        >>> model = nn.Sequential(nn.Linear(8, 8))
+        >>> with memkit.attach(model, memkit.NoMemory(), layers="0", adapter=adapter) as session:
+        ...     session.set_segment([0, 1, 2])
+        ...     model(torch.randn(1, 6, 8)).shape
+        0 [[0, 1, 2]] 2
+        torch.Size([1, 6, 8])
     """
 
     def __init__(self, session: "MemorySession", layer: _Layer, args: tuple[Any, ...], kwargs: dict[str, Any]):
@@ -173,7 +196,16 @@ class LayerAttend:
         """``frame_positions (b f)`` and ``tokens_per_frame`` for queries ``q (b h n d)``."""
         return self.segment.layout(int(q.shape[0]), int(q.shape[2]), q.device)
 
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, hidden: Tensor | None = None, rotary: Rotate | None = None) -> Tensor:
+    @typechecked
+    def __call__(
+        self,
+        q: Float[Tensor, "b h n d"],
+        k: Float[Tensor, "b h n d"],
+        v: Float[Tensor, "b h n d"],
+        *,
+        hidden: Float[Tensor, "b n D"] | None = None,
+        rotary: Rotate | None = None,
+    ) -> Float[Tensor, "b h n d"]:
         """Attention of the segment over its own tokens and the layer's memory.
 
         Args:
@@ -241,6 +273,7 @@ class _Hub:
     def __init__(self, model: nn.Module, installer: _Installer) -> None:
         self.model, self.installer = model, installer
         self.sessions: list[MemorySession] = []
+        self._inside: set[nn.Module] = set()
 
     @property
     def active(self) -> "MemorySession | None":
@@ -265,12 +298,19 @@ class _Hub:
         modules = {layer.module: layer.name for s in self.sessions for layer in s._layers}
         self.installer.sync(self, modules)
 
-    def dispatch(self, module: nn.Module, fallback: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def dispatch(
+        self, module: nn.Module, fallback: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
         session = self.active
         layer = session._by_module.get(module) if session is not None else None
-        if session is None or layer is None:
+        # inside its own adapter a module is its original self: the adapter may call it
+        if session is None or layer is None or module in self._inside:
             return fallback(*args, **kwargs)
-        return layer.adapter(module, LayerAttend(session, layer, args, kwargs), *args, **kwargs)
+        self._inside.add(module)
+        try:
+            return layer.adapter(module, LayerAttend(session, layer, args, kwargs), *args, **kwargs)
+        finally:
+            self._inside.discard(module)
 
 
 def _hub_of(module: nn.Module) -> "_Hub | None":
@@ -326,7 +366,7 @@ def _select_layers(model: nn.Module, layers: LayerSelector) -> list[tuple[str, n
     if isinstance(layers, str):
         chosen = [(n, m) for n, m in named if fnmatch.fnmatchcase(n, layers)]
     elif isinstance(layers, type) or (isinstance(layers, tuple) and all(isinstance(c, type) for c in layers)):
-        chosen = [(n, m) for n, m in named if isinstance(m, layers)]  # type: ignore[arg-type]
+        chosen = [(n, m) for n, m in named if isinstance(m, layers)]
     elif callable(layers):
         chosen = [(n, m) for n, m in named if layers(n, m)]
     elif isinstance(layers, Sequence):
@@ -389,7 +429,9 @@ def _attach(
         raise AttachError(f"attach: expected an nn.Module, got {type(model).__name__}")
     if layers is None:
         if not isinstance(memory, Mapping):
-            raise AttachError("attach: say which layers get memory (layers=...) or pass memory as a {name: memory} dict")
+            raise AttachError(
+                "attach: say which layers get memory (layers=...) or pass memory as a {name: memory} dict"
+            )
         layers = list(memory)
     chosen = _select_layers(model, layers)
     if isinstance(memory, Mapping):
@@ -782,13 +824,17 @@ def multihead_attention_adapter(module: nn.MultiheadAttention, attend: LayerAtte
     """
     names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask")
     bound = dict(zip(names, args, strict=False)) | kwargs
-    x = bound.get("query")
+    query = bound.get("query")
+    if not isinstance(query, Tensor):
+        raise AttachError("multihead_attention_adapter: expected the query tensor as the first argument")
+    x: Tensor = query
     if not module.batch_first or not module._qkv_same_embed_dim:
         raise AttachError("multihead_attention_adapter needs batch_first=True and equal q/k/v embedding sizes")
-    if not isinstance(x, Tensor) or bound.get("key") is not x or bound.get("value") is not x:
+    if bound.get("key") is not x or bound.get("value") is not x:
         raise AttachError("multihead_attention_adapter supports self-attention only: call mha(x, x, x)")
     if any(bound.get(k) is not None for k in ("key_padding_mask", "attn_mask")) or bound.get("is_causal"):
         raise AttachError("multihead_attention_adapter does not support attention masks")
+    assert module.in_proj_weight is not None  # packed projections were checked above
     qkv = F.linear(x, module.in_proj_weight, module.in_proj_bias)
     q, k, v = qkv.unflatten(-1, (3, module.num_heads, -1)).permute(2, 0, 3, 1, 4)
     out = attend(q, k, v, hidden=x)

@@ -1,5 +1,6 @@
 """Memories: one file each, all implementing :class:`memkit.Memory`."""
 
+from memkit.memories.compose import ComposeMemory, ComposeState, compose
 from memkit.memories.none import NoMemory, NoState
 from memkit.memories.prompt_bank import PromptBankMemory, PromptBankState
 from memkit.memories.recurrent import RecurrentMemory, RecurrentState
@@ -16,6 +17,9 @@ __all__ = [
     "SparseKVState",
     "PromptBankMemory",
     "PromptBankState",
+    "ComposeMemory",
+    "ComposeState",
+    "compose",
     "RecurrentMemory",
     "RecurrentState",
 ]

@@ -99,8 +99,8 @@ class PromptBankMemory(nn.Module):
         >>> mem = memkit.PromptBankMemory(heads=2, head_dim=4, tokens_per_frame=2, bank_frames=2)
         >>> state = mem.init_state(1)
         >>> for s in range(3):   # three segments of 2 frames; each offers its first frame
-        ...     k = torch.randn(1, 2, 4, 4)
-        ...     state = mem.write(state, memkit.Chunk(k, k, torch.randn(1, 4, 8), torch.tensor([[2 * s, 2 * s + 1]]), 2))
+        ...     k, pos = torch.randn(1, 2, 4, 4), torch.tensor([[2 * s, 2 * s + 1]])
+        ...     state = mem.write(state, memkit.Chunk(k, k, torch.randn(1, 4, 8), pos, 2))
         >>> sorted(state.pos[0].tolist())
         [0, 2, 4]
         >>> q = memkit.Query(torch.randn(1, 2, 4, 4), torch.tensor([[6, 7]]), 2, prompt=torch.randn(1, 5, 8))
@@ -217,7 +217,9 @@ class PromptBankMemory(nn.Module):
     def write(self, state: PromptBankState, chunk: Chunk) -> PromptBankState:
         """Keep the top-``B`` for ``chunk.prompt``, then insert the segment's prototype."""
         check_state(f"{self._name}.write", state, PromptBankState)
-        check_chunk(self._name, chunk, state.batch_size, self.heads, self.head_dim, state.k.device, self.tokens_per_frame)
+        check_chunk(
+            self._name, chunk, state.batch_size, self.heads, self.head_dim, state.k.device, self.tokens_per_frame
+        )
         self._check_prompt("write", chunk.prompt)
         dtype = state.k.dtype
         slots = torch.arange(self.bank_frames + 1, device=state.k.device)

@@ -306,4 +306,3 @@ class RecurrentMemory(nn.Module):
             f"write_heads={self.write_heads}, mlp_ratio={self.mlp_ratio}, gate_bias={self.gate_bias}, "
             f"truncation={self.truncation}, noise_std={self.noise_std}"
         )
-

@@ -182,7 +182,9 @@ class SparseKVMemory:
     def write(self, state: SparseKVState, chunk: Chunk) -> SparseKVState:
         """Fill the sink with the first frames ever seen; write the rest into the ring."""
         check_state(f"{self._name}.write", state, SparseKVState)
-        check_chunk(self._name, chunk, state.batch_size, self.heads, self.head_dim, state.k.device, self.tokens_per_frame)
+        check_chunk(
+            self._name, chunk, state.batch_size, self.heads, self.head_dim, state.k.device, self.tokens_per_frame
+        )
         dtype = state.k.dtype
         k = split_frames(chunk.k.to(dtype), self.tokens_per_frame)  # (b h f t d)
         v = split_frames(chunk.v.to(dtype), self.tokens_per_frame)

@@ -1,0 +1,196 @@
+"""``python -m benchmarks run [--quick] [--out DIR] [--docs DIR | --no-docs] [--threads N] [--only ...]``.
+
+Writes ``results.json``, PNG plots under ``plots/`` and ``benchmarks.md`` into ``--out``
+(default ``benchmarks/results/``). A full run also regenerates the docs page
+(``docs/benchmarks.md``, plots copied to ``docs/assets/benchmarks/``); a ``--quick`` run
+never touches the docs unless ``--docs`` names a folder, so the smoke test leaves every
+committed file alone. The run never fails because a target is missed; it exits non-zero
+only when a section itself crashed.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import benchmarks  # noqa: F401  (switches shape checking off before memkit is imported)
+
+SECTIONS = ("cost_layer", "cost_backbone", "overhead", "sparse", "quality")
+
+
+def plan(quick: bool) -> dict[str, Any]:
+    """Every setting of a run, quick or full."""
+    from benchmarks.cost import StreamSettings
+    from benchmarks.overhead import OverheadSettings
+    from benchmarks.quality import QualitySettings
+    from benchmarks.roster import Geometry
+    from benchmarks.sparse import SparseSettings
+
+    if quick:
+        return {
+            "layer_geometry": Geometry(heads=2, head_dim=16, tokens_per_frame=8, dim=32, frames_per_segment=2,
+                                       capacity=16),  # fmt: skip
+            "layer_stream": StreamSettings(segments=32, steps=2, window=4, replay_rounds=1, full_history_budget_s=3),
+            "backbone_cost_model": "tiny",
+            "backbone_stream": StreamSettings(segments=24, steps=2, window=4, replay_rounds=1, full_history_budget_s=3),
+            "overhead_model": "tiny",
+            "overhead": OverheadSettings(steps=(2,), warm_segments=10, rounds=3, warmup_rounds=1),
+            "sparse": SparseSettings(heads=2, head_dim=16, tokens_per_frame=8, frames_per_segment=2,
+                                     capacities=(16, 64), top_ks=(2, 8), rounds=3,
+                                     attend_sizes=((16, 80), (64, 1024)), mm_sizes=(128, 256)),  # fmt: skip
+            "quality": QualitySettings(clips=2, segments=10, psnr_clips=1, sampler_steps=2),
+        }
+    return {
+        "layer_geometry": Geometry(heads=4, head_dim=32, tokens_per_frame=16, dim=128, frames_per_segment=3,
+                                   capacity=64),  # fmt: skip
+        "layer_stream": StreamSettings(segments=1024, steps=4, window=8, replay_rounds=4, full_history_budget_s=90),
+        "backbone_cost_model": "demo",
+        "backbone_stream": StreamSettings(segments=256, steps=4, window=8, replay_rounds=3, full_history_budget_s=60),
+        "overhead_model": "bench",
+        "overhead": OverheadSettings(steps=(8, 4), warm_segments=48, rounds=20, warmup_rounds=2),
+        "sparse": SparseSettings(),
+        "quality": QualitySettings(),
+    }
+
+
+def _plain(x: Any) -> Any:
+    return x.to_dict() if hasattr(x, "to_dict") else x
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from benchmarks import cost, overhead, quality, sparse
+    from benchmarks.common import ROOT, SCHEMA, Section, machine, now_iso
+    from benchmarks.report import all_finite, evaluate_targets, make_plots, render_page, summary_lines
+    from benchmarks.roster import describe, roster
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    quick = args.quick
+    p = plan(quick)
+    only = set(args.only.split(",")) if args.only else set(SECTIONS)
+    unknown = only - set(SECTIONS)
+    if unknown:
+        print(f"unknown section(s) {sorted(unknown)}; expected some of {', '.join(SECTIONS)}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    results: dict[str, Any] = {
+        "schema": SCHEMA,
+        "mode": "quick" if quick else "full",
+        "date": now_iso(),
+        "command": "python -m benchmarks " + " ".join(sys.argv[1:]),
+        "settings": {
+            "threads": args.threads,
+            "threads_note": "torch.set_num_threads(threads) at the start; every timing runs in this one process",
+            "dtype": "float32",
+            "device": "cpu",
+            "batch_size": 1,
+            "plan": {k: _plain(v) for k, v in p.items()},
+        },
+        "machine": machine(),
+        "roster": describe(roster(p["layer_geometry"])),
+        "sections": {},
+    }
+    crashed: list[str] = []
+
+    def attempt(key: str, fn: Callable[[], Section | tuple[Section, ...]]) -> None:
+        t0 = time.time()
+        try:
+            got = fn()
+        except Exception as err:  # a broken section is reported, and the others still run
+            traceback.print_exc()
+            crashed.append(key)
+            sec = Section(key, key, status="error", notes=[f"error: {type(err).__name__}: {err}"])
+            results["sections"][key] = sec.to_dict()
+            return
+        for sec in got if isinstance(got, tuple) else (got,):
+            sec.seconds = round(time.time() - t0, 1)
+            results["sections"][sec.key] = sec.to_dict()
+
+    if "cost_layer" in only:
+        attempt("cost_layer", lambda: cost.layer_cost(roster(p["layer_geometry"]), p["layer_geometry"],
+                                                      p["layer_stream"]))  # fmt: skip
+    if "cost_backbone" in only:
+        cfg = cost.backbone_config(p["backbone_cost_model"])
+        ents = roster(cost.backbone_geometry(cfg, p["layer_geometry"].capacity)) if cfg is not None else []
+        attempt("cost_backbone", lambda: cost.backbone_cost(ents, cfg, p["backbone_stream"]))
+    if "overhead" in only:
+        cfg = cost.backbone_config(p["overhead_model"])
+        g = p["layer_geometry"]
+        ents = roster(cost.backbone_geometry(cfg, g.capacity) if cfg is not None else g, full_history=False)
+        attempt("overhead", lambda: overhead.overhead(ents, cfg, g, p["overhead"], g))
+    if "sparse" in only:
+        attempt("sparse", lambda: (sparse.sparse_vs_dense(p["sparse"]), sparse.attend_efficiency(p["sparse"])))
+    if "quality" in only:
+        attempt("quality", lambda: (quality.checkpoint_psnr(p["quality"], quick),
+                                    quality.prompt_bank_precision(p["quality"])))  # fmt: skip
+
+    results["duration_s"] = round(time.time() - started, 1)
+    results["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    load = results["machine"].get("load_average_start") or [0.0]
+    cpus = results["machine"]["cpus_usable"]
+    if max(load[0], (results["load_average_end"] or [0.0])[0]) > 0.5 * cpus:
+        results["caveat"] = (
+            f"Other processes shared this machine during the run (load average "
+            f"{load[0]:.1f} at the start, {(results['load_average_end'] or [0.0])[0]:.1f} at the end, on {cpus} "
+            "CPUs), so absolute times are inflated and ratios noisier than on a quiet machine; interleaving "
+            "keeps the ratios fair, the min-max ranges show the noise."
+        )
+    results["targets"] = evaluate_targets(results)
+    if not all_finite(results):
+        print("internal error: a non-finite number reached the results", file=sys.stderr)
+        crashed.append("results")
+    (out / "results.json").write_text(json.dumps(results, indent=1, allow_nan=False) + "\n")
+    plots = make_plots(results, out / "plots")
+    (out / "benchmarks.md").write_text(render_page(results, results["targets"], plots, "plots"))
+
+    docs = None if args.no_docs else (Path(args.docs) if args.docs else (None if quick else ROOT / "docs"))
+    if docs is not None:
+        assets = docs / "assets" / "benchmarks"
+        assets.mkdir(parents=True, exist_ok=True)
+        for old in assets.glob("*.png"):
+            if old.name not in plots:
+                old.unlink()
+        for name in plots:
+            shutil.copyfile(out / "plots" / name, assets / name)
+        (docs / "benchmarks.md").write_text(render_page(results, results["targets"], plots, "assets/benchmarks"))
+
+    print(f"\nbenchmarks ({results['mode']}, {results['duration_s'] / 60:.1f} min): results in {out}")
+    if docs is not None:
+        print(f"page regenerated: {docs / 'benchmarks.md'}")
+    for line in summary_lines(results["targets"]):
+        print(line)
+    for key, sec in results["sections"].items():
+        for note in sec.get("notes", []):
+            print(f"note [{key}]: {note}")
+    if crashed:
+        print(f"sections that crashed: {', '.join(crashed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description="memkit's benchmark suite")
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="measure, write results.json, plots and the page")
+    r.add_argument("--quick", action="store_true", help="a smoke run of every section (under 2 minutes)")
+    r.add_argument("--out", default=None, help="where results go (default: benchmarks/results/ in the repository)")
+    r.add_argument("--docs", default=None, help="docs folder to update (default: docs/ in a full run, none in quick)")
+    r.add_argument("--no-docs", action="store_true", help="never touch the docs")
+    r.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    r.add_argument("--only", default=None, help=f"comma-separated subset of: {', '.join(SECTIONS)}")
+    args = parser.parse_args(argv)
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

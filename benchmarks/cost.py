@@ -1,0 +1,436 @@
+"""Cost against video length, and resident memory over a long stream.
+
+Two levels:
+
+* **layer**: one :class:`memkit.MemoryAttention` per memory. A segment is ``steps`` reads
+  (denoising steps) and one clean pass that writes. The memories advance in lockstep
+  (segment ``s`` of every memory, then segment ``s + 1``), so a change in machine load lands
+  on all of them at the same segment.
+* **backbone**: the reference :class:`memkit.models.malt.MALTNetwork` with the memory at every
+  block; a segment is the Euler sampler's ``steps`` network calls plus the clean pass.
+  Memories run one after another so each has its own resident-memory record.
+
+The per-segment curve is what the stream measured. The target ratio ``time at the last
+segment / time at segment 16`` comes from replays: memory states are immutable, so the
+states before a window of segments around segment 16 and before the last segments are
+kept, and the same segments are re-run from them, early and late windows taking turns
+(A, B, A, B, ...). The ratio is the median of the late replays over the median of the early ones.
+"""
+
+import dataclasses
+import gc
+import itertools
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+import memkit
+from benchmarks.common import Section, interleave, peak_rss_bytes, ratio_stats, rolling_median, rss_bytes
+from benchmarks.roster import Entry, Geometry
+
+MB = 1024.0 * 1024.0
+
+
+@dataclasses.dataclass
+class StreamSettings:
+    """How long a stream runs and how the ratio is measured."""
+
+    segments: int  # L, segments per stream
+    steps: int  # reads (denoising steps) per segment
+    reference: int = 16  # the early point of the ratio (1-based segment number)
+    window: int = 8  # segments per replay window
+    replay_rounds: int = 4  # passes over each window
+    full_history_budget_s: float = 60.0  # stop the unbounded baseline after this much time
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def early(self) -> list[int]:
+        """0-based indices of the segments around segment ``reference``."""
+        start = max(0, self.reference - 1 - self.window // 2)
+        return list(range(start, min(start + self.window, self.segments)))
+
+    def late(self) -> list[int]:
+        return list(range(max(0, self.segments - self.window), self.segments))
+
+
+@dataclasses.dataclass
+class Inputs:
+    """Fixed inputs the streams cycle through (made once, outside every timing)."""
+
+    x: list[Tensor]
+    prompts: list[tuple[Tensor, Tensor]]
+
+    def prompt(self, s: int) -> tuple[Tensor, Tensor]:
+        # a scene changes every 4 segments and scenes come back: a prompt bank has work to do
+        return self.prompts[(s // 4) % len(self.prompts)]
+
+
+def make_inputs(shape: tuple[int, ...], prompt_tokens: int, prompt_dim: int, seed: int, pool: int = 8) -> Inputs:
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(shape, generator=g) for _ in range(pool)]
+    prompts = []
+    for i in range(3):
+        real = prompt_tokens - i % 2  # some prompts padded
+        mask = torch.arange(prompt_tokens) < real
+        p = torch.randn(1, prompt_tokens, prompt_dim, generator=g) * mask[None, :, None]
+        prompts.append((p, mask[None]))
+    return Inputs(xs, prompts)
+
+
+def _positions(s: int, f: int) -> Tensor:
+    return (s * f + torch.arange(f))[None]
+
+
+# --------------------------------------------------------------------------- hosts
+
+
+class LayerHost:
+    """One MemoryAttention with one memory; ``segment(state, s)`` runs segment ``s``."""
+
+    def __init__(self, entry: Entry, g: Geometry, steps: int, inputs: Inputs, seed: int) -> None:
+        assert entry.make is not None
+        memory = entry.make()
+        torch.manual_seed(seed)  # same projections for every memory
+        self.attn = memkit.MemoryAttention(g.dim, g.heads, memory, head_dim=g.head_dim, qk_norm=True).eval()
+        self.g, self.steps, self.inputs = g, steps, inputs
+
+    def init_state(self) -> Any:
+        return self.attn.init_state(1)
+
+    @torch.no_grad()
+    def segment(self, state: Any, s: int) -> Any:
+        pos = _positions(s, self.g.frames_per_segment)
+        x = self.inputs.x[s % len(self.inputs.x)]
+        prompt, mask = self.inputs.prompt(s)
+        for _ in range(self.steps):
+            self.attn(x, state, pos, prompt, mask)
+        _, state = self.attn.forward_and_write(x, state, pos, prompt, mask)
+        return state
+
+
+def backbone_config(kind: str) -> Any:
+    """A MALT configuration for the backbone benchmarks (``None`` if MALT cannot be imported).
+
+    ``tiny``: the smoke-test size. ``demo``: the size of the demo checkpoint (16x16 frames, 16
+    tokens per frame, 2 frames per segment, 4 blocks of width 64), plus a prompt. ``bench``: 32
+    tokens per frame, 3 frames per segment (MemFlow's chunk), 4 blocks of width 256.
+    """
+    try:
+        from memkit.models.malt import MALTConfig
+    except ImportError:
+        return None
+    sizes = {
+        "tiny": dict(channels=3, height=8, width=8, frames_per_segment=2, dim=32, depth=2, heads=2, prompt_dim=16),
+        "demo": dict(channels=3, height=16, width=16, frames_per_segment=2, dim=64, depth=4, heads=4, prompt_dim=16),
+        "bench": dict(channels=4, height=32, width=16, frames_per_segment=3, dim=256, depth=4, heads=4, prompt_dim=64),
+    }
+    return MALTConfig(patch_size=4, **sizes[kind])
+
+
+def backbone_geometry(cfg: Any, capacity: int) -> Geometry:
+    return Geometry(cfg.heads, cfg.head_dim, cfg.tokens_per_frame, cfg.dim, cfg.token_frames, capacity)
+
+
+class BackboneHost:
+    """A MALTNetwork with ``entry``'s memory at every block; a segment = sampler + clean pass."""
+
+    def __init__(self, entry: Entry, cfg: Any, steps: int, inputs: Inputs, seed: int) -> None:
+        from memkit.models.malt import EulerSampler, MALTNetwork
+
+        assert entry.make is not None
+        memories = [entry.make() for _ in range(cfg.depth)]
+        torch.manual_seed(seed)  # the same network weights for every memory
+        self.net = MALTNetwork(cfg, memories).eval()
+        self.sampler = EulerSampler(steps=steps)
+        self.cfg, self.inputs = cfg, inputs
+
+    def set_steps(self, steps: int) -> None:
+        from memkit.models.malt import EulerSampler
+
+        self.sampler = EulerSampler(steps=steps)
+
+    def init_state(self) -> Any:
+        return self.net.init_states(1)
+
+    @torch.no_grad()
+    def segment(self, states: Any, s: int) -> Any:
+        pos = self.net.segment_positions(s, 1)
+        noise = self.inputs.x[s % len(self.inputs.x)]
+        prompt, mask = self.inputs.prompt(s)
+        x = self.sampler.sample(self.net, noise, states, pos, prompt=prompt, prompt_mask=mask)
+        return self.net.write(x, states, pos, prompt=prompt, prompt_mask=mask)
+
+
+class TinyHost:
+    """Fallback host when MALT is not available: memkit's TinySegmentModel."""
+
+    def __init__(self, entry: Entry, g: Geometry, steps: int, inputs: Inputs, seed: int) -> None:
+        from memkit.models.tiny import TinySegmentModel
+
+        assert entry.make is not None
+        make = entry.make
+        torch.manual_seed(seed)
+        self.model = TinySegmentModel(
+            g.dim, g.dim, tokens_per_frame=g.tokens_per_frame, dim=g.dim, depth=2, heads=g.heads,
+            memory=lambda i: make(),
+        ).eval()  # fmt: skip
+        self.g, self.steps, self.inputs = g, steps, inputs
+
+    def set_steps(self, steps: int) -> None:
+        self.steps = steps
+
+    def init_state(self) -> Any:
+        return self.model.init_states(1)
+
+    @torch.no_grad()
+    def segment(self, states: Any, s: int) -> Any:
+        pos = _positions(s, self.g.frames_per_segment)
+        x = self.inputs.x[s % len(self.inputs.x)]
+        prompt, mask = self.inputs.prompt(s)
+        for _ in range(self.steps):
+            x = x - 0.1 * self.model(x, states, pos, prompt=prompt, prompt_mask=mask)[0]
+        return self.model(x, states, pos, write=True, prompt=prompt, prompt_mask=mask)[1]
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+@dataclasses.dataclass
+class Stream:
+    ms: list[float] = dataclasses.field(default_factory=list)
+    nbytes: list[int] = dataclasses.field(default_factory=list)
+    snapshots: dict[int, Any] = dataclasses.field(default_factory=dict)
+    capped_at: int | None = None
+    rss_start: int | None = None
+    rss_end: int | None = None
+    rss_start_at: int = 0  # segments done when RSS was read
+    rss_end_at: int = 0
+
+
+def _advance(host: Any, stream: Stream, state: Any, s: int, keep: set[int]) -> Any:
+    if s in keep:
+        stream.snapshots[s] = state  # immutable: keeping the reference keeps the state
+    start = time.perf_counter()
+    state = host.segment(state, s)
+    stream.ms.append(1000.0 * (time.perf_counter() - start))
+    stream.nbytes.append(memkit.state_nbytes(state))
+    return state
+
+
+def run_lockstep(hosts: dict[str, Any], bounded: set[str], st: StreamSettings, desc: str) -> dict[str, Stream]:
+    """Stream every host segment by segment, all advancing together."""
+    keep = set(st.early()) | set(st.late())
+    streams = {name: Stream() for name in hosts}
+    states = {name: host.init_state() for name, host in hosts.items()}
+    active = list(hosts)
+    spent = dict.fromkeys(hosts, 0.0)
+    gc.collect()
+    gc.disable()
+    try:
+        for s in tqdm(range(st.segments), desc=desc, unit="seg"):
+            for name in list(active):
+                states[name] = _advance(hosts[name], streams[name], states[name], s, keep if name in bounded else set())
+                spent[name] += streams[name].ms[-1] / 1000.0
+                if name not in bounded and spent[name] > st.full_history_budget_s:
+                    streams[name].capped_at = s + 1
+                    active.remove(name)
+                    states[name] = None
+            if s % 64 == 63:
+                gc.collect()
+    finally:
+        gc.enable()
+    return streams
+
+
+def run_one(host: Any, st: StreamSettings, desc: str, bounded: bool) -> Stream:
+    """Stream one host alone, recording resident memory between the replay windows.
+
+    RSS is read after the early window's states have been kept and before the late
+    window's are, so the states kept for the replays count in both readings alike.
+    """
+    keep = set(st.early()) | set(st.late()) if bounded else set()
+    first = max(st.early()) + 1  # segments done when the start reading is taken
+    last = min(st.late())  # ... and when the end reading is taken
+    stream = Stream()
+    state = host.init_state()
+    spent = 0.0
+    gc.collect()
+    for s in tqdm(range(st.segments), desc=desc, unit="seg", leave=False):
+        if s == last:
+            gc.collect()
+            stream.rss_end, stream.rss_end_at = rss_bytes(), s
+        state = _advance(host, stream, state, s, keep)
+        spent += stream.ms[-1] / 1000.0
+        if s + 1 == first:
+            gc.collect()
+            stream.rss_start, stream.rss_start_at = rss_bytes(), s + 1
+        if not bounded and spent > st.full_history_budget_s:
+            stream.capped_at = s + 1
+            break
+    if stream.rss_end is None or stream.capped_at is not None:
+        gc.collect()
+        stream.rss_end, stream.rss_end_at = rss_bytes(), len(stream.ms)
+    return stream
+
+
+def replay_ratio(host: Any, stream: Stream, st: StreamSettings) -> dict[str, float | int]:
+    """``late / early`` per-segment time from interleaved replays of the kept states."""
+    early, late = st.early(), st.late()
+    cycle_a, cycle_b = itertools.cycle(early), itertools.cycle(late)
+
+    def run(cycle: Any) -> Callable[[], Any]:
+        def fn() -> Any:
+            s = next(cycle)
+            return host.segment(stream.snapshots[s], s)
+
+        return fn
+
+    samples = interleave(
+        {"early": run(cycle_a), "late": run(cycle_b)}, repeats=st.replay_rounds * len(early), warmup=len(early)
+    )
+    return ratio_stats(samples["late"], samples["early"])
+
+
+def _window_median(ms: list[float], idx: list[int]) -> float | None:
+    vals = [ms[i] for i in idx if i < len(ms)]
+    return statistics.median(vals) if vals else None
+
+
+def _points(segments: int) -> list[int]:
+    pts = [1]
+    while pts[-1] * 2 <= segments:
+        pts.append(pts[-1] * 2)
+    if pts[-1] != segments:
+        pts.append(segments)
+    return pts
+
+
+def _summarise(section: Section, name: str, stream: Stream, st: StreamSettings, bounded: bool) -> None:
+    """Figures and series of one stream."""
+    n = len(stream.ms)
+    smooth = rolling_median(stream.ms, 9)
+    for p in _points(n):
+        section.add("ms_per_segment", smooth[p - 1], "ms", params={"memory": name, "segment": p}, kind="stream")
+    section.add("state_bytes_first", stream.nbytes[0], "bytes", params={"memory": name})
+    section.add("state_bytes_last", stream.nbytes[-1], "bytes", params={"memory": name, "segment": n})
+    section.add(
+        "state_bytes_distinct", len(set(stream.nbytes)), "count", params={"memory": name},
+        note="number of different state sizes seen over the stream (1 = constant)",
+    )  # fmt: skip
+    a = _window_median(stream.ms, st.early())
+    late_idx = list(range(max(0, n - st.window), n))
+    b = _window_median(stream.ms, late_idx)
+    if a and b:
+        section.add(
+            "stream_ratio_last_vs_ref", b / a, "x", params={"memory": name, "last": n, "reference": st.reference},
+            note="median stream time over the last window / over the window around the reference segment",
+        )  # fmt: skip
+    section.series[name] = {
+        "segment": list(range(1, n + 1)),
+        "ms": [round(x, 4) for x in stream.ms],
+        "ms_smooth": [round(x, 4) for x in smooth],
+        "state_bytes": stream.nbytes,
+        "bounded": bounded,
+        "capped_at": stream.capped_at,
+    }
+    if stream.capped_at is not None:
+        section.notes.append(
+            f"{name} stopped at segment {stream.capped_at} of {st.segments}: it had used its time budget of "
+            f"{st.full_history_budget_s:.0f} s (its cost grows with every segment)"
+        )
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def layer_cost(entries: list[Entry], g: Geometry, st: StreamSettings) -> Section:
+    """Section 1a: per-segment time and state bytes at one MemoryAttention, segment 1 .. L."""
+    sec = Section("cost_layer", "Cost vs video length: one memory layer")
+    n_tokens = g.frames_per_segment * g.tokens_per_frame
+    sec.config = {
+        "level": "one memkit.MemoryAttention (qk_norm, rotary), batch 1, float32",
+        "geometry": g.to_dict(),
+        "tokens_per_segment": n_tokens,
+        "stream": st.to_dict(),
+        "segment": f"{st.steps} reads (denoising steps) + 1 clean pass that reads and writes",
+        "prompt": "3 prompts of 8 tokens (one padded), switching every 4 segments",
+    }
+    inputs = make_inputs((1, n_tokens, g.dim), 8, g.heads * g.head_dim, st.seed)
+    hosts, bounded = {}, set()
+    for e in entries:
+        if not e.available:
+            sec.notes.append(f"skipped {e.name}: {e.why}")
+            continue
+        hosts[e.name] = LayerHost(e, g, st.steps, inputs, st.seed)
+        if e.bounded:
+            bounded.add(e.name)
+    streams = run_lockstep(hosts, bounded, st, "cost/layer")
+    for name, stream in streams.items():
+        _summarise(sec, name, stream, st, name in bounded)
+    for name in tqdm(sorted(bounded), desc="cost/layer replays"):
+        r = replay_ratio(hosts[name], streams[name], st)
+        sec.add(
+            "ratio_last_vs_ref", r["median"], "x", spread=r,
+            params={"memory": name, "last": st.segments, "reference": st.reference},
+            note="interleaved replays of the segments around the last and the reference segment",
+        )  # fmt: skip
+    return sec
+
+
+def backbone_cost(entries: list[Entry], cfg: Any, st: StreamSettings) -> tuple[Section, Section]:
+    """Section 1b (per-segment time and state bytes of the whole backbone) and section 5 (RSS)."""
+    sec = Section("cost_backbone", "Cost vs video length: whole backbone")
+    mem = Section("rss", "Resident memory over a long stream")
+    if cfg is None:
+        for s in (sec, mem):
+            s.skip("skipped: not available yet: memkit.models.malt (the reference backbone) cannot be imported")
+        return sec, mem
+    sec.config = {
+        "level": "memkit.models.malt.MALTNetwork, memory at every block, batch 1, float32",
+        "model": cfg.to_dict(),
+        "tokens_per_frame": cfg.tokens_per_frame,
+        "frames_per_segment": cfg.token_frames,
+        "stream": st.to_dict(),
+        "segment": f"EulerSampler(steps={st.steps}) + the clean pass (net.write)",
+    }
+    mem.config = {
+        "stream": "the backbone streams of the previous section, one memory at a time, in one process",
+        "rss_start": f"after segment {max(st.early()) + 1} (warm-up done, early replay states kept)",
+        "rss_end": f"after segment {min(st.late())} (before the late replay states are kept), or where a "
+        "capped stream stopped",
+        "note": "RSS is the whole process's; a memory's stream starts where the previous one left the allocator",
+    }
+    shape = (1, cfg.frames_per_segment, cfg.channels, cfg.height, cfg.width)
+    inputs = make_inputs(shape, 8, cfg.prompt_dim, st.seed)
+    for e in entries:
+        if not e.available:
+            sec.notes.append(f"skipped {e.name}: {e.why}")
+            continue
+        host = BackboneHost(e, cfg, st.steps, inputs, st.seed)
+        stream = run_one(host, st, f"cost/backbone {e.name}", e.bounded)
+        _summarise(sec, e.name, stream, st, e.bounded)
+        if e.bounded:
+            r = replay_ratio(host, stream, st)
+            sec.add(
+                "ratio_last_vs_ref", r["median"], "x", spread=r,
+                params={"memory": e.name, "last": st.segments, "reference": st.reference},
+                note="interleaved replays of the segments around the last and the reference segment",
+            )  # fmt: skip
+        if stream.rss_start is not None and stream.rss_end is not None:
+            p = {"memory": e.name, "from_segment": stream.rss_start_at, "to_segment": stream.rss_end_at}
+            mem.add("rss_start", stream.rss_start / MB, "MiB", params=p)
+            mem.add("rss_end", stream.rss_end / MB, "MiB", params=p)
+            mem.add("rss_growth", (stream.rss_end - stream.rss_start) / MB, "MiB", params=p)
+            mem.add("state_mb_end", stream.nbytes[-1] / MB, "MiB", params=p)
+        stream.snapshots.clear()
+        del host
+        gc.collect()
+    mem.add("peak_rss", peak_rss_bytes() / MB, "MiB", params={"when": "end of the backbone streams"})
+    return sec, mem

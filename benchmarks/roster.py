@@ -1,0 +1,126 @@
+"""The memories the suite measures, each sized from one layer geometry.
+
+Sizes follow MemFlow/LongLive scaled to a segment of ``f`` frames: the frame-storing
+memories attend to the same budget of ``4 f`` frames (``f`` sink frames plus ``3 f`` more),
+so their costs compare at a matched attention budget:
+
+==========================  ========================================================  =========
+memory                      configuration                                             frames read
+==========================  ========================================================  =========
+NoMemory                    nothing                                                   0
+FIFOMemory                  newest ``4 f`` frames                                     4 f
+SinkWindowMemory            ``f`` sink frames + newest ``3 f`` (LongLive)             4 f
+SparseKVMemory              ring of ``C`` frames, ``f`` sink + top ``3 f``            4 f
+PromptBankMemory            bank of 3 frames (MemFlow's b = 3)                        3
+PromptBank+SparseKV         bank 3 + SparseKV (``f`` sink + top ``3 f - 3``)          4 f
+RecurrentMemory             ``t`` latent slots (one frame's worth of tokens)          (t tokens)
+FullHistory (baseline)      every frame ever written (unbounded, benchmarks only)     all
+==========================  ========================================================  =========
+
+A memory memkit does not have yet is listed with the reason instead of a factory.
+"""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import memkit
+from benchmarks.baselines import FullHistoryMemory
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """One attention layer's shape: heads, head dim, tokens per frame, model dim, frames per segment."""
+
+    heads: int
+    head_dim: int
+    tokens_per_frame: int
+    dim: int
+    frames_per_segment: int
+    capacity: int = 64  # SparseKV ring size in frames
+
+    def to_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class Entry:
+    """One memory of the roster: a factory (``None`` when unavailable, with ``why``)."""
+
+    name: str
+    make: Callable[[], Any] | None
+    config: dict[str, Any]
+    bounded: bool = True
+    why: str | None = None
+
+    @property
+    def available(self) -> bool:
+        return self.make is not None
+
+
+FULL_HISTORY = "FullHistory (baseline)"
+COMPOSED = "PromptBank+SparseKV"
+
+
+def _need(*names: str) -> str | None:
+    missing = [n for n in names if not hasattr(memkit, n)]
+    if missing:
+        return f"not available yet: memkit has no {', '.join(missing)} in this checkout"
+    return None
+
+
+def roster(g: Geometry, *, full_history: bool = True) -> list[Entry]:
+    """Every memory the suite measures, built for geometry ``g`` (fresh modules per call)."""
+    h, d, t, f, c = g.heads, g.head_dim, g.tokens_per_frame, g.frames_per_segment, g.capacity
+    entries: list[Entry] = []
+
+    def add(name: str, needs: tuple[str, ...], config: dict[str, Any], make: Callable[[], Any]) -> None:
+        why = _need(*needs)
+        entries.append(Entry(name, None if why else make, config, why=why))
+
+    add("NoMemory", ("NoMemory",), {}, lambda: memkit.NoMemory())
+    add("FIFOMemory", ("FIFOMemory",), {"frames": 4 * f}, lambda: memkit.FIFOMemory(h, d, t, frames=4 * f))
+    add(
+        "SinkWindowMemory",
+        ("SinkWindowMemory",),
+        {"sink_frames": f, "window_frames": 3 * f},
+        lambda: memkit.SinkWindowMemory(h, d, t, sink_frames=f, window_frames=3 * f),
+    )
+    add(
+        "SparseKVMemory",
+        ("SparseKVMemory",),
+        {"capacity": c, "top_k": 3 * f, "always_frames": f},
+        lambda: memkit.SparseKVMemory(h, d, t, capacity=c, top_k=3 * f, always_frames=f),
+    )
+    add(
+        "PromptBankMemory",
+        ("PromptBankMemory",),
+        {"bank_frames": 3},
+        lambda: memkit.PromptBankMemory(h, d, t, bank_frames=3),
+    )
+    k_routed = max(1, 3 * f - 3)
+    add(
+        COMPOSED,
+        ("PromptBankMemory", "SparseKVMemory", "compose"),
+        {"bank_frames": 3, "capacity": c, "top_k": k_routed, "always_frames": f},
+        lambda: memkit.compose(  # type: ignore[attr-defined]
+            memkit.PromptBankMemory(h, d, t, bank_frames=3),
+            memkit.SparseKVMemory(h, d, t, capacity=c, top_k=k_routed, always_frames=f),
+        ),
+    )
+    add(
+        "RecurrentMemory",
+        ("RecurrentMemory",),
+        {"slots": t},
+        lambda: memkit.RecurrentMemory(g.dim, h, d, slots=t),
+    )
+    if full_history:
+        entries.append(Entry(FULL_HISTORY, lambda: FullHistoryMemory(h, d), {}, bounded=False))
+    return entries
+
+
+def describe(entries: list[Entry]) -> dict[str, Any]:
+    """The roster as plain data for results.json."""
+    return {
+        e.name: {"config": e.config, "bounded": e.bounded, "available": e.available, "why": e.why} for e in entries
+    }

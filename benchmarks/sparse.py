@@ -1,0 +1,157 @@
+"""Sparse vs dense: routing to the top-k frames against attending to the whole buffer.
+
+For a full :class:`memkit.SparseKVMemory` ring of ``C`` frames:
+
+* **sparse** = ``memory.read(state, query)`` (pool the queries, score every frame, rank,
+  gather the top ``k`` frames per head) + :func:`memkit.attend` over the segment and them;
+* **dense** = :func:`memkit.attend` over the segment and all ``C`` frames, the context built
+  beforehand (untimed), so dense pays for attention only.
+
+Rotary embedding is left out of both (it would add a cost proportional to the keys read,
+which favours sparse further). The two take turns (A, B, A, B, ...).
+
+Attention efficiency: GFLOP/s achieved by :func:`memkit.attend` (``4 b h n m d`` flops for
+the two matmuls) against this machine's fp32 matmul peak, measured in the same run as the
+best of ``torch.mm`` on square matrices of a few sizes.
+"""
+
+import dataclasses
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+import memkit
+from benchmarks.common import Section, interleave, ratio_stats, stats
+from memkit.memories.frames import frames_to_context
+
+
+@dataclasses.dataclass
+class SparseSettings:
+    heads: int = 4
+    head_dim: int = 64
+    tokens_per_frame: int = 32
+    frames_per_segment: int = 3
+    capacities: tuple[int, ...] = (64, 128, 256, 512, 1024)
+    top_ks: tuple[int, ...] = (2, 4, 8, 16)
+    rounds: int = 9
+    # attention efficiency: (queries n, keys m) pairs at the geometry above
+    attend_sizes: tuple[tuple[int, int], ...] = ((96, 480), (96, 8192), (384, 4096), (1024, 4096))
+    mm_sizes: tuple[int, ...] = (512, 1024, 2048)
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _full_state(mem: Any, st: SparseSettings, capacity: int, g: torch.Generator) -> Any:
+    """A ring with every slot filled with random keys (as after ``capacity`` written frames)."""
+    state = mem.init_state(1)
+    b, h, c, t, d = state.k.shape
+    k = torch.randn((b, h, c, t, d), generator=g)
+    return state.replace(
+        k=k,
+        v=torch.randn((b, h, c, t, d), generator=g),
+        desc=k.mean(dim=3),
+        pos=torch.arange(c)[None],
+        valid=torch.ones((b, c), dtype=torch.bool),
+        frames_seen=torch.full((b,), c),
+    )
+
+
+@torch.no_grad()
+def sparse_vs_dense(st: SparseSettings) -> Section:
+    """Section 3a: speed-up of SparseKV read + attend over dense attention, per capacity and k."""
+    sec = Section("sparse", "Sparse vs dense attention over the memory")
+    h, d, t, f = st.heads, st.head_dim, st.tokens_per_frame, st.frames_per_segment
+    n = f * t
+    sec.config = {
+        "settings": st.to_dict(),
+        "queries_per_segment": n,
+        "sparse": "SparseKVMemory.read + memkit.attend(q, k, v, context)",
+        "dense": "memkit.attend(q, k, v, context of all C frames) (context prebuilt, untimed)",
+        "rotary": "excluded from both",
+        "backend": "auto",
+    }
+    g = torch.Generator().manual_seed(st.seed)
+    q, k, v = (torch.randn((1, h, n, d), generator=g) for _ in range(3))
+    pos = torch.arange(f)[None] + 100_000
+    query = memkit.Query(q, pos, t)
+    grid = [(c, kk) for c in st.capacities for kk in st.top_ks if kk <= c]
+    bar = tqdm(total=len(grid) * st.rounds, desc="sparse vs dense", unit="round")
+    for c in st.capacities:
+        ks = [kk for kk in st.top_ks if kk <= c]
+        base = memkit.SparseKVMemory(h, d, t, capacity=c, top_k=ks[0])
+        state = _full_state(base, st, c, g)
+        dense_ctx = frames_to_context(state.k, state.v, state.pos, state.valid)
+
+        def dense(ctx: Any = dense_ctx) -> Any:
+            return memkit.attend(q, k, v, ctx)
+
+        for kk in ks:
+            mem = memkit.SparseKVMemory(h, d, t, capacity=c, top_k=kk)
+
+            def sparse(mem: Any = mem, state: Any = state) -> Any:
+                return memkit.attend(q, k, v, mem.read(state, query))
+
+            samples = interleave({"sparse": sparse, "dense": dense}, repeats=st.rounds, warmup=2, progress=bar)
+            r = ratio_stats(samples["dense"], samples["sparse"])
+            p = {"capacity": c, "top_k": kk}
+            sec.add("speedup", r["median"], "x", spread=r, params=p, note="dense time / sparse time")
+            s_sp, s_de = stats(samples["sparse"], 1000.0), stats(samples["dense"], 1000.0)
+            sec.add("sparse_ms", s_sp["median"], "ms", spread=s_sp, params=p)
+            sec.add("dense_ms", s_de["median"], "ms", spread=s_de, params=p)
+        del state, dense_ctx
+    bar.close()
+    return sec
+
+
+@torch.no_grad()
+def attend_efficiency(st: SparseSettings) -> Section:
+    """Section 3b: GFLOP/s of memkit.attend against the fp32 matmul peak measured now."""
+    sec = Section("attend_efficiency", "Attention efficiency against the matmul peak")
+    h, d = st.heads, st.head_dim
+    sec.config = {
+        "heads": h,
+        "head_dim": d,
+        "flops": "4 b h n m d (q k^T and attention x v)",
+        "peak": f"best torch.mm GFLOP/s over square sizes {list(st.mm_sizes)} (2 N^3 flops), fp32",
+        "attend": "memkit.attend(q, k, v, context): the segment's own n keys + a context of m - n valid keys",
+        "backend": "auto",
+    }
+    g = torch.Generator().manual_seed(st.seed)
+    mm_fns = {}
+    for size in st.mm_sizes:
+        a, b = torch.randn(size, size, generator=g), torch.randn(size, size, generator=g)
+        mm_fns[f"mm{size}"] = lambda a=a, b=b: torch.mm(a, b)
+    att_fns, flops = {}, {}
+    for n, m in st.attend_sizes:
+        q, k, v = (torch.randn((1, h, n, d), generator=g) for _ in range(3))
+        mc = m - n
+        ctx = memkit.Context(
+            torch.randn((1, h, mc, d), generator=g),
+            torch.randn((1, h, mc, d), generator=g),
+            torch.ones((1, h, mc), dtype=torch.bool),
+            torch.zeros((1, h, mc), dtype=torch.long),
+        )
+        name = f"n{n}_m{m}"
+        att_fns[name] = lambda q=q, k=k, v=v, ctx=ctx: memkit.attend(q, k, v, ctx)
+        flops[name] = 4.0 * h * n * m * d
+    rounds = st.rounds
+    with tqdm(total=rounds, desc="attend efficiency", unit="round") as bar:
+        samples = interleave({**mm_fns, **att_fns}, repeats=rounds, warmup=2, progress=bar)
+    peak = 0.0
+    for size in st.mm_sizes:
+        s = stats(samples[f"mm{size}"])
+        gflops = 2.0 * size**3 / s["median"] / 1e9
+        sec.add("matmul_gflops", gflops, "GFLOP/s", params={"size": size})
+        peak = max(peak, gflops)
+    sec.add("matmul_peak_gflops", peak, "GFLOP/s", params={})
+    for n, m in st.attend_sizes:
+        name = f"n{n}_m{m}"
+        s = stats(samples[name])
+        gflops = flops[name] / s["median"] / 1e9
+        p = {"queries": n, "keys": m}
+        sec.add("attend_gflops", gflops, "GFLOP/s", params=p)
+        sec.add("attend_efficiency", gflops / peak, "fraction", params=p, note="attend GFLOP/s / matmul peak")
+    return sec
