@@ -29,7 +29,7 @@ def tour_memories(heads: int, head_dim: int, tokens_per_frame: int, dim: int) ->
     optional: dict[str, Callable[[Any], Callable[[int], Any]]] = {
         "RecurrentMemory": lambda cls: lambda i: cls(dim, h, d, num_latents=16),
         "SparseKVMemory": lambda cls: lambda i: cls(h, d, t, capacity=64, top_k=8),
-        "PromptBankMemory": lambda cls: lambda i: cls(h, d, t, bank_size=3),
+        "PromptBankMemory": lambda cls: lambda i: cls(h, d, t, bank_frames=3),
     }
     for name, make in optional.items():
         if name in vars(memkit):

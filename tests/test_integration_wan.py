@@ -244,3 +244,20 @@ def test_attach_wan_refuses_cross_attention_and_other_models() -> None:
         with attach_wan(model, memkit.NoMemory()):
             run(model, chunk(0))
     assert model.attn_processors["blocks.0.attn1.processor"].__class__.__name__ == "WanAttnProcessor"
+
+
+@requires_diffusers
+def test_shifting_every_frame_position_changes_nothing() -> None:
+    """Batch items at frames 0.. and 1000.. (past rope_max_seq_len) see the same relative past."""
+    from memkit.integrations import attach_wan
+
+    model = tiny_wan()
+    xs = [chunk(i).expand(2, -1, -1, -1, -1) for i in range(3)]
+    with attach_wan(model, fifo(), batch_size=2) as session:
+        for i, x in enumerate(xs):
+            session.set_segment(frame_positions=torch.tensor([frames(i), [1000 + f for f in frames(i)]]))
+            with torch.no_grad():
+                out = model(x, NOISY.expand(2), TEXT.expand(2, -1, -1)).sample
+                session.commit(x, CLEAN.expand(2), TEXT.expand(2, -1, -1))
+    assert session.states["blocks.0.attn1"].win_pos[1].tolist() == [1002, 1003, 1004, 1005]
+    torch.testing.assert_close(out[0], out[1], atol=0, rtol=0)

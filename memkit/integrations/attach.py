@@ -56,7 +56,8 @@ AttentionAdapter = Callable[..., Any]
 Called as ``adapter(module, attend, *args, **kwargs)`` in place of
 ``module(*args, **kwargs)``: compute ``q, k, v`` ``(b h n d)`` *before* rotary embedding
 with the module's own projections, call ``attend(q, k, v)`` (a :class:`LayerAttend`), and
-finish as the module does (output projection, return type). For example::
+finish as the module does (output projection, return type). Inside its adapter the
+module is its original self: calling it there runs its own ``forward``. For example::
 
     def adapter(attn, attend, x, pos):
         q, k, v = attn.qkv(x).unflatten(-1, (3, attn.heads, -1)).permute(2, 0, 3, 1, 4)

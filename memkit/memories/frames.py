@@ -110,8 +110,9 @@ def check_state(owner: str, state: object, expected: type) -> None:
 def gather_per_head(x: Tensor, index: Tensor) -> Tensor:
     """Select frames of ``x (b h F ...)`` with a per-(batch, head) ``index (b h K)`` -> ``(b h K ...)``.
 
-    >>> gather_per_head(torch.arange(6.).reshape(1, 2, 3), torch.tensor([[[2], [0]]])).tolist()
-    [[[2.0], [3.0]]]
+    Example:
+        >>> gather_per_head(torch.arange(6.).reshape(1, 2, 3), torch.tensor([[[2], [0]]])).tolist()
+        [[[2.0], [3.0]]]
     """
     shape = (*index.shape, *([1] * (x.ndim - 3)))
     expanded = index.reshape(shape).expand(*index.shape, *x.shape[3:])
@@ -127,9 +128,10 @@ def rank_frames(scores: Tensor, valid: Tensor, priority: Tensor) -> Tensor:
     as ``-inf``. Three stable sorts (least significant key first) give a lexicographic
     order without mixing float and integer keys, and without data-dependent branches.
 
-    >>> rank_frames(torch.tensor([1.0, 3.0, 3.0, 9.0]), torch.tensor([True, True, True, False]),
-    ...             torch.tensor([0, 1, 2, 3])).tolist()
-    [2, 1, 0, 3]
+    Example:
+        >>> rank_frames(torch.tensor([1.0, 3.0, 3.0, 9.0]), torch.tensor([True, True, True, False]),
+        ...             torch.tensor([0, 1, 2, 3])).tolist()
+        [2, 1, 0, 3]
     """
     order = priority.argsort(dim=-1, descending=True, stable=True)
     s = scores.float().gather(-1, order)
@@ -144,10 +146,11 @@ def top_k_frames(scores: Tensor, valid: Tensor, priority: Tensor, k: int) -> tup
 
     Invalid entries are returned (marked invalid) only when fewer than ``k`` are valid.
 
-    >>> idx, ok = top_k_frames(torch.tensor([[0.5, 2.0, 1.0]]), torch.tensor([[True, False, True]]),
-    ...                        torch.zeros(1, 3, dtype=torch.long), 2)
-    >>> idx.tolist(), ok.tolist()
-    ([[2, 0]], [[True, True]])
+    Example:
+        >>> idx, ok = top_k_frames(torch.tensor([[0.5, 2.0, 1.0]]), torch.tensor([[True, False, True]]),
+        ...                        torch.zeros(1, 3, dtype=torch.long), 2)
+        >>> idx.tolist(), ok.tolist()
+        ([[2, 0]], [[True, True]])
     """
     length = scores.shape[-1]
     if not 0 < k <= length:
@@ -162,13 +165,38 @@ def sink_sources(frames_seen: Tensor, sink_frames: int, num_frames: int) -> tupl
     The sink holds the first ``sink_frames`` frames ever written; slot ``j`` takes new
     frame ``j - frames_seen`` when that frame exists in a chunk of ``num_frames`` frames.
 
-    >>> src, take = sink_sources(torch.tensor([1]), 3, 4)
-    >>> src.tolist(), take.tolist()
-    ([[0, 0, 1]], [[False, True, True]])
+    Example:
+        >>> src, take = sink_sources(torch.tensor([1]), 3, 4)
+        >>> src.tolist(), take.tolist()
+        ([[0, 0, 1]], [[False, True, True]])
     """
     src = torch.arange(sink_frames, device=frames_seen.device) - frames_seen[:, None]
     take = (src >= 0) & (src < num_frames)
     return src.clamp(0, max(num_frames - 1, 0)), take
+
+
+def place_frames(
+    buffers: tuple[Tensor, Tensor, Tensor, Tensor],
+    frames: tuple[Tensor, Tensor, Tensor],
+    src: Tensor,
+    take: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Copy new frames into buffer slots: slot ``j`` takes new frame ``src[:, j]`` where ``take[:, j]``.
+
+    ``buffers`` are ``(k, v, positions, valid)`` with ``k, v (b h S t d)`` and
+    ``positions, valid (b S)``; ``frames`` are the new ``(k, v, positions)`` with
+    ``k, v (b h f t d)`` and ``positions (b f)``; ``src, take (b S)`` come from
+    :func:`sink_sources` or :func:`ring_sources`. Slots not taken keep what they held.
+    """
+    old_k, old_v, old_pos, old_valid = buffers
+    k, v, pos = frames
+    take5 = take[:, None, :, None, None]
+    return (
+        torch.where(take5, gather_frames(k, src, 2), old_k),
+        torch.where(take5, gather_frames(v, src, 2), old_v),
+        torch.where(take, pos.gather(1, src), old_pos),
+        old_valid | take,
+    )
 
 
 def ring_sources(start: Tensor, first: Tensor, num_frames: int, capacity: int) -> tuple[Tensor, Tensor]:
@@ -180,9 +208,10 @@ def ring_sources(start: Tensor, first: Tensor, num_frames: int, capacity: int) -
     ``capacity`` survive, so each slot takes at most one frame: written as a gather, not a
     scatter with colliding indices.
 
-    >>> src, take = ring_sources(torch.tensor([2]), torch.tensor([0]), 2, 3)
-    >>> src.tolist(), take.tolist()
-    ([[1, 0, 0]], [[True, False, True]])
+    Example:
+        >>> src, take = ring_sources(torch.tensor([2]), torch.tensor([0]), 2, 3)
+        >>> src.tolist(), take.tolist()
+        ([[1, 0, 0]], [[True, False, True]])
     """
     count = num_frames - first  # (b,) frames going to the ring
     last_index = start + count - 1  # ring index of the newest new frame

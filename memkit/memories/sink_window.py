@@ -10,6 +10,8 @@ from memkit.memories.frames import (
     frames_to_context,
     gather_frames,
     keep_last_valid,
+    place_frames,
+    sink_sources,
     split_frames,
 )
 from memkit.protocol import Chunk, Context, Query
@@ -137,15 +139,10 @@ class SinkWindowMemory:
         arange_f = torch.arange(f, device=pos.device)
         to_sink = (state.frames_seen[:, None] + arange_f) < self.sink_frames  # (b f)
 
-        # sink slot j takes new frame j - frames_seen when that frame exists
-        src = torch.arange(self.sink_frames, device=pos.device) - state.frames_seen[:, None]  # (b S)
-        take = (src >= 0) & (src < f)
-        src = src.clamp(0, max(f - 1, 0))
-        take5 = take[:, None, :, None, None]
-        sink_k = torch.where(take5, gather_frames(k, src, 2), state.sink_k)
-        sink_v = torch.where(take5, gather_frames(v, src, 2), state.sink_v)
-        sink_pos = torch.where(take, pos.gather(1, src), state.sink_pos)
-        sink_valid = state.sink_valid | take
+        src, take = sink_sources(state.frames_seen, self.sink_frames, f)
+        sink_k, sink_v, sink_pos, sink_valid = place_frames(
+            (state.sink_k, state.sink_v, state.sink_pos, state.sink_valid), (k, v, pos), src, take
+        )
 
         keep = keep_last_valid(torch.cat([state.win_valid, ~to_sink], dim=1), self.window_frames)
         return SinkWindowState(

@@ -11,6 +11,7 @@ from memkit.memories.frames import (
     frames_to_context,
     gather_frames,
     gather_per_head,
+    place_frames,
     ring_sources,
     sink_sources,
     split_frames,
@@ -194,25 +195,26 @@ class SparseKVMemory:
         seen = state.frames_seen
 
         src, take = sink_sources(seen, self.always_frames, f)
-        take5 = take[:, None, :, None, None]
-        sink_k = torch.where(take5, gather_frames(k, src, 2), state.sink_k)
-        sink_v = torch.where(take5, gather_frames(v, src, 2), state.sink_v)
-        sink_pos = torch.where(take, pos.gather(1, src), state.sink_pos)
+        sink_k, sink_v, sink_pos, sink_valid = place_frames(
+            (state.sink_k, state.sink_v, state.sink_pos, state.sink_valid), (k, v, pos), src, take
+        )
 
         first = (self.always_frames - seen).clamp(0, f)  # the chunk's first frames went to the sink
         start = (seen - self.always_frames).clamp(min=0)
         rsrc, rtake = ring_sources(start, first, f, self.capacity)
-        rtake5 = rtake[:, None, :, None, None]
+        ring_k, ring_v, ring_pos, ring_valid = place_frames(
+            (state.k, state.v, state.pos, state.valid), (k, v, pos), rsrc, rtake
+        )
         return SparseKVState(
-            k=torch.where(rtake5, gather_frames(k, rsrc, 2), state.k),
-            v=torch.where(rtake5, gather_frames(v, rsrc, 2), state.v),
+            k=ring_k,
+            v=ring_v,
             desc=torch.where(rtake[:, None, :, None], gather_frames(desc, rsrc, 2), state.desc),
-            pos=torch.where(rtake, pos.gather(1, rsrc), state.pos),
-            valid=state.valid | rtake,
+            pos=ring_pos,
+            valid=ring_valid,
             sink_k=sink_k,
             sink_v=sink_v,
             sink_pos=sink_pos,
-            sink_valid=state.sink_valid | take,
+            sink_valid=sink_valid,
             frames_seen=seen + f,
         )
 

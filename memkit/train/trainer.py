@@ -47,6 +47,8 @@ class UnrolledLoss(nn.Module):
         write_noise: the clean pass runs at a noise level drawn from ``U[0, write_noise]``.
         prompt_dropout: probability of dropping each clip's prompt.
         truncate_segments: detach the memory states every this many segments (None: never).
+        fused: run each segment's denoising and clean passes as one batch
+            (:meth:`MALTNetwork.denoise_and_write`; same loss, fewer layer calls).
 
     Example:
         >>> import torch
@@ -65,9 +67,10 @@ class UnrolledLoss(nn.Module):
         write_noise: float = 0.1,
         prompt_dropout: float = 0.0,
         truncate_segments: int | None = None,
+        fused: bool = True,
     ) -> None:
         super().__init__()
-        self.net, self.flow = net, flow
+        self.net, self.flow, self.fused = net, flow, fused
         self.write_noise, self.prompt_dropout, self.truncate_segments = write_noise, prompt_dropout, truncate_segments
 
     def forward(
@@ -104,14 +107,21 @@ class UnrolledLoss(nn.Module):
             pm = None if prompt_mask is None else prompt_mask[:, s]
             t = flow.sample_time(b, generator=g, device=device).to(dtype)
             noise = randn(*x0.shape)
-            v = net(flow.interpolate(x0, noise, t), t, states, pos, prompt=p, prompt_mask=pm, actions=act, drop_prompt=drop)
-            losses.append(flow.loss(v, x0, noise))
+            xt = flow.interpolate(x0, noise, t)
+            cond = dict(prompt=p, prompt_mask=pm, actions=act)
             if s + 1 < segments:
                 tw = rand(b) * self.write_noise
                 xw = flow.interpolate(x0, randn(*x0.shape), tw)
-                states = net.write(xw, states, pos, t=tw, prompt=p, prompt_mask=pm, actions=act)
+                if self.fused:
+                    v, states = net.denoise_and_write(xt, t, xw, tw, states, pos, drop_prompt=drop, **cond)
+                else:
+                    v = net(xt, t, states, pos, drop_prompt=drop, **cond)
+                    states = net.write(xw, states, pos, t=tw, **cond)
                 if self.truncate_segments is not None and (s + 1) % self.truncate_segments == 0:
                     states = map_tensors(Tensor.detach, states)
+            else:
+                v = net(xt, t, states, pos, drop_prompt=drop, **cond)
+            losses.append(flow.loss(v, x0, noise))
         return torch.stack(losses).mean()
 
 

@@ -26,6 +26,7 @@ from memkit.memories import NoMemory
 from memkit.models.malt.config import MALTConfig, MemorySpec
 from memkit.models.malt.registry import build_memory
 from memkit.protocol import Memory
+from memkit.state import map_tensors
 from memkit.typing import Bool, Float, Int, check_shape, typechecked
 
 __all__ = ["MALTNetwork", "CheckpointError", "patchify", "unpatchify"]
@@ -263,7 +264,10 @@ class MALTNetwork(nn.Module):
         actions: Tensor | None,
         drop_prompt: Tensor | None,
         write: bool,
+        keep: int | None = None,
     ) -> tuple[Tensor | None, tuple[Any, ...]]:
+        # keep = k: the batch is [k items to denoise; items to write]; blocks up to the last
+        # memory block run on all of it with writes, the rest on the first k only
         c = self.config
         self._check_inputs(x, frame_positions, prompt, actions)
         if len(states) != c.depth:
@@ -301,9 +305,15 @@ class MALTNetwork(nn.Module):
                     kmask = torch.cat([kmask, mask & use[:, None]], dim=1)
                 cross_ctx = (keys, kmask)
 
-        depth = self.write_depth if write else c.depth
+        depth = self.write_depth if write and keep is None else c.depth
         new_states = list(states)
         for i, block in enumerate(self.blocks[:depth]):
+            if keep is not None and i == self.write_depth:
+                h, cond, frame_positions = h[:keep], cond[:keep], frame_positions[:keep]
+                mem_prompt = None if mem_prompt is None else mem_prompt[:keep]
+                mem_mask = None if mem_mask is None else mem_mask[:keep]
+                cross_ctx = None if cross_ctx is None else (cross_ctx[0][:keep], cross_ctx[1][:keep])
+                write = False
             writes = write and not isinstance(block.attn.memory, NoMemory)
             h, new_states[i] = block(
                 h,
@@ -315,7 +325,10 @@ class MALTNetwork(nn.Module):
                 mem_prompt_mask=mem_mask,
                 cross_ctx=cross_ctx,
             )
-        if write:
+        if keep is not None:
+            if self.write_depth == c.depth:
+                h, cond = h[:keep], cond[:keep]
+        elif write:
             return None, tuple(new_states)
         shift, scale = self.ada_out(cond).repeat_interleave(c.tokens_per_frame, dim=1).chunk(2, dim=-1)
         out = self.out(_modulate(self.norm_out(h), shift, scale))
@@ -364,6 +377,50 @@ class MALTNetwork(nn.Module):
             t = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
         _, new = self._run(x, t, states, frame_positions, prompt, prompt_mask, actions, None, write=True)
         return new
+
+    def denoise_and_write(
+        self,
+        x: Tensor,
+        t: Tensor,
+        clean: Tensor,
+        t_clean: Tensor,
+        states: tuple[Any, ...],
+        frame_positions: Tensor,
+        *,
+        prompt: Tensor | None = None,
+        prompt_mask: Tensor | None = None,
+        actions: Tensor | None = None,
+        drop_prompt: Tensor | None = None,
+    ) -> tuple[Tensor, tuple[Any, ...]]:
+        """``forward(x, t, states)`` and ``write(clean, states, t=t_clean)`` in one batched pass.
+
+        Both read the same states, so training runs them as one batch of ``2b`` (half the
+        layer calls): returns the velocity of ``x`` and the states after writing ``clean``.
+        Equals the two separate calls (up to floating-point summation order).
+        """
+        b = x.shape[0]
+
+        def both(a: Tensor | None, other: Tensor | None = None) -> Tensor | None:
+            return None if a is None else torch.cat([a, a if other is None else other])
+
+        doubled = map_tensors(lambda s: torch.cat([s, s]), states)
+        drop = None
+        if drop_prompt is not None:
+            drop = torch.cat([drop_prompt, torch.zeros_like(drop_prompt)])
+        out, new = self._run(
+            torch.cat([x, clean]),
+            torch.cat([t, t_clean]),
+            doubled,
+            torch.cat([frame_positions, frame_positions]),
+            both(prompt),
+            both(prompt_mask),
+            both(actions),
+            drop,
+            write=True,
+            keep=b,
+        )
+        assert out is not None
+        return out, map_tensors(lambda s: s[b:], new)
 
     # ----------------------------------------------------------------- memory swap, save, load
     def with_memory(self, memory: "MemorySpec | dict[str, Any] | str") -> "MALTNetwork":
