@@ -27,7 +27,7 @@ def tour_memories(heads: int, head_dim: int, tokens_per_frame: int, dim: int) ->
     }
     # the learned memories land one by one; the tour shows those this install has
     optional: dict[str, Callable[[Any], Callable[[int], Any]]] = {
-        "RecurrentMemory": lambda cls: lambda i: cls(dim, h, d, num_latents=16),
+        "RecurrentMemory": lambda cls: lambda i: cls(dim, h, d, slots=16),
         "SparseKVMemory": lambda cls: lambda i: cls(h, d, t, capacity=64, top_k=8),
         "PromptBankMemory": lambda cls: lambda i: cls(h, d, t, bank_frames=3),
     }

@@ -166,10 +166,20 @@ class MemoryAttention(nn.Module):
         prompt_mask: Bool[Tensor, "b p"] | None = None,
     ) -> Float[Tensor, "b n D"]:
         """Attend over the segment and its memory; the state is only read."""
+        y, _ = self._step(x, state, frame_positions, prompt, prompt_mask, write=False)
+        return y
+
+    def _step(
+        self, x: Tensor, state: Any, frame_positions: Tensor, prompt: Tensor | None, prompt_mask: Tensor | None,
+        *, write: bool,
+    ) -> tuple[Tensor, Any]:  # fmt: skip
         t = self._check(x, frame_positions)
         q, k, v = self._project(x)
         context = self.memory.read(state, Query(q, frame_positions, t, prompt, prompt_mask))
-        return self._attend(q, k, v, context, token_positions(frame_positions, t))
+        y = self._attend(q, k, v, context, token_positions(frame_positions, t))
+        if not write:
+            return y, state
+        return y, self.memory.write(state, Chunk(k, v, x, frame_positions, t, prompt, prompt_mask))
 
     @typechecked
     def forward_and_write(
@@ -182,12 +192,7 @@ class MemoryAttention(nn.Module):
     ) -> tuple[Float[Tensor, "b n D"], Any]:
         """The clean pass of a finished segment: read the memory as ``forward`` does, then
         write the segment (its pre-rotary keys, values and the layer input) into it."""
-        t = self._check(x, frame_positions)
-        q, k, v = self._project(x)
-        context = self.memory.read(state, Query(q, frame_positions, t, prompt, prompt_mask))
-        y = self._attend(q, k, v, context, token_positions(frame_positions, t))
-        new_state = self.memory.write(state, Chunk(k, v, x, frame_positions, t, prompt, prompt_mask))
-        return y, new_state
+        return self._step(x, state, frame_positions, prompt, prompt_mask, write=True)
 
 
 def memory_layers(model: nn.Module) -> list[MemoryAttention]:

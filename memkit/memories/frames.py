@@ -54,21 +54,27 @@ def frames_to_context(k: Tensor, v: Tensor, positions: Tensor, valid: Tensor) ->
     )
 
 
+def _check_heads(
+    where: str, name: str, x: Tensor, batch_size: int, heads: int, head_dim: int, device: torch.device
+) -> None:
+    b, h, _, d = x.shape
+    if b != batch_size:
+        raise ShapeError(
+            f"{where}: dimension b (batch) of {name} should be {batch_size} (the state's batch size), got {b}"
+        )
+    if h != heads:
+        raise ShapeError(f"{where}: dimension h (heads) of {name} should be {heads}, got {h}")
+    if d != head_dim:
+        raise ShapeError(f"{where}: dimension d (head_dim) of {name} should be {head_dim}, got {d}")
+    if x.device != device:
+        raise ShapeError(f"{where}: {name.split('.')[0]} is on {x.device} but the state is on {device}")
+
+
 def check_query(owner: str, query: Query, batch_size: int, heads: int, head_dim: int, device: torch.device) -> None:
     """Refuse a query whose batch, heads, head_dim or device does not match the memory/state."""
     if not isinstance(query, Query):
         raise ShapeError(f"{owner}.read: expected a memkit.Query, got {type(query).__name__}")
-    b, h, _, d = query.q.shape
-    if b != batch_size:
-        raise ShapeError(
-            f"{owner}.read: dimension b (batch) of query.q should be {batch_size} (the state's batch size), got {b}"
-        )
-    if h != heads:
-        raise ShapeError(f"{owner}.read: dimension h (heads) of query.q should be {heads}, got {h}")
-    if d != head_dim:
-        raise ShapeError(f"{owner}.read: dimension d (head_dim) of query.q should be {head_dim}, got {d}")
-    if query.q.device != device:
-        raise ShapeError(f"{owner}.read: query is on {query.q.device} but the state is on {device}")
+    _check_heads(f"{owner}.read", "query.q", query.q, batch_size, heads, head_dim, device)
 
 
 def check_chunk(
@@ -83,17 +89,7 @@ def check_chunk(
     """Refuse a chunk that does not fit the memory/state (and, if given, its frame size)."""
     if not isinstance(chunk, Chunk):
         raise ShapeError(f"{owner}.write: expected a memkit.Chunk, got {type(chunk).__name__}")
-    b, h, _, d = chunk.k.shape
-    if b != batch_size:
-        raise ShapeError(
-            f"{owner}.write: dimension b (batch) of chunk.k should be {batch_size} (the state's batch size), got {b}"
-        )
-    if h != heads:
-        raise ShapeError(f"{owner}.write: dimension h (heads) of chunk.k should be {heads}, got {h}")
-    if d != head_dim:
-        raise ShapeError(f"{owner}.write: dimension d (head_dim) of chunk.k should be {head_dim}, got {d}")
-    if chunk.k.device != device:
-        raise ShapeError(f"{owner}.write: chunk is on {chunk.k.device} but the state is on {device}")
+    _check_heads(f"{owner}.write", "chunk.k", chunk.k, batch_size, heads, head_dim, device)
     if tokens_per_frame is not None and chunk.tokens_per_frame != tokens_per_frame:
         raise ShapeError(
             f"{owner}.write: chunk.tokens_per_frame should be {tokens_per_frame} (the memory's frame size), "
