@@ -2,7 +2,6 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
-export MEMKIT_TYPECHECK ?= 1
 
 .PHONY: demo test lint typecheck pytest docs clean install-dev
 
@@ -12,17 +11,17 @@ $(VENV)/bin/python:
 
 $(VENV)/.runtime: $(VENV)/bin/python pyproject.toml constraints.txt
 	$(PIP) torch==2.13.0
-	$(PIP) -e .
+	$(PIP) -e '.[video]'
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.runtime
-	$(PIP) -e '.[dev,docs,diffusers]'
+	$(PIP) -e '.[video,dev,docs,diffusers]'
 	touch $@
 
 install-dev: $(VENV)/.dev
 
 demo: $(VENV)/.runtime
-	$(PY) -m memkit.tour
+	$(VENV)/bin/memkit demo
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check memkit tests benchmarks
@@ -32,7 +31,7 @@ typecheck: $(VENV)/.dev
 	$(VENV)/bin/mypy memkit
 
 pytest: $(VENV)/.dev
-	$(VENV)/bin/pytest -n 2 tests memkit
+	MEMKIT_TYPECHECK=1 $(VENV)/bin/pytest -n 2 tests memkit
 
 docs: $(VENV)/.dev
 	$(VENV)/bin/mkdocs build --strict --site-dir $(VENV)/site

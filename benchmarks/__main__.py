@@ -1,7 +1,8 @@
 """``python -m benchmarks run [--quick] [--out DIR] [--docs DIR | --no-docs] [--threads N] [--only ...]``.
 
 Writes ``results.json``, PNG plots under ``plots/`` and ``benchmarks.md`` into ``--out``
-(default ``benchmarks/results/``). A full run also regenerates the docs page
+(default ``benchmarks/results/``; ``benchmarks/results/quick/`` for ``--quick``, so a smoke run
+never replaces the full run's results). A full run also regenerates the docs page
 (``docs/benchmarks.md``, plots copied to ``docs/assets/benchmarks/``); a ``--quick`` run
 never touches the docs unless ``--docs`` names a folder, so the smoke test leaves every
 committed file alone. The run never fails because a target is missed; it exits non-zero
@@ -34,29 +35,60 @@ def plan(quick: bool) -> dict[str, Any]:
 
     if quick:
         return {
-            "layer_geometry": Geometry(heads=2, head_dim=16, tokens_per_frame=8, dim=32, frames_per_segment=2,
-                                       capacity=16),  # fmt: skip
-            "layer_stream": StreamSettings(segments=32, steps=2, window=4, replay_rounds=1, full_history_budget_s=3),
+            "layer_geometry": Geometry(
+                heads=2, head_dim=16, tokens_per_frame=8, dim=32, frames_per_segment=2, capacity=16
+            ),
+            "layer_stream": StreamSettings(
+                segments=24, steps=2, reference=8, window=4, replay_rounds=1, full_history_budget_s=2
+            ),
             "backbone_cost_model": "tiny",
-            "backbone_stream": StreamSettings(segments=24, steps=2, window=4, replay_rounds=1, full_history_budget_s=3),
+            "backbone_stream": StreamSettings(
+                segments=16, steps=1, reference=8, window=4, replay_rounds=1, full_history_budget_s=2
+            ),
+            # one child process per memory costs a torch import each: two memories are enough for a smoke run
+            "rss": {"segments": 40, "steps": 1, "budget_s": 5.0, "warmup": 8},
+            "rss_memories": ["SinkWindowMemory", "FullHistory (baseline)"],
             "overhead_model": "tiny",
             "overhead": OverheadSettings(steps=(2,), warm_segments=10, rounds=3, warmup_rounds=1),
-            "sparse": SparseSettings(heads=2, head_dim=16, tokens_per_frame=8, frames_per_segment=2,
-                                     capacities=(16, 64), top_ks=(2, 8), rounds=3,
-                                     attend_sizes=((16, 80), (64, 1024)), mm_sizes=(128, 256)),  # fmt: skip
+            "sparse": SparseSettings(
+                heads=2,
+                head_dim=16,
+                tokens_per_frame=8,
+                frames_per_segment=2,
+                capacities=(16, 64),
+                top_ks=(2, 8),
+                rounds=3,
+                attend_sizes=((16, 80), (64, 1024)),
+                mm_sizes=(128, 256),
+            ),
             "quality": QualitySettings(clips=2, segments=10, psnr_clips=1, sampler_steps=2),
         }
     return {
-        "layer_geometry": Geometry(heads=4, head_dim=32, tokens_per_frame=16, dim=128, frames_per_segment=3,
-                                   capacity=64),  # fmt: skip
+        "layer_geometry": Geometry(
+            heads=4, head_dim=32, tokens_per_frame=16, dim=128, frames_per_segment=3, capacity=64
+        ),
         "layer_stream": StreamSettings(segments=1024, steps=4, window=8, replay_rounds=4, full_history_budget_s=90),
         "backbone_cost_model": "demo",
         "backbone_stream": StreamSettings(segments=256, steps=4, window=8, replay_rounds=3, full_history_budget_s=60),
+        "rss": {"segments": 2048, "steps": 1, "budget_s": 45.0, "warmup": 16},
         "overhead_model": "bench",
         "overhead": OverheadSettings(steps=(8, 4), warm_segments=48, rounds=20, warmup_rounds=2),
         "sparse": SparseSettings(),
         "quality": QualitySettings(),
     }
+
+
+def _no_backbone(key: str, title: str) -> Any:
+    from benchmarks.common import Section
+
+    sec = Section(key, title)
+    sec.skip("skipped: not available yet: memkit.models.malt (the reference backbone) cannot be imported")
+    return sec
+
+
+def _section_group(key: str) -> str:
+    """The ``--only`` name that measures section ``key``."""
+    return {"rss": "cost_backbone", "attend_efficiency": "sparse", "retrieval": "quality"}.get(key, key)
 
 
 def _plain(x: Any) -> Any:
@@ -66,9 +98,9 @@ def _plain(x: Any) -> Any:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from benchmarks import cost, overhead, quality, sparse
+    from benchmarks import cost, overhead, quality, rss, sparse
     from benchmarks.common import ROOT, SCHEMA, Section, machine, now_iso
-    from benchmarks.report import all_finite, evaluate_targets, make_plots, render_page, summary_lines
+    from benchmarks.report import all_finite
     from benchmarks.roster import describe, roster
 
     torch.set_num_threads(args.threads)
@@ -80,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         print(f"unknown section(s) {sorted(unknown)}; expected some of {', '.join(SECTIONS)}", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results"
+    # a quick run never lands on the full run's results: it has its own default folder
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / ("quick" if quick else "")
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     results: dict[str, Any] = {
@@ -101,6 +134,11 @@ def run(args: argparse.Namespace) -> int:
         "sections": {},
     }
     crashed: list[str] = []
+    if args.merge and (out / "results.json").is_file():
+        # keep the sections this run does not measure: only the ones named by --only are replaced
+        old = json.loads((out / "results.json").read_text())
+        results["sections"] = {k: v for k, v in old.get("sections", {}).items() if _section_group(k) not in only}
+        results["merged_into"] = {"date": old.get("date"), "mode": old.get("mode"), "kept": sorted(results["sections"])}
 
     def attempt(key: str, fn: Callable[[], Section | tuple[Section, ...]]) -> None:
         t0 = time.time()
@@ -114,15 +152,25 @@ def run(args: argparse.Namespace) -> int:
             return
         for sec in got if isinstance(got, tuple) else (got,):
             sec.seconds = round(time.time() - t0, 1)
-            results["sections"][sec.key] = sec.to_dict()
+            results["sections"][sec.key] = {**sec.to_dict(), "date": now_iso()}
 
     if "cost_layer" in only:
-        attempt("cost_layer", lambda: cost.layer_cost(roster(p["layer_geometry"]), p["layer_geometry"],
-                                                      p["layer_stream"]))  # fmt: skip
+        attempt(
+            "cost_layer", lambda: cost.layer_cost(roster(p["layer_geometry"]), p["layer_geometry"], p["layer_stream"])
+        )
     if "cost_backbone" in only:
         cfg = cost.backbone_config(p["backbone_cost_model"])
         ents = roster(cost.backbone_geometry(cfg, p["layer_geometry"].capacity)) if cfg is not None else []
         attempt("cost_backbone", lambda: cost.backbone_cost(ents, cfg, p["backbone_stream"]))
+        names = [e.name for e in ents if e.available and e.name in p.get("rss_memories", [e.name])]
+        skipped = {e.name: str(e.why) for e in ents if not e.available}
+        if cfg is None:
+            attempt("rss", lambda: _no_backbone("rss", "Resident memory over a long stream"))
+        else:
+            attempt(
+                "rss",
+                lambda: rss.rss_section(names, skipped, p["backbone_cost_model"], threads=args.threads, **p["rss"]),
+            )
     if "overhead" in only:
         cfg = cost.backbone_config(p["overhead_model"])
         g = p["layer_geometry"]
@@ -131,8 +179,10 @@ def run(args: argparse.Namespace) -> int:
     if "sparse" in only:
         attempt("sparse", lambda: (sparse.sparse_vs_dense(p["sparse"]), sparse.attend_efficiency(p["sparse"])))
     if "quality" in only:
-        attempt("quality", lambda: (quality.checkpoint_psnr(p["quality"], quick),
-                                    quality.prompt_bank_precision(p["quality"])))  # fmt: skip
+        attempt(
+            "quality",
+            lambda: (quality.checkpoint_psnr(p["quality"], quick), quality.prompt_bank_precision(p["quality"])),
+        )
 
     results["duration_s"] = round(time.time() - started, 1)
     results["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
@@ -145,15 +195,28 @@ def run(args: argparse.Namespace) -> int:
             "CPUs), so absolute times are inflated and ratios noisier than on a quiet machine; interleaving "
             "keeps the ratios fair, the min-max ranges show the noise."
         )
-    results["targets"] = evaluate_targets(results)
     if not all_finite(results):
         print("internal error: a non-finite number reached the results", file=sys.stderr)
         crashed.append("results")
+    docs = None if args.no_docs else (Path(args.docs) if args.docs else (None if quick else ROOT / "docs"))
+    publish(results, out, docs)
+    if crashed:
+        print(f"sections that crashed: {', '.join(crashed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def publish(results: dict[str, Any], out: Path, docs: Path | None) -> None:
+    """Judge the targets, then write results.json, the plots and the page (and the docs page)."""
+    from benchmarks.report import evaluate_targets, make_plots, render_page, summary_lines
+
+    results["targets"] = evaluate_targets(results)
+    out.mkdir(parents=True, exist_ok=True)
+    soak_file = out / "soak.json"
+    soak = json.loads(soak_file.read_text()) if soak_file.is_file() else None
     (out / "results.json").write_text(json.dumps(results, indent=1, allow_nan=False) + "\n")
     plots = make_plots(results, out / "plots")
-    (out / "benchmarks.md").write_text(render_page(results, results["targets"], plots, "plots"))
-
-    docs = None if args.no_docs else (Path(args.docs) if args.docs else (None if quick else ROOT / "docs"))
+    (out / "benchmarks.md").write_text(render_page(results, results["targets"], plots, "plots", soak))
     if docs is not None:
         assets = docs / "assets" / "benchmarks"
         assets.mkdir(parents=True, exist_ok=True)
@@ -162,8 +225,7 @@ def run(args: argparse.Namespace) -> int:
                 old.unlink()
         for name in plots:
             shutil.copyfile(out / "plots" / name, assets / name)
-        (docs / "benchmarks.md").write_text(render_page(results, results["targets"], plots, "assets/benchmarks"))
-
+        (docs / "benchmarks.md").write_text(render_page(results, results["targets"], plots, "assets/benchmarks", soak))
     print(f"\nbenchmarks ({results['mode']}, {results['duration_s'] / 60:.1f} min): results in {out}")
     if docs is not None:
         print(f"page regenerated: {docs / 'benchmarks.md'}")
@@ -172,9 +234,20 @@ def run(args: argparse.Namespace) -> int:
     for key, sec in results["sections"].items():
         for note in sec.get("notes", []):
             print(f"note [{key}]: {note}")
-    if crashed:
-        print(f"sections that crashed: {', '.join(crashed)}", file=sys.stderr)
-        return 1
+
+
+def render(args: argparse.Namespace) -> int:
+    """Re-judge and re-render an existing results.json (no measuring)."""
+    from benchmarks.common import ROOT
+
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results"
+    results = json.loads((out / "results.json").read_text())
+    docs = (
+        None
+        if args.no_docs
+        else (Path(args.docs) if args.docs else (None if results["mode"] == "quick" else ROOT / "docs"))
+    )
+    publish(results, out, docs)
     return 0
 
 
@@ -183,13 +256,24 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="measure, write results.json, plots and the page")
     r.add_argument("--quick", action="store_true", help="a smoke run of every section (under 2 minutes)")
-    r.add_argument("--out", default=None, help="where results go (default: benchmarks/results/ in the repository)")
+    r.add_argument(
+        "--out", default=None, help="where results go (default: benchmarks/results/, or benchmarks/results/quick/)"
+    )
     r.add_argument("--docs", default=None, help="docs folder to update (default: docs/ in a full run, none in quick)")
     r.add_argument("--no-docs", action="store_true", help="never touch the docs")
     r.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     r.add_argument("--only", default=None, help=f"comma-separated subset of: {', '.join(SECTIONS)}")
+    r.add_argument(
+        "--merge",
+        action="store_true",
+        help="with --only: keep the other sections of the results.json already in --out and replace these",
+    )
+    rr = sub.add_parser("render", help="re-judge and re-render an existing results.json (no measuring)")
+    rr.add_argument("--out", default=None, help="folder holding results.json (default: benchmarks/results/)")
+    rr.add_argument("--docs", default=None, help="docs folder to update (default: docs/ for a full run's results)")
+    rr.add_argument("--no-docs", action="store_true", help="never touch the docs")
     args = parser.parse_args(argv)
-    return run(args)
+    return run(args) if args.command == "run" else render(args)
 
 
 if __name__ == "__main__":

@@ -96,7 +96,7 @@ def rolling_median(xs: Sequence[float], window: int) -> list[float]:
 def rss_bytes() -> int:
     """Resident set size of this process now (psutil if installed, else /proc/self/statm)."""
     try:
-        import psutil  # type: ignore[import-untyped]
+        import psutil
 
         return int(psutil.Process().memory_info().rss)
     except ImportError:
@@ -134,9 +134,7 @@ def finite(x: float) -> float:
     return x
 
 
-def figure(
-    name: str, value: float, unit: str, *, params: dict[str, Any] | None = None, **extra: Any
-) -> dict[str, Any]:
+def figure(name: str, value: float, unit: str, *, params: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
     """One measured number: ``value`` in ``unit``, what it was measured with (``params``),
     and optional ``min``/``max``/``n`` (pass a :func:`stats` dict as ``spread``)."""
     record: dict[str, Any] = {"name": name, "value": finite(value), "unit": unit, "params": dict(params or {})}
@@ -232,7 +230,7 @@ def machine() -> dict[str, Any]:
         "cuda": torch.cuda.is_available(),
         "memkit": memkit.__version__,
         "git_commit": git_commit(),
-        "typecheck": bool(memkit.typing.TYPECHECK),
+        "typecheck": memkit.typing.typecheck_enabled(),
         "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "rss_source": rss_source(),
     }

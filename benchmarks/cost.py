@@ -30,10 +30,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 import memkit
-from benchmarks.common import Section, interleave, peak_rss_bytes, ratio_stats, rolling_median, rss_bytes
+from benchmarks.common import Section, interleave, ratio_stats, rolling_median
 from benchmarks.roster import Entry, Geometry
-
-MB = 1024.0 * 1024.0
 
 
 @dataclasses.dataclass
@@ -126,7 +124,7 @@ def backbone_config(kind: str) -> Any:
         from memkit.models.malt import MALTConfig
     except ImportError:
         return None
-    sizes = {
+    sizes: dict[str, dict[str, Any]] = {
         "tiny": dict(channels=3, height=8, width=8, frames_per_segment=2, dim=32, depth=2, heads=2, prompt_dim=16),
         "demo": dict(channels=3, height=16, width=16, frames_per_segment=2, dim=64, depth=4, heads=4, prompt_dim=16),
         "bench": dict(channels=4, height=32, width=16, frames_per_segment=3, dim=256, depth=4, heads=4, prompt_dim=64),
@@ -178,9 +176,14 @@ class TinyHost:
         make = entry.make
         torch.manual_seed(seed)
         self.model = TinySegmentModel(
-            g.dim, g.dim, tokens_per_frame=g.tokens_per_frame, dim=g.dim, depth=2, heads=g.heads,
+            g.dim,
+            g.dim,
+            tokens_per_frame=g.tokens_per_frame,
+            dim=g.dim,
+            depth=2,
+            heads=g.heads,
             memory=lambda i: make(),
-        ).eval()  # fmt: skip
+        ).eval()
         self.g, self.steps, self.inputs = g, steps, inputs
 
     def set_steps(self, steps: int) -> None:
@@ -208,10 +211,6 @@ class Stream:
     nbytes: list[int] = dataclasses.field(default_factory=list)
     snapshots: dict[int, Any] = dataclasses.field(default_factory=dict)
     capped_at: int | None = None
-    rss_start: int | None = None
-    rss_end: int | None = None
-    rss_start_at: int = 0  # segments done when RSS was read
-    rss_end_at: int = 0
 
 
 def _advance(host: Any, stream: Stream, state: Any, s: int, keep: set[int]) -> Any:
@@ -250,33 +249,18 @@ def run_lockstep(hosts: dict[str, Any], bounded: set[str], st: StreamSettings, d
 
 
 def run_one(host: Any, st: StreamSettings, desc: str, bounded: bool) -> Stream:
-    """Stream one host alone, recording resident memory between the replay windows.
-
-    RSS is read after the early window's states have been kept and before the late
-    window's are, so the states kept for the replays count in both readings alike.
-    """
+    """Stream one host alone (the unbounded baseline stops when its time budget runs out)."""
     keep = set(st.early()) | set(st.late()) if bounded else set()
-    first = max(st.early()) + 1  # segments done when the start reading is taken
-    last = min(st.late())  # ... and when the end reading is taken
     stream = Stream()
     state = host.init_state()
     spent = 0.0
     gc.collect()
     for s in tqdm(range(st.segments), desc=desc, unit="seg", leave=False):
-        if s == last:
-            gc.collect()
-            stream.rss_end, stream.rss_end_at = rss_bytes(), s
         state = _advance(host, stream, state, s, keep)
         spent += stream.ms[-1] / 1000.0
-        if s + 1 == first:
-            gc.collect()
-            stream.rss_start, stream.rss_start_at = rss_bytes(), s + 1
         if not bounded and spent > st.full_history_budget_s:
             stream.capped_at = s + 1
             break
-    if stream.rss_end is None or stream.capped_at is not None:
-        gc.collect()
-        stream.rss_end, stream.rss_end_at = rss_bytes(), len(stream.ms)
     return stream
 
 
@@ -321,17 +305,23 @@ def _summarise(section: Section, name: str, stream: Stream, st: StreamSettings, 
     section.add("state_bytes_first", stream.nbytes[0], "bytes", params={"memory": name})
     section.add("state_bytes_last", stream.nbytes[-1], "bytes", params={"memory": name, "segment": n})
     section.add(
-        "state_bytes_distinct", len(set(stream.nbytes)), "count", params={"memory": name},
+        "state_bytes_distinct",
+        len(set(stream.nbytes)),
+        "count",
+        params={"memory": name},
         note="number of different state sizes seen over the stream (1 = constant)",
-    )  # fmt: skip
+    )
     a = _window_median(stream.ms, st.early())
     late_idx = list(range(max(0, n - st.window), n))
     b = _window_median(stream.ms, late_idx)
     if a and b:
         section.add(
-            "stream_ratio_last_vs_ref", b / a, "x", params={"memory": name, "last": n, "reference": st.reference},
+            "stream_ratio_last_vs_ref",
+            b / a,
+            "x",
+            params={"memory": name, "last": n, "reference": st.reference},
             note="median stream time over the last window / over the window around the reference segment",
-        )  # fmt: skip
+        )
     section.series[name] = {
         "segment": list(range(1, n + 1)),
         "ms": [round(x, 4) for x in stream.ms],
@@ -377,21 +367,22 @@ def layer_cost(entries: list[Entry], g: Geometry, st: StreamSettings) -> Section
     for name in tqdm(sorted(bounded), desc="cost/layer replays"):
         r = replay_ratio(hosts[name], streams[name], st)
         sec.add(
-            "ratio_last_vs_ref", r["median"], "x", spread=r,
+            "ratio_last_vs_ref",
+            r["median"],
+            "x",
+            spread=r,
             params={"memory": name, "last": st.segments, "reference": st.reference},
             note="interleaved replays of the segments around the last and the reference segment",
-        )  # fmt: skip
+        )
     return sec
 
 
-def backbone_cost(entries: list[Entry], cfg: Any, st: StreamSettings) -> tuple[Section, Section]:
-    """Section 1b (per-segment time and state bytes of the whole backbone) and section 5 (RSS)."""
+def backbone_cost(entries: list[Entry], cfg: Any, st: StreamSettings) -> Section:
+    """Section 1b: per-segment time and state bytes of the whole backbone, segment 1 .. L."""
     sec = Section("cost_backbone", "Cost vs video length: whole backbone")
-    mem = Section("rss", "Resident memory over a long stream")
     if cfg is None:
-        for s in (sec, mem):
-            s.skip("skipped: not available yet: memkit.models.malt (the reference backbone) cannot be imported")
-        return sec, mem
+        sec.skip("skipped: not available yet: memkit.models.malt (the reference backbone) cannot be imported")
+        return sec
     sec.config = {
         "level": "memkit.models.malt.MALTNetwork, memory at every block, batch 1, float32",
         "model": cfg.to_dict(),
@@ -399,13 +390,6 @@ def backbone_cost(entries: list[Entry], cfg: Any, st: StreamSettings) -> tuple[S
         "frames_per_segment": cfg.token_frames,
         "stream": st.to_dict(),
         "segment": f"EulerSampler(steps={st.steps}) + the clean pass (net.write)",
-    }
-    mem.config = {
-        "stream": "the backbone streams of the previous section, one memory at a time, in one process",
-        "rss_start": f"after segment {max(st.early()) + 1} (warm-up done, early replay states kept)",
-        "rss_end": f"after segment {min(st.late())} (before the late replay states are kept), or where a "
-        "capped stream stopped",
-        "note": "RSS is the whole process's; a memory's stream starts where the previous one left the allocator",
     }
     shape = (1, cfg.frames_per_segment, cfg.channels, cfg.height, cfg.width)
     inputs = make_inputs(shape, 8, cfg.prompt_dim, st.seed)
@@ -419,18 +403,14 @@ def backbone_cost(entries: list[Entry], cfg: Any, st: StreamSettings) -> tuple[S
         if e.bounded:
             r = replay_ratio(host, stream, st)
             sec.add(
-                "ratio_last_vs_ref", r["median"], "x", spread=r,
+                "ratio_last_vs_ref",
+                r["median"],
+                "x",
+                spread=r,
                 params={"memory": e.name, "last": st.segments, "reference": st.reference},
                 note="interleaved replays of the segments around the last and the reference segment",
-            )  # fmt: skip
-        if stream.rss_start is not None and stream.rss_end is not None:
-            p = {"memory": e.name, "from_segment": stream.rss_start_at, "to_segment": stream.rss_end_at}
-            mem.add("rss_start", stream.rss_start / MB, "MiB", params=p)
-            mem.add("rss_end", stream.rss_end / MB, "MiB", params=p)
-            mem.add("rss_growth", (stream.rss_end - stream.rss_start) / MB, "MiB", params=p)
-            mem.add("state_mb_end", stream.nbytes[-1] / MB, "MiB", params=p)
+            )
         stream.snapshots.clear()
         del host
         gc.collect()
-    mem.add("peak_rss", peak_rss_bytes() / MB, "MiB", params={"when": "end of the backbone streams"})
-    return sec, mem
+    return sec

@@ -85,8 +85,10 @@ def overhead(entries: list[Entry], cfg: Any, g_tiny: Geometry, st: OverheadSetti
             continue
         if not e.bounded:
             continue  # the unbounded baseline's cost depends on the length: see the cost sections
-        host = BackboneHost(e, cfg, st.steps[0], inputs, st.seed) if cfg is not None else TinyHost(
-            e, g_tiny, st.steps[0], inputs, st.seed
+        host = (
+            BackboneHost(e, cfg, st.steps[0], inputs, st.seed)
+            if cfg is not None
+            else TinyHost(e, g_tiny, st.steps[0], inputs, st.seed)
         )
         hosts[e.name] = host
         warmed[e.name] = _warm(host, st.warm_segments)

@@ -156,9 +156,12 @@ def find_checkpoints() -> list[Path]:
 
 
 def _psnr(a: Tensor, b: Tensor) -> float:
-    """PSNR in dB of frames in ``[-1, 1]`` (peak-to-peak 2)."""
-    mse = float(((a.float().clamp(-1, 1) - b.float()) ** 2).mean())
-    return 10.0 * math.log10(4.0 / max(mse, 1e-10))
+    """Mean over frames of each frame's PSNR in dB, frames ``(T c h w)`` in ``[-1, 1]`` (peak-to-peak 2).
+
+    Unclamped and per frame, as ``memkit.train.evaluate.psnr`` (so the numbers match ``memkit demo``).
+    """
+    mse = (a.float() - b.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+    return float((10.0 * torch.log10(4.0 / mse)).mean())
 
 
 def _swap(net: Any, memories: list[Any]) -> Any:
@@ -167,16 +170,24 @@ def _swap(net: Any, memories: list[Any]) -> Any:
 
     other = MALTNetwork(net.config, memories).eval()
     own = {k: v for k, v in net.state_dict().items() if ".attn.memory." not in k}
-    missing, unexpected = other.load_state_dict(own, strict=False)
+    _, unexpected = other.load_state_dict(own, strict=False)
     assert not unexpected, unexpected
     return other
 
 
+SWAP_HOSTS = ("sparse_kv", "fifo", "sink_window", "prompt_bank")
+
+
 def checkpoint_psnr(st: QualitySettings, quick: bool) -> Section:
-    """Section 4a: PSNR of revisited frames / returning scenes, per memory, with a trained backbone."""
+    """Section 4a: PSNR of revisited frames / returning scenes, per memory, with trained backbones.
+
+    Every checkpoint is measured with the memory it was trained with. The parameter-free
+    memories (and the full-history baseline) are also swapped into one checkpoint trained
+    with a frame memory (the first of ``SWAP_HOSTS`` found), keeping its weights.
+    """
     sec = Section("quality", "Quality with the trained backbone")
     try:
-        from memkit.models.malt import EulerSampler, MALTNetwork
+        from memkit.models.malt import MALTNetwork
         from memkit.train import DataSpec, build_world, prepare_sample
     except ImportError as err:
         sec.skip(f"skipped: not available yet: the backbone or the training package ({err})")
@@ -188,26 +199,36 @@ def checkpoint_psnr(st: QualitySettings, quick: bool) -> Section:
             "memkit/assets/), so no PSNR per memory"
         )
         return sec
-    sec.config = {"checkpoints": [str(c.relative_to(ROOT)) if c.is_relative_to(ROOT) else str(c) for c in checkpoints]}
-    sec.config["settings"] = st.to_dict()
-    worlds_done: set[str] = set()
+    loaded = []
     for path in checkpoints:
-        net = MALTNetwork.from_pretrained(path)
-        cfg = net.config
+        net = MALTNetwork.from_pretrained(path).eval()
         tc_path = path / "train_config.json"
-        if tc_path.is_file():
-            tc = json.loads(tc_path.read_text())
-            spec = DataSpec.from_dict(tc.get("data", {}))
-            trained_segments = int(tc.get("segments", 8))
-        else:
-            spec = DataSpec(world="revisit", pose_actions=cfg.action_dim == 4)
-            trained_segments = 8
-        label = f"{path.name} ({spec.world}, trained with {cfg.memory.name})"
-        segments = st.psnr_segments or 2 * trained_segments
+        tc = json.loads(tc_path.read_text()) if tc_path.is_file() else {}
+        spec = DataSpec.from_dict(tc.get("data", {"world": "revisit", "pose_actions": net.config.action_dim == 4}))
+        stages = [int(s) for _, s in tc.get("curriculum", [])]
+        trained_segments = max([int(tc.get("segments", 8)), *stages])
+        loaded.append((path, net, spec, trained_segments))
+    names = [n.config.memory.name for _, n, _, _ in loaded]
+    host = next((name for name in SWAP_HOSTS if name in names), None)
+    sec.config = {
+        "checkpoints": [_rel(p) for p, *_ in loaded],
+        "settings": st.to_dict(),
+        "protocol": "the first half of each clip is given as context (written through the clean pass), the "
+        "second half is generated; PSNR (peak-to-peak 2) against the ground truth, mean over clips",
+        "clips": f"seeds 100000 + i (as memkit demo), {1 if quick else st.psnr_clips} per memory",
+        "swapped_into": host,
+    }
+    if host is None:
+        sec.notes.append("skipped the swapped memories: no checkpoint trained with a parameter-free frame memory")
+    worlds_done: set[str] = set()
+    for path, net, spec, trained_segments in loaded:
+        segments = st.psnr_segments or trained_segments
         if quick:
             segments = min(segments, 4)
         segments += segments % 2
-        _eval_checkpoint(sec, net, spec, label, segments, st, quick, EulerSampler, build_world, prepare_sample)
+        label = f"{path.name} ({spec.world}, trained with {net.config.memory.name})"
+        swap = net.config.memory.name == host and spec.world not in worlds_done
+        _eval_checkpoint(sec, net, spec, label, segments, st, quick, swap, build_world, prepare_sample)
         worlds_done.add(spec.world)
     for world in ("revisit", "scenes"):
         if world not in worlds_done:
@@ -215,39 +236,50 @@ def checkpoint_psnr(st: QualitySettings, quick: bool) -> Section:
     return sec
 
 
+def _rel(p: Path) -> str:
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
+
+
 @torch.no_grad()
 def _eval_checkpoint(
-    sec: Section, net: Any, spec: Any, label: str, segments: int, st: QualitySettings, quick: bool,
-    sampler_cls: Any, build_world: Any, prepare_sample: Any,
-) -> None:  # fmt: skip
-    from memkit.models.malt import stream
+    sec: Section,
+    net: Any,
+    spec: Any,
+    label: str,
+    segments: int,
+    st: QualitySettings,
+    quick: bool,
+    swap: bool,
+    build_world: Any,
+    prepare_sample: Any,
+) -> None:
+    from memkit.models.malt import EulerSampler, stream
 
     cfg = net.config
     layers = set(cfg.memory_layers())
-    g_entries = roster(_geometry(cfg))
     trained_class = type(net.blocks[min(layers)].attn.memory).__name__ if layers else "NoMemory"
     world = build_world(spec, cfg, segments)
     half = segments // 2
     f_ = cfg.frames_per_segment
     clips = 1 if quick else st.psnr_clips
     variants: list[tuple[str, Any]] = [(f"{trained_class} (as trained)", net)]
-    for e in g_entries:
-        if not e.available:
-            sec.notes.append(f"{label}: skipped {e.name}: {e.why}")
-            continue
-        if e.name == trained_class:
-            continue
-        probe = e.make() if e.make else None
-        if isinstance(probe, torch.nn.Module) and any(True for _ in probe.parameters()):
-            sec.notes.append(f"{label}: skipped {e.name}: it has trained parameters and needs its own checkpoint")
-            continue
-        mems = [e.make() if i in layers and e.make else None for i in range(cfg.depth)]
-        variants.append((e.name, _swap(net, mems)))
-    sampler = sampler_cls(steps=st.sampler_steps)
+    if swap:
+        for e in roster(_geometry(cfg)):
+            if e.make is None:
+                sec.notes.append(f"{label}: skipped {e.name}: {e.why}")
+                continue
+            if e.name == trained_class:
+                continue
+            probe = e.make()
+            if isinstance(probe, torch.nn.Module) and any(True for _ in probe.parameters()):
+                sec.notes.append(f"{label}: skipped {e.name}: it has trained parameters and needs its own checkpoint")
+                continue
+            variants.append((e.name, _swap(net, [e.make() if i in layers else None for i in range(cfg.depth)])))
+    sampler = EulerSampler(steps=st.sampler_steps)
     for name, model in tqdm(variants, desc=f"quality {label[:30]}", unit="memory"):
-        revisit_scores, all_scores = [], []
+        returning, everything = [], []
         for c in range(clips):
-            seed = 10_000_019 + c  # far from the training clips' seeds
+            seed = 100_000 + c  # the demo's clips; training draws hashed seeds
             sample = prepare_sample(world.sample(seed), spec, cfg)
             video = sample["video"]  # (S F c h w)
             context = video[:half].reshape(1, half * f_, *video.shape[2:])
@@ -257,20 +289,23 @@ def _eval_checkpoint(
             if "prompt" in sample:
                 kwargs["prompt"] = [sample["prompt"][s][None] for s in range(segments)]
                 kwargs["prompt_mask"] = [sample["prompt_mask"][s][None] for s in range(segments)]
-            made = [seg.latents for seg in stream(model, segments - half, context=context, sampler=sampler, seed=c,
-                                                   **kwargs) if seg.generated]  # fmt: skip
+            made = [
+                seg.latents
+                for seg in stream(model, segments - half, context=context, sampler=sampler, seed=0, **kwargs)
+                if seg.generated
+            ]
             generated = torch.cat(made, dim=1)[0]  # (T' c h w)
             truth = video[half:].reshape(-1, *video.shape[2:])
-            all_scores.append(_psnr(generated, truth))
+            everything.append(_psnr(generated, truth))
             targets = _return_frames(world, seed, spec, half * f_, segments * f_)
             if targets:
                 idx = torch.tensor(targets) - half * f_
-                revisit_scores.append(_psnr(generated[idx], truth[idx]))
+                returning.append(_psnr(generated[idx], truth[idx]))
         p = {"memory": name, "checkpoint": label, "clips": clips, "segments": segments, "context_segments": half}
-        if revisit_scores:
+        if returning:
             metric = "psnr_revisited" if spec.world == "revisit" else "psnr_returning_scene"
-            sec.add(metric, sum(revisit_scores) / len(revisit_scores), "dB", params=p)
-        sec.add("psnr_all_generated", sum(all_scores) / len(all_scores), "dB", params=p)
+            sec.add(metric, sum(returning) / len(returning), "dB", params=p)
+        sec.add("psnr_all_generated", sum(everything) / len(everything), "dB", params=p)
 
 
 def _return_frames(world: Any, seed: int, spec: Any, start: int, end: int) -> list[int]:

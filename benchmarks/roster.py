@@ -103,7 +103,7 @@ def roster(g: Geometry, *, full_history: bool = True) -> list[Entry]:
         COMPOSED,
         ("PromptBankMemory", "SparseKVMemory", "compose"),
         {"bank_frames": 3, "capacity": c, "top_k": k_routed, "always_frames": f},
-        lambda: memkit.compose(  # type: ignore[attr-defined]
+        lambda: memkit.compose(
             memkit.PromptBankMemory(h, d, t, bank_frames=3),
             memkit.SparseKVMemory(h, d, t, capacity=c, top_k=k_routed, always_frames=f),
         ),
@@ -121,6 +121,4 @@ def roster(g: Geometry, *, full_history: bool = True) -> list[Entry]:
 
 def describe(entries: list[Entry]) -> dict[str, Any]:
     """The roster as plain data for results.json."""
-    return {
-        e.name: {"config": e.config, "bounded": e.bounded, "available": e.available, "why": e.why} for e in entries
-    }
+    return {e.name: {"config": e.config, "bounded": e.bounded, "available": e.available, "why": e.why} for e in entries}

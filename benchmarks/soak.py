@@ -23,10 +23,10 @@ import sys
 import time
 from typing import Any
 
-import benchmarks  # noqa: F401  (switches shape checking off before memkit is imported)
 import torch
 from tqdm import tqdm
 
+import benchmarks  # noqa: F401  (switches shape checking off before memkit is imported)
 import memkit
 from benchmarks.common import machine, now_iso, rss_bytes
 from benchmarks.roster import Geometry, roster
@@ -59,7 +59,7 @@ def soak_one(make: Any, segments: int, *, check_every: int = 100, seed: int = 0,
     warm = min(segments, max(100, segments // 10))
     bad_output_at = bad_state_at = bad_bytes_at = None
     rss_warm = rss_max = None
-    absmax = 0.0
+    absmax = absmax_warm = 0.0
     gc.collect()
     start = time.perf_counter()
     for s in tqdm(range(segments), desc=desc, unit="seg", mininterval=1.0):
@@ -77,6 +77,8 @@ def soak_one(make: Any, segments: int, *, check_every: int = 100, seed: int = 0,
             if bad_state_at is None and not _state_finite(states):
                 bad_state_at = s + 1
             absmax = max(absmax, _state_absmax(states))
+            if s + 1 == warm:
+                absmax_warm = _state_absmax(states)
             if s + 1 >= warm:
                 gc.collect()
                 rss = rss_bytes()
@@ -98,6 +100,9 @@ def soak_one(make: Any, segments: int, *, check_every: int = 100, seed: int = 0,
         "ms_per_segment": round(1000 * seconds / segments, 4),
         "state_bytes": first_bytes,
         "state_bytes_end": memkit.state_nbytes(states),
+        # not a check, a symptom to watch: the largest |value| in the state after warm-up, at the end, ever
+        "state_absmax_after_warmup": absmax_warm,
+        "state_absmax_end": _state_absmax(states),
         "state_absmax_seen": absmax,
         "warmup_segments": warm,
         "rss_after_warmup_mib": round(rss_warm / 2**20, 3),
@@ -147,13 +152,18 @@ def soak(segments: int, *, threads: int = 1) -> dict[str, Any]:
 
 
 def table(report: dict[str, Any]) -> str:
-    head = f"{'memory':<22} {'segments':>8} {'ms/seg':>7} {'state B':>8} {'RSS MiB':>8} {'growth':>7}  checks"
+    head = (
+        f"{'memory':<22} {'segments':>8} {'ms/seg':>7} {'state B':>8} {'RSS MiB':>8} {'growth':>7} "
+        f"{'|state| max warm->end':>22}  checks"
+    )
     lines = [head, "-" * len(head)]
     for name, r in report["memories"].items():
         failed = [k for k, ok in r["checks"].items() if not ok]
+        verdict = "ok" if not failed else "FAILED: " + ", ".join(failed)
         lines.append(
             f"{name:<22} {r['segments']:>8} {r['ms_per_segment']:>7.2f} {r['state_bytes']:>8} "
-            f"{r['rss_after_warmup_mib']:>8.1f} {r['rss_growth']:>7.2%}  {'ok' if not failed else 'FAILED: ' + ', '.join(failed)}"
+            f"{r['rss_after_warmup_mib']:>8.1f} {r['rss_growth']:>7.2%} "
+            f"{r['state_absmax_after_warmup']:>10.3g} -> {r['state_absmax_end']:<9.3g}  {verdict}"
         )
     for name, why in report["skipped"].items():
         lines.append(f"{name:<22} skipped: {why}")

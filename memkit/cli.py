@@ -6,6 +6,7 @@ non-zero exit status, never a traceback.
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -63,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", required=True, help="output folder (resumes from a checkpoint found there)")
     tr.add_argument("--batch-size", type=_positive, help="clips per process per step")
     tr.add_argument("--memory", help="memory name, overriding the config's (see memkit.models.malt.memory_names)")
-    tr.add_argument("--memory-kwargs", type=_json_arg, help='the memory\'s options as JSON, e.g. \'{"capacity": 16}\'')
+    tr.add_argument("--memory-kwargs", type=_json_arg, help="the memory's options as JSON, e.g. '{\"capacity\": 16}'")
     tr.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     tr.add_argument("--fresh", action="store_true", help="ignore a checkpoint in --out instead of resuming")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -74,11 +75,17 @@ def _parser() -> argparse.ArgumentParser:
     ge.add_argument("--memory", help="memory name (default: the checkpoint's)")
     ge.add_argument("--memory-kwargs", type=_json_arg, help="the memory's options as JSON")
     ge.add_argument("--out", required=True, help="output folder for video.gif and metrics.json")
-    ge.add_argument("--context-segments", type=_non_negative, help="ground-truth segments written first (default: the outbound sweep)")
+    ge.add_argument(
+        "--context-segments",
+        type=_non_negative,
+        help="ground-truth segments written first (default: the outbound sweep)",
+    )
     ge.add_argument("--steps", type=_positive, default=8, help="Euler steps per segment")
     ge.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (models with a prompt)")
     ge.add_argument("--seed", type=_non_negative, default=0, help="noise seed (same seed, same video)")
-    ge.add_argument("--clip-seed", type=_non_negative, default=10_000, help="which world clip gives context and actions")
+    ge.add_argument(
+        "--clip-seed", type=_non_negative, default=10_000, help="which world clip gives context and actions"
+    )
     ge.add_argument("--fps", type=_positive, default=8, help="GIF frame rate")
     ge.add_argument("--device", help="cpu, cuda ... (default: cuda when available)")
     ge.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -107,7 +114,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         spec = config.model.memory
         name = args.memory or spec.name
         kwargs = args.memory_kwargs if args.memory_kwargs is not None else (spec.kwargs if name == spec.name else {})
-        config = config.replace(model=config.model.replace(memory={"name": name, "kwargs": kwargs, "layers": spec.layers}))
+        config = config.replace(
+            model=config.model.replace(memory={"name": name, "kwargs": kwargs, "layers": spec.layers})
+        )
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {args.out!r} exists and is not a folder")
@@ -161,7 +170,9 @@ def _load(checkpoint: str, memory: str | None, memory_kwargs: dict[str, Any] | N
             except (json.JSONDecodeError, AttributeError):
                 base = {}
         name = memory or base.get("name", "none")
-        kwargs = memory_kwargs if memory_kwargs is not None else (base.get("kwargs", {}) if name == base.get("name") else {})
+        kwargs = (
+            memory_kwargs if memory_kwargs is not None else (base.get("kwargs", {}) if name == base.get("name") else {})
+        )
         spec = {"name": name, "kwargs": kwargs, "layers": base.get("layers")}
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -190,7 +201,7 @@ def _world_task(checkpoint: str, net: Any, total_segments: int, clip_seed: int) 
     def tile(x: torch.Tensor) -> torch.Tensor:
         return x.repeat(reps, *([1] * (x.ndim - 1)))[:total_segments]
 
-    out = {k: tile(v) for k, v in sample.items()}
+    out: dict[str, Any] = {k: tile(v) for k, v in sample.items()}
     out["clip_segments"] = clip_segments
     return out
 
@@ -286,6 +297,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from memkit.errors import MemkitError
 
     args = _parser().parse_args(argv)
+    if "MEMKIT_TYPECHECK" not in os.environ:
+        # long jobs: jaxtyping checks cost more than small models' arithmetic; ask with MEMKIT_TYPECHECK=1
+        from memkit.typing import set_typecheck
+
+        set_typecheck(False)
     handlers = {"train": _cmd_train, "generate": _cmd_generate, "demo": _cmd_demo}
     try:
         return handlers[args.command](args)

@@ -1,9 +1,11 @@
 """Shape aliases, the type-check switch, and shape checks with readable errors.
 
 Public entry points carry jaxtyping annotations and are wrapped by :func:`typechecked`,
-which checks them with beartype when the environment variable ``MEMKIT_TYPECHECK`` is
-``1`` (the default) and skips checking when it is ``0``. The switch is read once, at
-import time, so set it before ``import memkit``.
+which checks them with beartype while checking is on. The environment variable
+``MEMKIT_TYPECHECK`` sets the starting value (``1``, the default: on; ``0``: off);
+:func:`set_typecheck` changes it at run time (long training and generation jobs switch it
+off: the check costs a few hundred microseconds per call). memkit's own explicit checks
+(``check_shape`` and friends) always run.
 
 Inside ``torch.compile`` the check is skipped: jaxtyping and dynamo do not mix, and a
 compiled graph has already been checked on its first eager call.
@@ -26,14 +28,33 @@ __all__ = [
     "Float",
     "Int",
     "Tensor",
-    "TYPECHECK",
+    "typecheck_enabled",
+    "set_typecheck",
     "typechecked",
     "check_shape",
     "check_same_device",
     "DIM_NAMES",
 ]
 
-TYPECHECK: bool = os.environ.get("MEMKIT_TYPECHECK", "1") not in ("0", "false", "False", "")
+_TYPECHECK: list[bool] = [os.environ.get("MEMKIT_TYPECHECK", "1") not in ("0", "false", "False", "")]
+
+
+def typecheck_enabled() -> bool:
+    """Whether jaxtyping/beartype checks run at public entry points now."""
+    return _TYPECHECK[0]
+
+
+def set_typecheck(enabled: bool) -> bool:
+    """Switch jaxtyping/beartype checking on or off for the whole process; returns the old value.
+
+    Example:
+        >>> from memkit.typing import set_typecheck
+        >>> old = set_typecheck(False)   # e.g. for a long generation job
+        >>> _ = set_typecheck(old)
+    """
+    old = _TYPECHECK[0]
+    _TYPECHECK[0] = bool(enabled)
+    return old
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -58,13 +79,11 @@ def typechecked(fn: F) -> F:
     A mismatch raises :class:`memkit.ShapeError` (the jaxtyping report, which lists
     every dimension it bound, is kept as the message and as ``__cause__``).
     """
-    if not TYPECHECK:
-        return fn
     checked = jaxtyped(typechecker=_beartype())(fn)
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or not _TYPECHECK[0]:
             return fn(*args, **kwargs)
         try:
             return checked(*args, **kwargs)

@@ -122,3 +122,19 @@ def test_bad_shapes_name_the_dimension():
                                               torch.zeros(1, 2, 5, dtype=torch.long)))  # fmt: skip
     with pytest.raises(memkit.ShapeError, match="expected 4 dimensions"):
         memkit.attend(torch.randn(2, 3, 8), q, q)
+
+
+def test_errors_name_the_dimension_with_typechecking_switched_off():
+    """jaxtyping can be switched off at run time; memkit's own checks still name the dimension."""
+    from memkit.typing import set_typecheck, typecheck_enabled
+
+    q = torch.randn(1, 2, 3, 8)
+    old = set_typecheck(False)
+    try:
+        assert not typecheck_enabled()
+        with pytest.raises(memkit.ShapeError, match=r"^k: dimension h \(heads\) should be 2, got 3"):
+            memkit.attend(q, torch.randn(1, 3, 3, 8), torch.randn(1, 3, 3, 8))
+    finally:
+        set_typecheck(old)
+    with pytest.raises(memkit.ShapeError, match="Type-check error"):  # the jaxtyping report is back
+        memkit.attend(q, torch.randn(1, 3, 3, 8), torch.randn(1, 3, 3, 8))

@@ -357,3 +357,19 @@ def test_passes_the_protocol_checks(truncation):
         model_dim=DIM,
         examples=10,
     )
+
+
+def test_save_and_resume_equals_never_stopping(tmp_path):
+    mem = make(truncation=2).eval()
+    gen = torch.Generator().manual_seed(0)
+    chunks = [make_chunk(gen, 2, 2 * s) for s in range(4)]
+    with torch.no_grad():
+        state = mem.init_state(2)
+        for c in chunks[:2]:
+            state = mem.write(state, c)
+        memkit.save_states(tmp_path / "state.safetensors", state, mem)
+        loaded = memkit.load_states(tmp_path / "state.safetensors", mem.init_state(2), mem)
+        assert_trees_equal(loaded, state)
+        for c in chunks[2:]:
+            state, loaded = mem.write(state, c), mem.write(loaded, c)
+    assert_trees_equal(loaded, state)

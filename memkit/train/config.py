@@ -167,22 +167,25 @@ class TrainConfig:
     def preset(cls, name: str, **changes: Any) -> "TrainConfig":
         """A named configuration from ``TRAIN_PRESETS`` (``tiny``, ``demo-sparse_kv``, ...)."""
         if name not in TRAIN_PRESETS:
-            raise ConfigError(f"unknown config {name!r}; expected a JSON file or one of {', '.join(sorted(TRAIN_PRESETS))}")
+            raise ConfigError(
+                f"unknown config {name!r}; expected a JSON file or one of {', '.join(sorted(TRAIN_PRESETS))}"
+            )
         return cls.from_dict({**TRAIN_PRESETS[name], **changes})
 
 
 def _demo(memory: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    """The demo setting: 16x16 revisit clips, 2 frames per segment, 8 segments (out 4, back 4)."""
+    """The demo setting: 16x16 revisit clips, 2 frames per segment, 6 segments (out 3, back 3)."""
     model = dict(
-        height=16, width=16, frames_per_segment=2, patch_size=4, dim=64, depth=4, heads=4, action_dim=4, memory=memory
-    )
+        height=16, width=16, frames_per_segment=2, patch_size=4, dim=64, depth=4, heads=4, mlp_ratio=2.0,
+        action_dim=4, action_frequencies=6, memory=memory,
+    )  # fmt: skip
     return dict(
         model=model,
         data=dict(world="revisit", kwargs={}, pose_actions=True),
-        steps=3000,
-        batch_size=16,
-        segments=8,
-        curriculum=[[0, 2], [300, 4], [800, 8]],
+        steps=1500,
+        batch_size=8,
+        segments=6,
+        curriculum=[[0, 2], [200, 4], [500, 6]],
         lr=2e-3,
         warmup_steps=100,
         ema_decay=0.995,
@@ -197,14 +200,27 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # tests and smoke runs: 8x8 frames, 2 segments, a FIFO memory, a prompt
     "tiny": dict(
         model=dict(
-            height=8, width=8, frames_per_segment=2, patch_size=4, dim=32, depth=2, heads=2, action_dim=4,
+            height=8,
+            width=8,
+            frames_per_segment=2,
+            patch_size=4,
+            dim=32,
+            depth=2,
+            heads=2,
+            action_dim=4,
             memory={"name": "fifo", "kwargs": {"frames": 4}},
         ),
         data=dict(world="revisit", kwargs={}, pose_actions=True),
-        steps=20, batch_size=2, segments=2, lr=1e-3, warmup_steps=5, log_every=1, checkpoint_every=1000,
-    ),  # fmt: skip
+        steps=20,
+        batch_size=2,
+        segments=2,
+        lr=1e-3,
+        warmup_steps=5,
+        log_every=1,
+        checkpoint_every=1000,
+    ),
     "demo-none": _demo({"name": "none"}),
-    "demo-sparse_kv": _demo({"name": "sparse_kv", "kwargs": {"capacity": 16, "top_k": 4}}),
-    "demo-recurrent": _demo({"name": "recurrent", "kwargs": {"slots": 16, "truncation": 2}}),
+    "demo-sparse_kv": _demo({"name": "sparse_kv", "kwargs": {"capacity": 12, "top_k": 4}}),
+    "demo-recurrent": _demo({"name": "recurrent", "kwargs": {"slots": 16}}),
     "demo-fifo": _demo({"name": "fifo", "kwargs": {"frames": 4}}),
 }

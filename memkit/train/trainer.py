@@ -311,7 +311,7 @@ def train(
         bar = tqdm(total=total, initial=step, unit="step", desc="training", dynamic_ncols=True)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    log = open(out / "log.jsonl", "a") if rank == 0 else None  # noqa: SIM115 - closed below
+    log = open(out / "log.jsonl", "a") if rank == 0 else None  # closed in the finally below
     try:
         while step < total:
             started = time.perf_counter()

@@ -71,6 +71,9 @@ class MALTConfig:
         qk_norm: RMS-normalise queries/keys (stable over long rollouts).
         rope_theta: rotary base for frame positions.
         action_dim: size of the per-frame action vector (0 = no action conditioning).
+        action_frequencies: Fourier features of the actions, ``sin/cos(2^k pi a)`` for
+            ``k < action_frequencies`` (NeRF-style; sharpens small differences in pose so
+            attention can match a revisited place). 0 = the raw vector only.
         prompt_dim: size of prompt token embeddings (0 = no prompt).
         prompt_mode: ``"adaln"`` (mean-pooled prompt joins the timestep conditioning) or
             ``"cross"`` (cross-attention to the prompt tokens in every block).
@@ -98,6 +101,7 @@ class MALTConfig:
     qk_norm: bool = True
     rope_theta: float = 10000.0
     action_dim: int = 0
+    action_frequencies: int = 0
     prompt_dim: int = 0
     prompt_mode: str = "adaln"
     memory: MemorySpec = dataclasses.field(default_factory=MemorySpec)
@@ -124,7 +128,7 @@ class MALTConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("action_dim", "prompt_dim"):
+        for name in ("action_dim", "action_frequencies", "prompt_dim"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")

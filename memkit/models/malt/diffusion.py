@@ -48,9 +48,7 @@ class FlowMatching:
         if self.time_sampling not in ("logit_normal", "uniform"):
             raise ConfigError(f"time_sampling must be 'logit_normal' or 'uniform', got {self.time_sampling!r}")
 
-    def sample_time(
-        self, batch_size: int, *, generator: torch.Generator | None = None, device: Any = None
-    ) -> Tensor:
+    def sample_time(self, batch_size: int, *, generator: torch.Generator | None = None, device: Any = None) -> Tensor:
         """Training noise levels ``(b,)`` in (0, 1)."""
         if self.time_sampling == "uniform":
             t = torch.rand(batch_size, generator=generator)

@@ -13,7 +13,7 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -77,7 +77,7 @@ class _CrossAttention(nn.Module):
         q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)
         k, v = rearrange(self.to_kv(ctx), "b p (two h d) -> two b h p d", two=2, h=self.heads)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
-        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))  # type: ignore[no-any-return]
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
 
 class MALTBlock(nn.Module):
@@ -172,7 +172,8 @@ class MALTNetwork(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.action_mlp: nn.Module | None = None
         if c.action_dim:
-            self.action_mlp = nn.Sequential(nn.Linear(c.action_dim * c.tubelet, dim), nn.SiLU(), nn.Linear(dim, dim))
+            features = c.action_dim * c.tubelet * (1 + 2 * c.action_frequencies)
+            self.action_mlp = nn.Sequential(nn.Linear(features, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.prompt_proj: nn.Module | None = None
         if c.prompt_dim:
             self.prompt_proj = nn.Linear(c.prompt_dim, dim)
@@ -184,7 +185,7 @@ class MALTNetwork(nn.Module):
         self.out = nn.Linear(dim, c.patch_dim)
         self._init_weights()
         # the clean pass can stop after the last block that writes a memory
-        writers = [i for i, b in enumerate(self.blocks) if not isinstance(b.attn.memory, NoMemory)]
+        writers = [i for i, b in enumerate(self.block_list) if not isinstance(b.attn.memory, NoMemory)]
         self.write_depth = max(writers) + 1 if writers else 0
 
     @staticmethod
@@ -212,14 +213,20 @@ class MALTNetwork(nn.Module):
                 nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-        for block in self.blocks:
-            nn.init.zeros_(block.ada[-1].weight)
-            nn.init.zeros_(block.ada[-1].bias)
+        for block in self.block_list:
+            ada = cast(nn.Linear, block.ada[-1])
+            nn.init.zeros_(ada.weight)
+            nn.init.zeros_(ada.bias)
             if block.cross is not None:
                 nn.init.zeros_(block.cross.to_out.weight)
-        for layer in (self.ada_out[-1], self.out):
+        for layer in (cast(nn.Linear, self.ada_out[-1]), self.out):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+
+    @property
+    def block_list(self) -> list[MALTBlock]:
+        """The blocks, typed (``self.blocks`` is an ``nn.ModuleList``)."""
+        return [cast(MALTBlock, b) for b in self.blocks]
 
     # ----------------------------------------------------------------- states and positions
     def init_states(
@@ -236,9 +243,7 @@ class MALTNetwork(nn.Module):
         return (index * f + torch.arange(f, device=device)).expand(batch_size, f).contiguous()
 
     # ----------------------------------------------------------------- forward
-    def _check_inputs(
-        self, x: Tensor, frame_positions: Tensor, prompt: Tensor | None, actions: Tensor | None
-    ) -> None:
+    def _check_inputs(self, x: Tensor, frame_positions: Tensor, prompt: Tensor | None, actions: Tensor | None) -> None:
         c = self.config
         b = check_shape("x", x, "b F c H W", F=c.frames_per_segment, c=c.channels, H=c.height, W=c.width)["b"]
         check_shape("frame_positions", frame_positions, "b f", b=b, f=c.token_frames)
@@ -276,7 +281,12 @@ class MALTNetwork(nn.Module):
         h = self.patch_in(patchify(x, c.patch_size, c.tubelet)) + self.spatial.repeat(f, 1)
         cond = self.time_mlp(timestep_embedding(t, c.dim).to(h.dtype))[:, None, :].expand(b, f, c.dim)
         if self.action_mlp is not None and actions is not None:
-            a = self.action_mlp(rearrange(actions.to(h.dtype), "b (f pt) a -> b f (pt a)", pt=c.tubelet))
+            a = rearrange(actions.to(h.dtype), "b (f pt) a -> b f (pt a)", pt=c.tubelet)
+            if c.action_frequencies:
+                freqs = math.pi * 2.0 ** torch.arange(c.action_frequencies, device=a.device, dtype=a.dtype)
+                angles = (a[..., None] * freqs).flatten(-2)
+                a = torch.cat([a, angles.sin(), angles.cos()], dim=-1)
+            a = self.action_mlp(a)
             cond = cond + a
             h = h + a.repeat_interleave(c.tokens_per_frame, dim=1)
 
@@ -289,7 +299,11 @@ class MALTNetwork(nn.Module):
                 use = torch.zeros(b, dtype=torch.bool, device=h.device)
             else:
                 tokens = self.prompt_proj(prompt.to(h.dtype))
-                mask = prompt_mask if prompt_mask is not None else torch.ones(prompt.shape[:2], dtype=torch.bool, device=h.device)
+                mask = (
+                    prompt_mask
+                    if prompt_mask is not None
+                    else torch.ones(prompt.shape[:2], dtype=torch.bool, device=h.device)
+                )
                 use = torch.ones(b, dtype=torch.bool, device=h.device) if drop_prompt is None else ~drop_prompt
                 # memories see the prompt even when conditioning drops it: retrieval is not guidance
                 mem_prompt, mem_mask = tokens, mask
@@ -307,7 +321,7 @@ class MALTNetwork(nn.Module):
 
         depth = self.write_depth if write and keep is None else c.depth
         new_states = list(states)
-        for i, block in enumerate(self.blocks[:depth]):
+        for i, block in enumerate(self.block_list[:depth]):
             if keep is not None and i == self.write_depth:
                 h, cond, frame_positions = h[:keep], cond[:keep], frame_positions[:keep]
                 mem_prompt = None if mem_prompt is None else mem_prompt[:keep]

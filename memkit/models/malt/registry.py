@@ -44,7 +44,9 @@ def register_memory(name: str, factory: MemoryFactory) -> None:
 
     Example:
         >>> import memkit
-        >>> register_memory("fifo8", lambda **g: memkit.FIFOMemory(g["heads"], g["head_dim"], g["tokens_per_frame"], frames=8))
+        >>> def fifo8(*, heads, head_dim, tokens_per_frame, dim):
+        ...     return memkit.FIFOMemory(heads, head_dim, tokens_per_frame, frames=8)
+        >>> register_memory("fifo8", fifo8)
         >>> build_memory("fifo8", heads=2, head_dim=8, tokens_per_frame=4, dim=16).window_frames
         8
     """
@@ -53,16 +55,18 @@ def register_memory(name: str, factory: MemoryFactory) -> None:
 
 def _class_factory(cls: type) -> MemoryFactory:
     """A factory that passes ``cls`` the geometry keywords its constructor accepts."""
+    params: Any
     try:
         params = inspect.signature(cls).parameters
     except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
-        params = {}  # type: ignore[assignment]
+        params = {}
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
     def factory(**kwargs: Any) -> Memory[Any]:
         geometry = {k: kwargs.pop(k) for k in _GEOMETRY if k in kwargs}
         accepted = {k: v for k, v in geometry.items() if takes_any or k in params}
-        return cls(**accepted, **kwargs)  # type: ignore[no-any-return]
+        memory: Memory[Any] = cls(**accepted, **kwargs)
+        return memory
 
     return factory
 

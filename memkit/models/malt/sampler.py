@@ -7,6 +7,7 @@ Context segments (ground truth) are only written, at the positions they occupy.
 """
 
 import dataclasses
+import itertools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -37,7 +38,8 @@ class EulerSampler:
         >>> import torch
         >>> from memkit.models.malt import MALTConfig, MALTNetwork
         >>> net = MALTNetwork(MALTConfig.preset("tiny")).eval()
-        >>> x = EulerSampler(steps=2).sample(net, torch.randn(1, 2, 3, 8, 8), net.init_states(1), net.segment_positions(0, 1))
+        >>> noise, states, pos = torch.randn(1, 2, 3, 8, 8), net.init_states(1), net.segment_positions(0, 1)
+        >>> x = EulerSampler(steps=2).sample(net, noise, states, pos)
         >>> x.shape
         torch.Size([1, 2, 3, 8, 8])
     """
@@ -67,7 +69,7 @@ class EulerSampler:
         b = x.shape[0]
         times = torch.linspace(1.0, 0.0, self.steps + 1, dtype=torch.float64).tolist()
         guided = prompt is not None and self.cfg_scale != 1.0
-        for t, t_next in zip(times[:-1], times[1:], strict=True):
+        for t, t_next in itertools.pairwise(times):
             tt = torch.full((b,), t, device=x.device, dtype=x.dtype)
             v = net(x, tt, states, frame_positions, prompt=prompt, prompt_mask=prompt_mask, actions=actions)
             if guided:

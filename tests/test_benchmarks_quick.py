@@ -1,0 +1,102 @@
+"""Smoke test of the benchmark suite: ``python -m benchmarks run --quick`` into a temporary folder.
+
+Checks the schema of results.json and that every figure is finite, not that targets hold
+(timings on a shared test machine mean nothing). The quick run must leave the committed
+docs page and its plots untouched.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import memkit
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = {"cost_layer", "cost_backbone", "rss", "overhead", "sparse", "attend_efficiency", "quality", "retrieval"}
+
+
+def _refuse_nonfinite(token: str) -> float:
+    raise AssertionError(f"results.json holds a non-finite number: {token}")
+
+
+def _docs_snapshot() -> dict[str, tuple[int, int]]:
+    paths = [ROOT / "docs" / "benchmarks.md", *sorted((ROOT / "docs" / "assets" / "benchmarks").glob("*"))]
+    return {str(p): (p.stat().st_mtime_ns, p.stat().st_size) for p in paths if p.exists()}
+
+
+def test_quick_run_writes_a_complete_finite_report(tmp_path: Path) -> None:
+    before = _docs_snapshot()
+    env = {**os.environ, "MEMKIT_BENCH_TYPECHECK": "0"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "run", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert _docs_snapshot() == before, "a quick run must not touch docs/benchmarks.md or its plots"
+
+    results = json.loads((tmp_path / "results.json").read_text(), parse_constant=_refuse_nonfinite)
+    assert results["schema"] == "memkit-benchmarks/1"
+    assert results["mode"] == "quick"
+    assert results["date"] and results["duration_s"] > 0
+    for key in ("platform", "cpu_count", "torch", "torch_threads", "typecheck"):
+        assert key in results["machine"], key
+    assert results["machine"]["typecheck"] is False
+    assert results["settings"]["threads"] >= 1 and results["settings"]["plan"]
+    assert SECTIONS <= set(results["sections"])
+
+    n_figures = 0
+    for key, sec in results["sections"].items():
+        assert sec["status"] in ("ok", "partial", "skipped"), (key, sec["notes"])
+        assert isinstance(sec["config"], dict) and isinstance(sec["notes"], list)
+        if sec["status"] == "skipped":
+            assert sec["notes"], f"{key} was skipped without saying why"
+        for fig in sec["figures"]:
+            assert {"name", "value", "unit", "params"} <= set(fig), fig
+            for k in ("value", "min", "max"):
+                if k in fig:
+                    assert math.isfinite(fig[k]), (key, fig)
+            n_figures += 1
+    assert n_figures > 50
+    for key in ("cost_layer", "cost_backbone", "overhead", "sparse", "retrieval"):
+        assert results["sections"][key]["status"] in ("ok", "partial"), key
+
+    for t in results["targets"]:
+        assert t["status"] in ("holds", "falls short", "not measured"), t
+        assert t["name"] and t["target"] and t["op"] in ("<=", ">=")
+        if t["status"] == "falls short":
+            assert t["why"], f"a missed target needs its why: {t['name']}"
+        if t["value"] is not None:
+            assert math.isfinite(t["value"])
+    names = " ".join(t["name"] for t in results["targets"])
+    for expected in ("cost flat (layer)", "overhead", "sparse vs dense", "attend efficiency", "retrieval precision"):
+        assert expected in names, expected
+
+    page = (tmp_path / "benchmarks.md").read_text()
+    assert "## Targets" in page and "](plots/" in page
+    plots = list((tmp_path / "plots").glob("*.png"))
+    assert plots and all(p.stat().st_size > 1000 for p in plots)
+
+
+def test_full_history_baseline_grows_and_reads_everything() -> None:
+    from benchmarks.baselines import FullHistoryMemory
+
+    mem = FullHistoryMemory(heads=2, head_dim=8)
+    state = mem.init_state(1)
+    sizes = [memkit.state_nbytes(state)]
+    for s in range(3):
+        k = torch.randn(1, 2, 6, 8)
+        state = mem.write(state, memkit.Chunk(k, k, torch.randn(1, 6, 4), torch.tensor([[2 * s, 2 * s + 1]]), 3))
+        sizes.append(memkit.state_nbytes(state))
+    assert sizes == sorted(set(sizes)), "the unbounded baseline's state must grow with every write"
+    ctx = mem.read(state, memkit.Query(torch.randn(1, 2, 6, 8), torch.tensor([[6, 7]]), 3))
+    assert ctx.k.shape == (1, 2, 18, 8) and bool(ctx.mask.all())
+    assert ctx.positions[0, 0].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4, 5, 5, 5]

@@ -1,0 +1,117 @@
+"""Training MALT: resumable checkpoints, distributed data parallel on CPU, the command line."""
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from memkit.cli import main
+from memkit.models.malt import MALTNetwork
+from memkit.train import TrainConfig, train
+
+
+def _tiny_config(**changes: object) -> TrainConfig:
+    return TrainConfig.preset("tiny", **changes)
+
+
+def test_resume_equals_never_stopping(tmp_path: Path) -> None:
+    """Train 4 steps; or 2, checkpoint, a fresh process state, 2 more: the same weights bit for bit."""
+    cfg = _tiny_config(steps=4)
+    straight = train(cfg, tmp_path / "a", progress=False)
+    train(cfg, tmp_path / "b", steps=2, progress=False)
+    resumed = train(cfg, tmp_path / "b", steps=4, progress=False)
+    assert resumed.step == 4
+    for (name, p), q in zip(straight.net.state_dict().items(), resumed.net.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+    lines = (tmp_path / "b" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
+    ema = MALTNetwork.from_pretrained(tmp_path / "a")
+    for name, value in ema.state_dict().items():
+        assert torch.equal(value, straight.ema[name]), name
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    try:
+        result = train(_tiny_config(steps=3), Path(out) / "ckpt", device="cpu", progress=False)
+        params = {k: v.detach().clone() for k, v in result.net.state_dict().items()}
+        torch.save({"params": params, "losses": result.losses}, Path(out) / f"rank{rank}.pt")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_ddp_two_cpu_processes_stay_identical(tmp_path: Path) -> None:
+    """Two gloo processes (as ``torchrun --nproc_per_node=2`` starts them) train on different clips
+    and end with identical parameters, and the loss is finite."""
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    for name, p in r0["params"].items():
+        assert torch.equal(p, r1["params"][name]), name
+    assert len(r0["losses"]) == 3 and all(torch.isfinite(torch.tensor(r0["losses"])))
+    assert r0["losses"] == r1["losses"]  # the logged loss is the mean over ranks
+    assert (tmp_path / "ckpt" / "model.safetensors").is_file()
+    # and the ranks did not simply compute the same thing: a single process gives other weights
+    single = train(_tiny_config(steps=3), tmp_path / "single", progress=False)
+    assert any(not torch.equal(p, r0["params"][k]) for k, p in single.net.state_dict().items())
+
+
+def test_cli_train_then_generate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt, out = tmp_path / "ckpt", tmp_path / "gen"
+    assert main(["train", "--config", "tiny", "--steps", "2", "--out", str(ckpt), "--no-progress"]) == 0
+    assert (ckpt / "model.safetensors").is_file() and (ckpt / "train_config.json").is_file()
+    code = main(["generate", "--checkpoint", str(ckpt), "--segments", "5", "--memory", "sink_window",
+                 "--out", str(out), "--steps", "2", "--no-progress"])  # fmt: skip
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["finite"] and metrics["state_bytes_constant"] and metrics["frames"] == 10
+    assert metrics["memory"]["name"] == "sink_window"
+    assert (out / "video.gif").stat().st_size > 0
+    assert "PSNR" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["generate", "--checkpoint", "{tmp}/missing", "--out", "{tmp}/o"], "does not exist"),
+        (["generate", "--checkpoint", "{tmp}/bad", "--out", "{tmp}/o"], "cannot read"),
+        (["generate", "--checkpoint", "{tmp}/bad", "--out", "{tmp}/o", "--segments", "0"], "positive integer"),
+        (["generate", "--checkpoint", "{tmp}/bad", "--out", "{tmp}/o", "--memory-kwargs", "{{x"], "not valid JSON"),
+        (["train", "--config", "nope", "--out", "{tmp}/o"], "unknown config 'nope'"),
+        (["train", "--config", "{tmp}/missing.json", "--out", "{tmp}/o"], "does not exist"),
+        (["train", "--config", "tiny", "--out", "{tmp}/o", "--memory", "nope"], "unknown memory 'nope'"),
+        (["train", "--config", "tiny", "--out", "{tmp}/o", "--memory-kwargs", '{{"bogus": 1}}'], "bogus"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_cli_errors_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps(TrainConfig.preset("tiny").model.to_dict()))
+    (bad / "model.safetensors").write_bytes(b"not a safetensors file")
+    args = [a.format(tmp=tmp_path) for a in argv]
+    try:
+        code = main(args)
+    except SystemExit as exit_:  # argparse refusals
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code not in (0, None)
+    assert message in err, err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
