@@ -34,7 +34,7 @@ pytest: $(VENV)/.dev
 	MEMKIT_TYPECHECK=1 $(VENV)/bin/pytest -n 2 tests memkit
 
 docs: $(VENV)/.dev
-	$(VENV)/bin/mkdocs build --strict --site-dir $(VENV)/site
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir $(VENV)/site
 
 test: lint typecheck pytest docs
 

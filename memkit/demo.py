@@ -31,25 +31,48 @@ def run_demo(out: Path, *, clips: int = 8, steps: int = 8, segments: int | None 
     """Run the comparison, print the table, write GIFs, plot and ``results.json`` into ``out``."""
     import torch
 
+    from memkit.typing import set_typecheck
+
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    checking = set_typecheck(False)  # shapes are fixed here; the checks would double the run time
+    try:
+        return _run(out, clips, steps, segments)
+    finally:
+        set_typecheck(checking)
+
+
+def _run(out: Path, clips: int, steps: int, segments: int | None) -> list[dict[str, Any]]:
+    import torch
+
     from memkit.cli import CLIError, _save_gif
     from memkit.models.malt import MALTNetwork
     from memkit.train import TrainConfig
-    from memkit.train.evaluate import evaluate_revisit
+    from memkit.train.evaluate import evaluate_revisit, revisit_task
 
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     found = [m for m in DEMO_MEMORIES if (asset_dir(m) / "model.safetensors").is_file()]
     if not found:
         raise CLIError(f"no demo checkpoints found under {asset_dir('x').parent}; reinstall memkit")
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
+    panels: list[Any] = []
     seeds = tuple(100_000 + i for i in range(clips))
     print(f"revisit world: outbound sweep given as context, return sweep generated ({clips} clips, {steps} steps)")
     for memory in found:
         path = asset_dir(memory)
         net = MALTNetwork.from_pretrained(path).eval()
-        clip_segments = segments or TrainConfig.load(path / "train_config.json").max_segments()
-        res = evaluate_revisit(net, segments=clip_segments, seeds=seeds, steps=steps)
-        _save_gif(out / f"{memory}.gif", torch.cat([res.truth, res.video], dim=-1), fps=4)
+        train_config = TrainConfig.load(path / "train_config.json")
+        clip_segments = segments or train_config.max_segments()
+        world = train_config.data.kwargs  # the clips the model was trained on (held-out seeds)
+        res = evaluate_revisit(net, segments=clip_segments, seeds=seeds, steps=steps, world=world)
+        # whole clip: the outbound sweep (context, the same on both sides), then the return sweep
+        truth, _ = revisit_task(net, seeds[0], clip_segments, world=world)
+        truth = truth[0]
+        context = truth[: truth.shape[0] - res.video.shape[0]]
+        shown = torch.cat([context, res.video.cpu()])
+        _save_gif(out / f"{memory}.gif", torch.cat([truth, _divider(truth), shown], dim=-1), fps=2)
+        if not panels:
+            panels.append(truth)
+        panels += [_divider(truth), shown]
         rows.append(
             {
                 "memory": memory,
@@ -60,11 +83,19 @@ def run_demo(out: Path, *, clips: int = 8, steps: int = 8, segments: int | None 
             }
         )
         print(f"  {memory:<10} done", flush=True)
+    _save_gif(out / "all.gif", torch.cat(panels, dim=-1), fps=2)
     _print_table(rows)
     _plot(rows, out / "psnr_per_segment.png")
     (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
-    print(f"wrote {', '.join(r['memory'] + '.gif' for r in rows)}, psnr_per_segment.png, results.json to {out}")
+    names = ", ".join(r["memory"] + ".gif" for r in rows)
+    print(f"wrote {names} (left: ground truth, right: generated), all.gif (truth, then {', '.join(found)}),")
+    print(f"psnr_per_segment.png and results.json to {out}")
     return rows
+
+
+def _divider(frames: Any) -> Any:
+    """A one-pixel white column between GIF panels ``(T C H 1)``."""
+    return frames.new_ones(*frames.shape[:-1], 1)
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:

@@ -56,6 +56,7 @@ def set_typecheck(enabled: bool) -> bool:
     _TYPECHECK[0] = bool(enabled)
     return old
 
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 #: What each one-letter dimension in memkit's shape strings means.

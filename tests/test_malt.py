@@ -147,3 +147,36 @@ def test_shape_errors_name_the_dimension() -> None:
         _tiny("fifo", action_dim=4)(torch.randn(1, 2, 3, 8, 8), torch.ones(1), states, net.segment_positions(0, 1))
     with pytest.raises(memkit.MemkitError, match="unknown memory 'nope'"):
         _tiny("nope")
+
+
+def test_euler_sampler_lands_on_the_clean_sample_of_an_exact_velocity() -> None:
+    """Sign and time convention of the sampler: for a single data point ``x0`` the exact flow is
+    ``v(x, t) = (x - x0) / t``; any number of Euler steps from noise must end on ``x0``."""
+    x0 = torch.rand(2, 2, 3, 8, 8) * 2 - 1
+
+    class Exact:
+        def __call__(self, x: torch.Tensor, t: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+            return (x - x0) / t.reshape(-1, 1, 1, 1, 1)
+
+    for steps in (1, 3, 8):
+        out = EulerSampler(steps=steps).sample(Exact(), torch.randn_like(x0), (), torch.zeros(2, 2))  # type: ignore[arg-type]
+        torch.testing.assert_close(out, x0, atol=1e-5, rtol=0)
+
+
+def test_x0_prediction_returns_the_velocity_of_its_clean_estimate() -> None:
+    """``prediction="x0"``: the head's output is the clean segment and forward returns
+    ``(x_t - x0_hat) / t``, so ``x_t - t v`` gives the head's output back (for t >= 0.05)
+    and one Euler step from t = 1 returns it."""
+    net_v = _randomise(_tiny("fifo"))
+    net_x = MALTNetwork(net_v.config.replace(prediction="x0"))
+    net_x.load_state_dict(net_v.state_dict())
+    assert MALTConfig.from_dict(net_x.config.to_dict()).prediction == "x0"
+    x, states, pos = torch.randn(2, 2, 3, 8, 8), net_v.init_states(2), net_v.segment_positions(1, 2)
+    t = torch.tensor([1.0, 0.3])
+    head = net_v(x, t, states, pos)  # the same weights read as a velocity: the raw head output
+    v = net_x(x, t, states, pos)
+    torch.testing.assert_close(FlowMatching().predict_x0(x, v, t), head, atol=1e-5, rtol=1e-5)
+    one_step = EulerSampler(steps=1).sample(net_x, x, states, pos)
+    torch.testing.assert_close(one_step, net_v(x, torch.ones(2), states, pos), atol=1e-5, rtol=1e-5)
+    with pytest.raises(memkit.errors.MemkitError, match="prediction must be"):
+        MALTConfig.preset("tiny", prediction="eps")

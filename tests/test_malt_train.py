@@ -115,3 +115,18 @@ def test_cli_errors_are_one_line(
     assert message in err, err
     assert "Traceback" not in err
     assert len(err.strip().splitlines()) == 1, err
+
+
+def test_evaluation_uses_the_world_the_model_was_trained_on() -> None:
+    """``revisit_task(world=data.kwargs)`` gives the training world's clip (speed, blur), not the default world."""
+    from memkit.train.data import build_world
+    from memkit.train.evaluate import revisit_task
+
+    cfg = TrainConfig.preset("demo-none")
+    net = MALTNetwork(cfg.model)
+    video, actions = revisit_task(net, 5, cfg.segments, world=cfg.data.kwargs)
+    sample = build_world(cfg.data, cfg.model, cfg.segments).sample(5)
+    torch.testing.assert_close(video[0], sample["video"].flatten(0, 1), rtol=0, atol=0)
+    assert actions.shape == (1, cfg.segments * cfg.model.frames_per_segment, 4)
+    default, _ = revisit_task(net, 5, cfg.segments)
+    assert not torch.equal(default, video)

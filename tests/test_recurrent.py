@@ -373,3 +373,23 @@ def test_save_and_resume_equals_never_stopping(tmp_path):
         for c in chunks[2:]:
             state, loaded = mem.write(state, c), mem.write(loaded, c)
     assert_trees_equal(loaded, state)
+
+
+@given(scale=st.floats(1e-3, 1e4), seed=st.integers(0, 100), gate_bias=st.floats(-4, 4))
+@settings(max_examples=15)
+def test_latent_stays_bounded_however_long_the_stream(scale, seed, gate_bias):
+    mem = make(seed=seed, gate_bias=gate_bias).eval()
+    with torch.no_grad():  # as after training: any norm parameters
+        mem.norm_candidate.weight.normal_(0, 2)
+        mem.norm_candidate.bias.normal_(0, 1)
+        mem.gate.weight.normal_(0, 1)
+    bound = torch.maximum(
+        mem.init_latent.abs().max(), (DIM - 1) ** 0.5 * mem.norm_candidate.weight.abs() + mem.norm_candidate.bias.abs()
+    )  # per channel
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        state = mem.init_state(2)
+        for s in range(60):
+            c = make_chunk(gen, 2, 2 * s)
+            state = mem.write(state, memkit.Chunk(c.k, c.v, c.hidden * scale, c.frame_positions, T))
+    assert (state.latent.abs() <= bound + 1e-4).all()

@@ -54,9 +54,14 @@ class RecurrentMemory(nn.Module):
     ``eps ~ N(0, 1)`` and ``rms`` the detached per-token root mean square)::
 
         A  = L + W_o MHA(query = LN_l(L), keys/values = [LN_l(L); LN_x(X)])
-        C  = A + MLP(LN_c(A))                     (skipped when mlp_ratio = 0)
+        C  = LN_c(A + MLP(LN_m(A)))              (no MLP when mlp_ratio = 0)
         G  = sigmoid(W_g [L; C] + b_g)            per slot and channel
         L' = G * C + (1 - G) * L
+
+    Every ``L'`` is a per-channel convex combination of the initial latent and layer-normed
+    candidates, so ``|L'| <= max(|L_0|, sqrt(D - 1) |gamma_c| + |beta_c|)`` channel-wise
+    however many segments are written (without ``LN_c`` the residual ``A = L + ...`` lets
+    the latent grow linearly with the number of writes, and each new segment matter less).
 
     ``W_g`` starts at zero and ``b_g`` at ``gate_bias`` (default -2), so an untrained gate
     is ``sigmoid(-2) ~ 0.12`` everywhere: mostly closed, the latent keeps ~88% of its old
@@ -166,6 +171,7 @@ class RecurrentMemory(nn.Module):
         self.mlp: nn.Module | None = None
         if hidden > 0:
             self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.norm_candidate = nn.LayerNorm(dim)
         self.gate = nn.Linear(2 * dim, dim)
         nn.init.zeros_(self.gate.weight)
         nn.init.constant_(self.gate.bias, gate_bias)
@@ -266,6 +272,8 @@ class RecurrentMemory(nn.Module):
         candidate = old + self.to_out(rearrange(out, "b h m d -> b m (h d)"))
         if self.mlp is not None:
             candidate = candidate + self.mlp(candidate)
+        # normed, so the gated mix below keeps the latent bounded however long the video
+        candidate = self.norm_candidate(candidate)
         gate = torch.sigmoid(self.gate(torch.cat([old, candidate], dim=-1)))
         new = gate * candidate + (1 - gate) * old
         return new.to(latent.dtype)

@@ -45,12 +45,24 @@ class RevisitResult:
     truth: Tensor
 
 
-def revisit_task(net: MALTNetwork, seed: int, segments: int, *, pose: bool = True) -> tuple[Tensor, Tensor]:
-    """Ground-truth video ``(1 T C H W)`` and model actions ``(1 T a)`` of one revisit clip of ``segments`` segments."""
-    from memkit.data import revisit_clip
+def revisit_task(
+    net: MALTNetwork, seed: int, segments: int, *, pose: bool = True, world: dict[str, Any] | None = None
+) -> tuple[Tensor, Tensor]:
+    """Ground-truth video ``(1 T C H W)`` and model actions ``(1 T a)`` of one revisit clip of ``segments`` segments.
+
+    ``world`` holds :class:`memkit.data.RevisitWorld` options (``speed``, ``smooth``, ``sources``...),
+    e.g. the ``data.kwargs`` the model was trained with.
+    """
+    from memkit.data import RevisitWorld
 
     cfg = net.config
-    clip = revisit_clip(seed, cfg.frames_per_segment, segments, (cfg.height, cfg.width))
+    options = dict(world or {})
+    if "sources" in options:
+        options["sources"] = tuple(options["sources"])
+    frame = cfg.height if cfg.height == cfg.width else (cfg.height, cfg.width)
+    clip = RevisitWorld(frames_per_segment=cfg.frames_per_segment, segments=segments, frame_size=frame, **options).clip(
+        seed
+    )
     actions = pose_actions(clip.actions) if pose else clip.actions
     return clip.video[None], actions[None]
 
@@ -64,6 +76,7 @@ def evaluate_revisit(
     steps: int = 8,
     pose: bool = True,
     sample_seed: int = 0,
+    world: dict[str, Any] | None = None,
 ) -> RevisitResult:
     """Give the outbound sweep of revisit clips as context; generate the return sweep; score it.
 
@@ -74,6 +87,8 @@ def evaluate_revisit(
         seeds: clip seeds (keep them out of the training seeds' way: training uses hashed seeds).
         steps: Euler steps per segment.
         pose: the model takes motion + pose actions (as trained with ``pose_actions=True``).
+        sample_seed: noise seed of the sampler.
+        world: revisit-world options the model was trained with (``TrainConfig.data.kwargs``).
     """
     context_segments = segments // 2 if context_segments is None else context_segments
     f = net.config.frames_per_segment
@@ -82,7 +97,7 @@ def evaluate_revisit(
     first: Any = None
     nbytes = 0
     for seed in seeds:
-        video, actions = revisit_task(net, seed, segments, pose=pose)
+        video, actions = revisit_task(net, seed, segments, pose=pose, world=world)
         ctx = video[:, : context_segments * f]
         out = generate(
             net,

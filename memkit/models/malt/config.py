@@ -79,6 +79,12 @@ class MALTConfig:
             ``"cross"`` (cross-attention to the prompt tokens in every block).
         memory: a :class:`MemorySpec`.
         backend: attention backend for :func:`memkit.attend`.
+        prediction: what the output head predicts: ``"velocity"`` (``eps - x_0``) or ``"x0"``
+            (the clean segment). Either way :meth:`MALTNetwork.forward` returns the velocity
+            (for ``"x0"``: ``(x_t - x0_hat) / max(t, 0.05)``), so the flow-matching loss and
+            the sampler are the same; with ``"x0"`` that loss is the clean-sample error
+            weighted by ``1 / max(t, 0.05)^2`` (the x-prediction, v-loss pairing of JiT,
+            Li & He 2025). Small models learn to copy from memory faster with it.
 
     Example:
         >>> cfg = MALTConfig.preset("tiny")
@@ -106,6 +112,7 @@ class MALTConfig:
     prompt_mode: str = "adaln"
     memory: MemorySpec = dataclasses.field(default_factory=MemorySpec)
     backend: str = "auto"
+    prediction: str = "velocity"
 
     def __post_init__(self) -> None:
         if isinstance(self.memory, (dict, str)):
@@ -140,6 +147,8 @@ class MALTConfig:
             raise ConfigError(f"tubelet ({self.tubelet}) must divide frames_per_segment ({self.frames_per_segment})")
         if self.dim % self.heads or (self.dim // self.heads) % 2:
             raise ConfigError(f"dim ({self.dim}) must be divisible by heads ({self.heads}) into an even head_dim")
+        if self.prediction not in ("velocity", "x0"):
+            raise ConfigError(f"prediction must be 'velocity' or 'x0', got {self.prediction!r}")
         if self.prompt_mode not in ("adaln", "cross"):
             raise ConfigError(f"prompt_mode must be 'adaln' or 'cross', got {self.prompt_mode!r}")
         if self.memory.layers is not None:

@@ -33,6 +33,10 @@ __all__ = ["MALTNetwork", "CheckpointError", "patchify", "unpatchify"]
 
 _WEIGHTS, _CONFIG = "model.safetensors", "config.json"
 
+#: ``prediction="x0"``: the velocity ``(x_t - x0) / t`` divides by at least this (as JiT does),
+#: so the velocity loss weights the clean-sample error by at most ``1 / 0.05**2``.
+_X0_MIN_T = 0.05
+
 
 def patchify(x: Tensor, patch: int, tubelet: int) -> Tensor:
     """``(b F c H W) -> (b n tubelet*c*patch*patch)``, tokens frame-major then row-major."""
@@ -346,7 +350,13 @@ class MALTNetwork(nn.Module):
             return None, tuple(new_states)
         shift, scale = self.ada_out(cond).repeat_interleave(c.tokens_per_frame, dim=1).chunk(2, dim=-1)
         out = self.out(_modulate(self.norm_out(h), shift, scale))
-        return unpatchify(out, c.patch_size, c.tubelet, c.channels, c.height, c.width), tuple(new_states)
+        pred = unpatchify(out, c.patch_size, c.tubelet, c.channels, c.height, c.width)
+        if c.prediction == "x0":
+            # the head predicts the clean segment; callers always get the velocity it implies
+            n = pred.shape[0]
+            tt = t[:n].to(pred.dtype).clamp_min(_X0_MIN_T).reshape(-1, 1, 1, 1, 1)
+            pred = (x[:n] - pred) / tt
+        return pred, tuple(new_states)
 
     @typechecked
     def forward(
