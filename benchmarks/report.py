@@ -84,7 +84,7 @@ WHY: dict[str, str] = {
     ),
     "attend_efficiency": (
         "At {queries} queries over {keys} keys memkit.attend reached {value:.0%} of the measured matmul peak. "
-        "Attention's two matmuls contract over the head dimension (64 here), so each value loaded is used far "
+        "Attention's two matmuls contract over the head dimension only, so each value loaded is used far "
         "fewer times than in the square matmul that sets the peak, and the softmax between them (exp, max, "
         "rescaling in the fused kernel) runs at memory speed, not matmul speed; few queries (one segment's) "
         "make it worse. memkit adds little on top: the call goes straight to torch's SDPA (with the validity "

@@ -65,6 +65,27 @@ def timestep_embedding(t: Tensor, dim: int) -> Tensor:
     return torch.cat([args.cos(), args.sin()], dim=-1)
 
 
+def sincos_2d(rows: int, cols: int, dim: int) -> Tensor:
+    """DiT/MAE's 2-D sin-cos position table ``(rows * cols, dim)``, row-major; half the channels
+    encode the row, half the column, values in ``[-1, 1]`` (channels past ``4 * (dim // 4)`` are 0).
+
+    Example:
+        >>> sincos_2d(2, 3, 8).shape
+        torch.Size([6, 8])
+    """
+    quarter = dim // 4
+    freqs = 1.0 / 10000.0 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    ys, xs = torch.meshgrid(
+        torch.arange(rows, dtype=torch.float64), torch.arange(cols, dtype=torch.float64), indexing="ij"
+    )
+    parts = []
+    for coord in (ys.flatten(), xs.flatten()):
+        angles = coord[:, None] * freqs
+        parts += [angles.sin(), angles.cos()]
+    table = torch.cat(parts, dim=-1).float()
+    return torch.nn.functional.pad(table, (0, dim - table.shape[-1]))
+
+
 def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale) + shift
 
@@ -172,7 +193,10 @@ class MALTNetwork(nn.Module):
         if len(memories) != c.depth:
             raise ShapeError(f"memories: expected one entry per block ({c.depth}), got {len(memories)}")
         self.patch_in = nn.Linear(c.patch_dim, dim)
-        self.spatial = nn.Parameter(torch.randn(c.tokens_per_frame, dim) * 0.02)
+        # learned, but started at DiT's fixed 2-D sin-cos table: unit-scale, so a token's place is as
+        # visible as its content from step 0 (a 0.02-scale random start took hundreds of steps to
+        # grow before attention could match a token to the same place in a remembered frame)
+        self.spatial = nn.Parameter(sincos_2d(c.height // c.patch_size, c.width // c.patch_size, dim))
         self.time_mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.action_mlp: nn.Module | None = None
         if c.action_dim:
