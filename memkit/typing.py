@@ -14,6 +14,7 @@ compiled graph has already been checked on its first eager call.
 import functools
 import os
 import re
+import types
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -93,7 +94,11 @@ def typechecked(fn: F) -> F:
             headline = summarize_typecheck_error(report)
             raise ShapeError(f"{headline}\n\n{report}" if headline else report) from err
 
-    return wrapper  # type: ignore[return-value]
+    # torch.compile keeps one cache per code object: every wrapper sharing one would make
+    # the 9th compiled entry point hit dynamo's recompile limit, so each gets its own copy
+    code = wrapper.__code__.replace(co_name=fn.__name__, co_qualname=f"typechecked.{fn.__qualname__}")
+    unique = types.FunctionType(code, wrapper.__globals__, fn.__name__, wrapper.__defaults__, wrapper.__closure__)
+    return functools.update_wrapper(unique, fn)  # type: ignore[return-value]
 
 
 _DTYPE_KINDS = {"f": "floating-point", "bf": "floating-point", "i": "integer", "u": "integer", "bool": "boolean"}

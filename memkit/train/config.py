@@ -184,16 +184,16 @@ def _demo(memory: dict[str, Any], **extra: Any) -> dict[str, Any]:
     return dict(
         model=model,
         data=dict(world="revisit", kwargs={"speed": 8, "smooth": 1.0}, pose_actions=True),
-        steps=500,
+        steps=1000,
         batch_size=8,
         segments=8,
-        curriculum=[[0, 4], [60, 6], [120, 8]],
+        curriculum=[[0, 4], [200, 6], [400, 8]],
         lr=2e-3,
         warmup_steps=30,
         ema_decay=0.99,
         write_noise=0.1,
         log_every=10,
-        checkpoint_every=100,
+        checkpoint_every=200,
         **extra,
     )
 
