@@ -83,7 +83,6 @@ def typechecked(fn: F) -> F:
     """
     checked = jaxtyped(typechecker=_beartype())(fn)
 
-    @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         if torch.compiler.is_compiling() or not _TYPECHECK[0]:
             return fn(*args, **kwargs)
