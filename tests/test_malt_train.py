@@ -130,3 +130,18 @@ def test_evaluation_uses_the_world_the_model_was_trained_on() -> None:
     assert actions.shape == (1, cfg.segments * cfg.model.frames_per_segment, 4)
     default, _ = revisit_task(net, 5, cfg.segments)
     assert not torch.equal(default, video)
+
+
+def test_demo_runs_on_the_bundled_checkpoints(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``memkit demo`` (one clip, one Euler step): a row per bundled checkpoint, every output file."""
+    from memkit.demo import DEMO_MEMORIES, asset_dir
+
+    bundled = [m for m in DEMO_MEMORIES if (asset_dir(m) / "model.safetensors").is_file()]
+    if not bundled:
+        pytest.skip("no demo checkpoints in memkit/assets")
+    assert main(["demo", "--out", str(tmp_path), "--clips", "1", "--steps", "1"]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert [r["memory"] for r in rows] == bundled
+    for name in [*(f"{m}.gif" for m in bundled), "all.gif", "psnr_per_segment.png"]:
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert "PSNR revisited" in capsys.readouterr().out
