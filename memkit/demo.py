@@ -49,6 +49,7 @@ def _run(out: Path, clips: int, steps: int, segments: int | None) -> list[dict[s
     import torch
 
     from memkit.cli import CLIError, _save_gif
+    from memkit.data import TEST_PHOTOS
     from memkit.models.malt import MALTNetwork
     from memkit.train import TrainConfig
     from memkit.train.evaluate import evaluate_revisit, revisit_task
@@ -68,6 +69,9 @@ def _run(out: Path, clips: int, steps: int, segments: int | None) -> list[dict[s
         clip_segments = segments or train_config.max_segments()
         world = train_config.data.kwargs  # the clips the model was trained on (held-out seeds)
         res = evaluate_revisit(net, segments=clip_segments, seeds=seeds, steps=steps, world=world)
+        # the same task on photographs no model saw in training (it trained on procedural canvases)
+        photo_world = {**world, "sources": TEST_PHOTOS}
+        photos = evaluate_revisit(net, segments=clip_segments, seeds=seeds, steps=steps, world=photo_world)
         # whole clip: the outbound sweep (context, the same on both sides), then the return sweep
         truth, _ = revisit_task(net, seeds[0], clip_segments, world=world)
         truth = truth[0]
@@ -82,6 +86,7 @@ def _run(out: Path, clips: int, steps: int, segments: int | None) -> list[dict[s
                 "memory": memory,
                 "psnr": res.psnr,
                 "psnr_per_segment": res.psnr_per_segment,
+                "psnr_unseen_photos": photos.psnr,
                 "ms_per_segment": res.ms_per_segment,
                 "state_bytes": res.state_bytes,
             }
@@ -105,10 +110,16 @@ def _divider(frames: Any) -> Any:
 def _print_table(rows: list[dict[str, Any]]) -> None:
     base = next((r["psnr"] for r in rows if r["memory"] == "none"), None)
     print()
-    print(f"{'memory':<12}{'PSNR revisited (dB)':>21}{'vs none':>10}{'ms / segment':>15}{'state bytes':>14}")
+    print(
+        f"{'memory':<12}{'PSNR revisited (dB)':>21}{'vs none':>10}{'unseen photos (dB)':>20}"
+        f"{'ms / segment':>15}{'state bytes':>14}"
+    )
     for r in rows:
         gap = f"{r['psnr'] - base:+.2f}" if base is not None else "-"
-        print(f"{r['memory']:<12}{r['psnr']:>21.2f}{gap:>10}{r['ms_per_segment']:>15.1f}{r['state_bytes']:>14,}")
+        print(
+            f"{r['memory']:<12}{r['psnr']:>21.2f}{gap:>10}{r['psnr_unseen_photos']:>20.2f}"
+            f"{r['ms_per_segment']:>15.1f}{r['state_bytes']:>14,}"
+        )
     print()
 
 
