@@ -137,8 +137,7 @@ def test_demo_runs_on_the_bundled_checkpoints(tmp_path: Path, capsys: pytest.Cap
     from memkit.demo import DEMO_MEMORIES, asset_dir
 
     bundled = [m for m in DEMO_MEMORIES if (asset_dir(m) / "model.safetensors").is_file()]
-    if not bundled:
-        pytest.skip("no demo checkpoints in memkit/assets")
+    assert bundled == list(DEMO_MEMORIES), "the demo checkpoints ship in memkit/assets"
     assert main(["demo", "--out", str(tmp_path), "--clips", "1", "--steps", "1"]) == 0
     rows = json.loads((tmp_path / "results.json").read_text())
     assert [r["memory"] for r in rows] == bundled
