@@ -173,6 +173,16 @@ class TrainConfig:
         return cls.from_dict({**TRAIN_PRESETS[name], **changes})
 
 
+def _demo_photos(memory: dict[str, Any]) -> dict[str, Any]:
+    """The demo setting on scikit-image photographs (``TRAIN_PHOTOS``) plus procedural canvases;
+    ``TEST_PHOTOS`` stay unseen for evaluation."""
+    from memkit.data import TRAIN_PHOTOS
+
+    preset = _demo(memory)
+    preset["data"]["kwargs"]["sources"] = ["procedural", *TRAIN_PHOTOS]
+    return preset
+
+
 def _demo(memory: dict[str, Any], **extra: Any) -> dict[str, Any]:
     """The demo setting (docs/guides/training.md): 16x16 revisit clips of 8 one-frame segments
     (4 out, 4 back) on blurred canvases, the camera moving 8 pixels (two patches) a frame, an
@@ -225,4 +235,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "demo-sparse_kv": _demo({"name": "sparse_kv", "kwargs": {"capacity": 10, "top_k": 4}}),
     "demo-recurrent": _demo({"name": "recurrent", "kwargs": {"slots": 16}}),
     "demo-fifo": _demo({"name": "fifo", "kwargs": {"frames": 3}}),
+    # trained on photographs, scored on photographs never seen (docs/guides/generating.md)
+    "demo-photos-sparse_kv": _demo_photos({"name": "sparse_kv", "kwargs": {"capacity": 10, "top_k": 4}}),
+    "demo-photos-none": _demo_photos({"name": "none"}),
 }
