@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: demo test lint typecheck pytest docs clean install-dev
+.PHONY: demo test lint typecheck pytest docs clean install-dev mutants nightly
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -37,6 +37,14 @@ docs: $(VENV)/.dev
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir $(VENV)/site
 
 test: lint typecheck pytest docs
+
+# every known bug in tests/mutants.py, injected in turn; each must fail its tests (~15 min on 2 cores)
+mutants: $(VENV)/.dev
+	MEMKIT_TYPECHECK=1 $(PY) tests/mutants.py -j 2
+
+# the suite with many more random hypothesis examples (HYPOTHESIS_PROFILE=nightly, tests/conftest.py)
+nightly: $(VENV)/.dev
+	HYPOTHESIS_PROFILE=nightly MEMKIT_TYPECHECK=1 $(VENV)/bin/pytest -n 2 tests memkit
 
 clean:
 	rm -rf $(VENV) site .mypy_cache .ruff_cache .hypothesis

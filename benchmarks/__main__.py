@@ -22,12 +22,13 @@ from typing import Any
 
 import benchmarks  # noqa: F401  (switches shape checking off before memkit is imported)
 
-SECTIONS = ("cost_layer", "cost_backbone", "overhead", "sparse", "quality")
+SECTIONS = ("cost_layer", "cost_backbone", "overhead", "sparse", "quality", "length")
 
 
 def plan(quick: bool) -> dict[str, Any]:
     """Every setting of a run, quick or full."""
     from benchmarks.cost import StreamSettings
+    from benchmarks.length import LengthSettings
     from benchmarks.overhead import OverheadSettings
     from benchmarks.quality import QualitySettings
     from benchmarks.roster import Geometry
@@ -62,6 +63,7 @@ def plan(quick: bool) -> dict[str, Any]:
                 mm_sizes=(128, 256),
             ),
             "quality": QualitySettings(clips=2, segments=10, psnr_clips=1, sampler_steps=2),
+            "length": LengthSettings(multiple=2, seeds=1, steps=2, quick_variants=True),
         }
     return {
         "layer_geometry": Geometry(
@@ -75,6 +77,7 @@ def plan(quick: bool) -> dict[str, Any]:
         "overhead": OverheadSettings(steps=(8, 4), warm_segments=48, rounds=20, warmup_rounds=2),
         "sparse": SparseSettings(),
         "quality": QualitySettings(),
+        "length": LengthSettings(),
     }
 
 
@@ -98,7 +101,7 @@ def _plain(x: Any) -> Any:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from benchmarks import cost, overhead, quality, rss, sparse
+    from benchmarks import cost, length, overhead, quality, rss, sparse
     from benchmarks.common import ROOT, SCHEMA, Section, machine, now_iso
     from benchmarks.report import all_finite
     from benchmarks.roster import describe, roster
@@ -183,6 +186,8 @@ def run(args: argparse.Namespace) -> int:
             "quality",
             lambda: (quality.checkpoint_psnr(p["quality"], quick), quality.prompt_bank_precision(p["quality"])),
         )
+    if "length" in only:
+        attempt("length", lambda: length.length_section(p["length"]))
 
     results["duration_s"] = round(time.time() - started, 1)
     results["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None

@@ -3,6 +3,8 @@
 * **PSNR of revisited frames** (revisit world): the first half of a clip (the outbound pan)
   is given as context, the backbone generates the second half (the way back), and the
   generated frames that show a place the context showed are compared with the truth.
+  Clips are as long as the longest the checkpoint trained on (``psnr_segments`` sets another
+  length); quality past the trained length is :mod:`benchmarks.length`'s section.
   Needs a trained checkpoint (``config.json`` + ``model.safetensors`` and, to know its
   world, ``train_config.json``): ``MEMKIT_BENCH_CHECKPOINT``, or any such folder under
   ``memkit/assets/``. A memory without parameters can replace the one the checkpoint was
@@ -49,7 +51,7 @@ class QualitySettings:
     pixel_weight: float = 1.0  # b
     # PSNR with a checkpoint
     psnr_clips: int = 8
-    psnr_segments: int | None = None  # default: what the checkpoint trained on, doubled
+    psnr_segments: int | None = None  # default: the longest clip the checkpoint trained on (made even)
     sampler_steps: int = 8
     seed: int = 0
 
@@ -216,6 +218,8 @@ def checkpoint_psnr(st: QualitySettings, quick: bool) -> Section:
         "protocol": "the first half of each clip is given as context (written through the clean pass), the "
         "second half is generated; PSNR (peak-to-peak 2) against the ground truth, mean over clips",
         "clips": f"seeds 100000 + i (as memkit demo), {1 if quick else st.psnr_clips} per memory",
+        "segments": "psnr_segments, else the longest clip the checkpoint trained on (at most 4 in a quick run), "
+        "made even",
         "swapped_into": host,
     }
     if host is None:

@@ -54,6 +54,12 @@ def _non_negative(text: str) -> int:
     return value
 
 
+_TRUST_HELP = (
+    "allow a config or checkpoint whose memory is 'module:Class' (memkit imports that module, running its code); "
+    "only for files whose origin you trust"
+)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="memkit", description="Memory modules for long video generation: train, generate, demo.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -68,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     tr.add_argument("--fresh", action="store_true", help="ignore a checkpoint in --out instead of resuming")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tr.add_argument("--trust-remote-code", action="store_true", help=_TRUST_HELP)
 
     ge = sub.add_parser("generate", help="generate a long video from a checkpoint, with a memory of your choice")
     ge.add_argument("--checkpoint", required=True, help="folder with config.json and model.safetensors")
@@ -78,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     ge.add_argument(
         "--context-segments",
         type=_non_negative,
-        help="ground-truth segments written first (default: the outbound sweep)",
+        help="ground-truth segments written first (default: the outbound sweep, or the sweep of a sweep world)",
     )
     ge.add_argument("--steps", type=_positive, default=8, help="Euler steps per segment")
     ge.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (models with a prompt)")
@@ -89,17 +96,26 @@ def _parser() -> argparse.ArgumentParser:
     ge.add_argument("--fps", type=_positive, default=8, help="GIF frame rate")
     ge.add_argument("--device", help="cpu, cuda ... (default: cuda when available)")
     ge.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ge.add_argument("--trust-remote-code", action="store_true", help=_TRUST_HELP)
 
-    de = sub.add_parser("demo", help="memory vs no memory on the revisit world, with the bundled checkpoints")
-    de.add_argument("--out", default="memkit-demo", help="folder for the GIFs, plot and results.json")
-    de.add_argument("--clips", type=_positive, default=8, help="revisit clips to average over")
+    de = sub.add_parser(
+        "demo", help="memory past the trained length on the revisit world, with the bundled checkpoints"
+    )
+    de.add_argument("--out", default="memkit-demo", help="folder for the GIFs, plots and results.json")
+    de.add_argument(
+        "--clips", type=_positive, default=1, help="clips per path family, on procedural canvases and on photographs"
+    )
     de.add_argument("--steps", type=_positive, default=8, help="Euler steps per segment")
+    de.add_argument(
+        "--multiple", type=_positive, default=4, help="generate this many times the trained length (at least 4)"
+    )
     return parser
 
 
 # ------------------------------------------------------------------------------------------ train
 def _cmd_train(args: argparse.Namespace) -> int:
     from memkit.train import TrainConfig, train
+    from memkit.train.trainer import recover_training
 
     path = Path(args.config)
     if path.suffix == ".json" or path.is_file():
@@ -120,14 +136,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {args.out!r} exists and is not a folder")
-    resume = not args.fresh and (out / "train" / "state.json").is_file()
+    resume = not args.fresh and recover_training(out)
     if resume:
         saved = out / "train_config.json"
         if saved.is_file():
             config = TrainConfig.load(saved).replace(batch_size=config.batch_size)
-        print(f"memkit: resuming from {out}", file=sys.stderr)
-    _check_memory(config.model)
-    result = train(config, out, steps=args.steps, device=args.device, progress=not args.no_progress, resume=resume)
+        if _speaks():
+            print(f"memkit: resuming from {out}", file=sys.stderr)
+    _check_memory(config.model, args.trust_remote_code)
+    result = train(
+        config,
+        out,
+        steps=args.steps,
+        device=args.device,
+        progress=not args.no_progress,
+        resume=resume,
+        trust_remote_code=args.trust_remote_code,
+    )
+    if not _speaks():  # under torchrun every rank gets here; rank 0 reports for all
+        return 0
     if result.losses:
         tail = result.losses[-min(20, len(result.losses)) :]
         print(f"trained to step {result.step}; mean loss of the last {len(tail)} steps {sum(tail) / len(tail):.4f}")
@@ -137,7 +164,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_memory(model: Any) -> None:
+def _speaks() -> bool:
+    """Whether this process prints reports: a single process, or rank 0 of a ``torchrun`` job."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _check_memory(model: Any, trust_remote_code: bool) -> None:
     """Build the memory once so a bad name or option fails before any work starts."""
     from memkit.models.malt import build_memory
 
@@ -148,6 +184,7 @@ def _check_memory(model: Any) -> None:
             head_dim=model.head_dim,
             tokens_per_frame=model.tokens_per_frame,
             dim=model.dim,
+            trust_remote_code=trust_remote_code,
             **model.memory.kwargs,
         )
     except TypeError as err:
@@ -155,7 +192,13 @@ def _check_memory(model: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------------ generate
-def _load(checkpoint: str, memory: str | None, memory_kwargs: dict[str, Any] | None, device: str | None) -> Any:
+def _load(
+    checkpoint: str,
+    memory: str | None,
+    memory_kwargs: dict[str, Any] | None,
+    device: str | None,
+    trust_remote_code: bool = False,
+) -> Any:
     import torch
 
     from memkit.models.malt import MALTNetwork
@@ -176,14 +219,15 @@ def _load(checkpoint: str, memory: str | None, memory_kwargs: dict[str, Any] | N
         spec = {"name": name, "kwargs": kwargs, "layers": base.get("layers")}
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        net = MALTNetwork.from_pretrained(checkpoint, memory=spec, device=dev)
+        net = MALTNetwork.from_pretrained(checkpoint, memory=spec, device=dev, trust_remote_code=trust_remote_code)
     except TypeError as err:
         raise CLIError(f"memory {spec['name'] if spec else ''!r}: {err}") from err
     return net.eval()
 
 
 def _world_task(checkpoint: str, net: Any, total_segments: int, clip_seed: int) -> dict[str, Any]:
-    """Ground truth, actions and prompt for ``total_segments``: one training-length clip, repeated."""
+    """Ground truth, actions and prompt for ``total_segments``: one training-length clip, repeated
+    (for the revisit world's sweep paths: one clip that long, whose sweep is the context)."""
     import torch
 
     from memkit.train import DataSpec, TrainConfig, build_world, prepare_sample
@@ -194,6 +238,16 @@ def _world_task(checkpoint: str, net: Any, total_segments: int, clip_seed: int) 
     if saved.is_file():
         tc = TrainConfig.load(saved)
         spec, clip_segments = tc.data, tc.max_segments()
+    path = spec.kwargs.get("path", "out_and_back") if spec.world == "revisit" else "out_and_back"
+    if path != "out_and_back":
+        # sweep worlds: one clip as long as asked, the sweep (context) then one long excursion
+        places = int(spec.kwargs.get("places", 8))
+        frames_needed = max(total_segments * cfg.frames_per_segment, places)
+        segments = -(-frames_needed // cfg.frames_per_segment)
+        sample = prepare_sample(build_world(spec, cfg, segments).sample(clip_seed), spec, cfg)
+        out_sweep: dict[str, Any] = {k: v[:total_segments] for k, v in sample.items()}
+        out_sweep["clip_segments"] = -(-places // cfg.frames_per_segment) * 2  # context = the sweep
+        return out_sweep
     world = build_world(spec, cfg, clip_segments)
     sample = prepare_sample(world.sample(clip_seed), spec, cfg)
     reps = -(-total_segments // clip_segments)
@@ -206,17 +260,18 @@ def _world_task(checkpoint: str, net: Any, total_segments: int, clip_seed: int) 
     return out
 
 
-def _save_gif(path: Path, frames: Any, fps: int, scale: int = 4) -> None:
-    try:
-        import imageio.v2 as imageio
-    except ImportError as err:
-        raise CLIError("writing GIFs needs imageio: pip install 'memkit[video]'") from err
-    import numpy as np
-    import torch
+def _require_imageio(command: str) -> None:
+    """Refuse before any work when the GIF writer is missing (not after minutes of generating)."""
+    import importlib.util
 
-    x = ((frames.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (T C H W)
-    x = x.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3).permute(0, 2, 3, 1).numpy()
-    imageio.mimsave(str(path), list(np.ascontiguousarray(x)), duration=1.0 / fps, loop=0)
+    if importlib.util.find_spec("imageio") is None:
+        raise CLIError(f"memkit {command} writes a GIF and needs imageio: pip install 'memkit-video[video]'")
+
+
+def _save_gif(path: Path, frames: Any, fps: int, scale: int = 4) -> None:
+    from memkit.media import save_gif
+
+    save_gif(path, frames, fps=fps, scale=scale)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -227,7 +282,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from memkit.models.malt import EulerSampler, generate
     from memkit.train.evaluate import psnr
 
-    net = _load(args.checkpoint, args.memory, args.memory_kwargs, args.device)
+    net = _load(args.checkpoint, args.memory, args.memory_kwargs, args.device, args.trust_remote_code)
+    _require_imageio("generate")  # before generating, not after
     cfg = net.config
     f = cfg.frames_per_segment
     # a first pass with no context to learn the clip length
@@ -288,7 +344,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from memkit.demo import run_demo
 
-    run_demo(Path(args.out), clips=args.clips, steps=args.steps)
+    run_demo(Path(args.out), clips=args.clips, steps=args.steps, multiple=args.multiple)
     return 0
 
 

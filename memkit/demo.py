@@ -1,25 +1,35 @@
-"""``memkit demo``: does memory bring back what the camera saw? The revisit world, three ways.
+"""``memkit demo``: does memory bring back what the camera saw, 4x past the trained length?
 
-A camera pans out over a canvas and comes back. The outbound sweep is given as context
-(written into memory through the clean pass); the model then generates the return sweep,
-where every frame shows a place already seen. With a memory it can copy what it saw; without
-one it can only guess. The demo prints PSNR of the revisited frames against the ground
-truth, milliseconds per segment and memory-state bytes, and saves a GIF per memory
-(ground truth left, generated right) and a PNG plot of PSNR per segment.
+The revisit world's sweep clips: a camera sweeps once over a canvas (the context, written
+into memory through the clean pass), then moves over it along paths no model trained on
+(back and forth, with pauses, fast, or dwelling on one half for a long time), and the model
+generates every frame of that. Every generated frame shows a place the sweep showed; with
+working memory the model copies it, without memory it can only guess.
 
-The checkpoints are small models (about a megabyte each) trained with ``memkit train`` on
-the revisit world, one per memory; docs/guides/generating.md has the exact commands.
+The bundled checkpoints trained on clips whose excursion after the sweep was ``L = 8``
+frames long; the demo generates ``4 L = 32`` frames and prints PSNR at 1x (frames 1-8) and
+at 4x (frames 17-32), beside three references on the same weights: no memory, a flat grey
+frame (the context's mean colour), and full-history attention. It writes a GIF per memory
+(ground truth left, generated right), ``all.gif``, plots of PSNR against length and against
+revisit lag, and ``results.json``.
 """
 
 import json
+import math
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 __all__ = ["DEMO_MEMORIES", "asset_dir", "run_demo"]
 
-#: Memories the demo compares, each with the checkpoint trained with it.
-DEMO_MEMORIES: tuple[str, ...] = ("sparse_kv", "recurrent", "fifo", "none")
+_VARIANT_NAMES = {
+    "full": "full history",
+    "fifo-3": "local window 3",
+    "sink-8": "sparse_kv + sink 8",
+}
+
+#: Checkpoints the demo loads, one per memory it was trained with.
+DEMO_MEMORIES: tuple[str, ...] = ("sparse_kv", "recurrent")
 
 
 def asset_dir(memory: str) -> Path:
@@ -27,79 +37,163 @@ def asset_dir(memory: str) -> Path:
     return Path(str(resources.files("memkit") / "assets" / f"demo-{memory}"))
 
 
-def run_demo(out: Path, *, clips: int = 8, steps: int = 8, segments: int | None = None) -> list[dict[str, Any]]:
-    """Run the comparison, print the table, write GIFs, plot and ``results.json`` into ``out``."""
+def run_demo(out: Path, *, clips: int = 1, steps: int = 8, multiple: int = 4) -> list[dict[str, Any]]:
+    """Run the comparison, print the table, write GIFs, plots and ``results.json`` into ``out``.
+
+    Args:
+        out: output folder.
+        clips: clips per path family and canvas kind (procedural, unseen photograph).
+        steps: Euler steps per generated frame.
+        multiple: generate ``multiple x`` the trained length (at least 4).
+    """
     import torch
 
     from memkit.typing import set_typecheck
 
-    # the models are tiny (16 tokens a frame): a second thread only adds synchronisation, and on a
-    # busy machine OpenMP threads spinning against each other made the demo 30x slower
+    _check_video_extra()
+    # the models are tiny (16 tokens a frame): a second thread only adds synchronisation
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     checking = set_typecheck(False)  # shapes are fixed here; the checks would double the run time
     try:
-        return _run(out, clips, steps, segments)
+        return _run(out, clips, steps, multiple)
     finally:
         set_typecheck(checking)
         torch.set_num_threads(threads)
 
 
-def _run(out: Path, clips: int, steps: int, segments: int | None) -> list[dict[str, Any]]:
-    import torch
+def _check_video_extra() -> None:
+    from memkit.errors import MemkitError
 
-    from memkit.cli import CLIError, _save_gif
-    from memkit.data import TEST_PHOTOS
+    missing = []
+    for module in ("imageio", "matplotlib", "pytorch_msssim", "skimage"):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise MemkitError(
+            f"memkit demo needs the video extra ({', '.join(missing)} not installed): pip install 'memkit-video[video]'"
+        )
+
+
+def _run(out: Path, clips: int, steps: int, multiple: int) -> list[dict[str, Any]]:
+    from tqdm import tqdm
+
+    from memkit.data import EVAL_PATHS, TEST_PHOTOS
+    from memkit.errors import MemkitError
+    from memkit.media import save_gif
     from memkit.models.malt import MALTNetwork
     from memkit.train import TrainConfig
-    from memkit.train.evaluate import evaluate_revisit, revisit_task
+    from memkit.train.long_eval import evaluate_long, trained_length
 
     found = [m for m in DEMO_MEMORIES if (asset_dir(m) / "model.safetensors").is_file()]
     if not found:
-        raise CLIError(f"no demo checkpoints found under {asset_dir('x').parent}; reinstall memkit")
+        raise MemkitError(f"no demo checkpoints found under {asset_dir('x').parent}; reinstall memkit")
     out.mkdir(parents=True, exist_ok=True)
-    rows: list[dict[str, Any]] = []
-    panels: list[Any] = []
     seeds = tuple(100_000 + i for i in range(clips))
-    print(f"revisit world: outbound sweep given as context, return sweep generated ({clips} clips, {steps} steps)")
-    for memory in found:
+    results: dict[str, Any] = {}
+    L = 0
+    bar = tqdm(found, desc="demo", unit="checkpoint")
+    for memory in bar:
         path = asset_dir(memory)
         net = MALTNetwork.from_pretrained(path).eval()
         train_config = TrainConfig.load(path / "train_config.json")
-        clip_segments = segments or train_config.max_segments()
-        world = train_config.data.kwargs  # the clips the model was trained on (held-out seeds)
-        res = evaluate_revisit(net, segments=clip_segments, seeds=seeds, steps=steps, world=world)
-        # the same task on photographs no model saw in training (it trained on procedural canvases)
-        photo_world = {**world, "sources": TEST_PHOTOS}
-        photos = evaluate_revisit(net, segments=clip_segments, seeds=seeds, steps=steps, world=photo_world)
-        # whole clip: the outbound sweep (context, the same on both sides), then the return sweep
-        truth, _ = revisit_task(net, seeds[0], clip_segments, world=world)
-        truth = truth[0]
-        context = truth[: truth.shape[0] - res.video.shape[0]]
-        shown = torch.cat([context, res.video.cpu()])
-        _save_gif(out / f"{memory}.gif", torch.cat([truth, _divider(truth), shown], dim=-1), fps=2)
-        if not panels:
-            panels.append(truth)
-        panels += [_divider(truth), shown]
-        rows.append(
+        L = trained_length(train_config)
+        world = dict(train_config.data.kwargs)
+        refs = ("none", "grey", "full") if memory == found[0] else ("none",)
+        variants = (
             {
-                "memory": memory,
-                "psnr": res.psnr,
-                "psnr_per_segment": res.psnr_per_segment,
-                "psnr_unseen_photos": photos.psnr,
-                "ms_per_segment": res.ms_per_segment,
-                "state_bytes": res.state_bytes,
+                "fifo-3": {"name": "fifo", "kwargs": {"frames": 3}},
+                "sink-8": {"name": "sparse_kv", "kwargs": {"capacity": 16, "top_k": 4, "always_frames": 8}},
             }
+            if memory == "sparse_kv"
+            else {}
         )
-        print(f"  {memory:<10} done", flush=True)
-    _save_gif(out / "all.gif", torch.cat(panels, dim=-1), fps=2)
-    _print_table(rows)
-    _plot(rows, out / "psnr_per_segment.png")
+        for kind, sources in (("procedural", ("procedural",)), ("photos", TEST_PHOTOS)):
+            bar.set_postfix(memory=memory, canvases=kind)
+            res = evaluate_long(
+                net,
+                name=memory,
+                trained_length=L,
+                world={**world, "sources": sources},
+                multiple=multiple,
+                families=EVAL_PATHS,
+                seeds=seeds,
+                steps=steps,
+                references=refs,
+                variants=variants,
+            )
+            for label, r in res.items():
+                key = label if label == memory or label == "grey" else f"{label} ({memory} weights)"
+                if label in _VARIANT_NAMES:
+                    key = f"{_VARIANT_NAMES[label]} ({memory} weights)"
+                results.setdefault(key, {})[kind] = r
+    bar.close()
+    rows = [_row(name, by_kind) for name, by_kind in results.items()]
+    _print_table(rows, L, multiple)
+    _write_gifs(out, results, save_gif)
+    _plot(rows, L, out)
     (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
-    names = ", ".join(r["memory"] + ".gif" for r in rows)
-    print(f"wrote {names} (left: ground truth, right: generated), all.gif (truth, then {', '.join(found)}),")
-    print(f"psnr_per_segment.png and results.json to {out}")
+    print("wrote one GIF per memory (left: ground truth, right: generated), all.gif, psnr_by_length.png,")
+    print(f"psnr_by_lag.png and results.json to {out}")
     return rows
+
+
+def _row(name: str, by_kind: dict[str, Any]) -> dict[str, Any]:
+    proc, photos = by_kind["procedural"], by_kind.get("photos")
+    return {
+        "memory": name,
+        "trained_length": proc.trained_length,
+        "procedural": proc.summary(),
+        "unseen_photos": None if photos is None else photos.summary(),
+        "state_bytes": proc.state_bytes // max(1, proc.psnr.shape[0]),
+        "ms_per_frame": proc.ms_per_frame,
+    }
+
+
+def _fmt(x: float, spec: str = ".2f") -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def _print_table(rows: list[dict[str, Any]], L: int, multiple: int) -> None:
+    def at(row: dict[str, Any], kind: str, m: int, metric: str = "psnr") -> float:
+        summary = row[kind]
+        return float("nan") if summary is None else summary["by_length"].get(f"{m}x", {}).get(metric, float("nan"))
+
+    print()
+    print(f"trained length L = {L} generated frames; 1x = frames 1-{L}, {multiple}x = frames "
+          f"{L * multiple // 2 + 1}-{L * multiple}")  # fmt: skip
+    head = (
+        f"{'memory':<40}{'PSNR 1x':>9}{'PSNR 4x':>9}{'SSIM 4x':>9}{'recall 4x':>10}{'photos 4x':>11}{'state bytes':>13}"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(
+            f"{r['memory']:<40}{_fmt(at(r, 'procedural', 1)):>9}{_fmt(at(r, 'procedural', 4)):>9}"
+            f"{_fmt(at(r, 'procedural', 4, 'ssim')):>9}{_fmt(at(r, 'procedural', 4, 'recall'), '.0%'):>10}"
+            f"{_fmt(at(r, 'unseen_photos', 4)):>11}{r['state_bytes']:>13,}"
+        )
+    print("(PSNR in dB on procedural canvases; 'photos 4x' on photographs no model trained on;")
+    print(" recall: share of frames whose nearest context frame shows the right place)")
+    print()
+
+
+def _write_gifs(out: Path, results: dict[str, Any], save_gif: Any) -> None:
+    """One GIF per memory of the first clip: ground truth left, the context sweep then generated right."""
+    import torch
+
+    named = {k: v["procedural"] for k, v in results.items() if v["procedural"].video is not None}
+    if not named:
+        return
+    truth = next(iter(named.values())).truth
+    panels = [truth]
+    for name, res in named.items():
+        shown = torch.cat([truth[: truth.shape[0] - res.video.shape[0]], res.video])
+        save_gif(out / f"{_slug(name)}.gif", torch.cat([truth, _divider(truth), shown], dim=-1), fps=4)
+        panels += [_divider(truth), shown]
+    save_gif(out / "all.gif", torch.cat(panels, dim=-1), fps=4)
 
 
 def _divider(frames: Any) -> Any:
@@ -107,40 +201,47 @@ def _divider(frames: Any) -> Any:
     return frames.new_ones(*frames.shape[:-1], 1)
 
 
-def _print_table(rows: list[dict[str, Any]]) -> None:
-    base = next((r["psnr"] for r in rows if r["memory"] == "none"), None)
-    print()
-    print(
-        f"{'memory':<12}{'PSNR revisited (dB)':>21}{'vs none':>10}{'unseen photos (dB)':>20}"
-        f"{'ms / segment':>15}{'state bytes':>14}"
-    )
-    for r in rows:
-        gap = f"{r['psnr'] - base:+.2f}" if base is not None else "-"
-        print(
-            f"{r['memory']:<12}{r['psnr']:>21.2f}{gap:>10}{r['psnr_unseen_photos']:>20.2f}"
-            f"{r['ms_per_segment']:>15.1f}{r['state_bytes']:>14,}"
-        )
-    print()
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name).strip("_").replace("__", "_")
 
 
-def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+def _plot(rows: list[dict[str, Any]], L: int, out: Path) -> None:
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed (pip install 'memkit[video]'): no plot")
+        print("matplotlib is not installed (pip install 'memkit-video[video]'): no plots")
         return
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = plt.subplots(figsize=(7, 4))
     for r in rows:
-        ax.plot(range(1, len(r["psnr_per_segment"]) + 1), r["psnr_per_segment"], marker="o", label=r["memory"])
-    ax.set_xticks(range(1, 1 + max(len(r["psnr_per_segment"]) for r in rows)))
-    ax.set_xlabel("generated segment of the return sweep")
-    ax.set_ylabel("PSNR vs ground truth (dB)")
-    ax.set_title("revisited frames: memory vs none")
+        by = r["procedural"]["by_length"]
+        xs = [int(k[:-1]) for k in by]
+        ax.plot(xs, [v["psnr"] for v in by.values()], marker="o", label=r["memory"])
+    ax.set_xscale("log", base=2)
+    shown = sorted({int(k[:-1]) for r in rows for k in r["procedural"]["by_length"]})
+    ax.set_xticks(shown)
+    ax.set_xticklabels([f"{m}x" for m in shown])
+    ax.set_xlabel(f"generated length, in multiples of the trained length (L = {L} frames)")
+    ax.set_ylabel("PSNR of the frames in that bucket (dB)")
+    ax.set_title("quality along length (procedural canvases)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(out / "psnr_by_length.png", dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in rows:
+        lags = r["procedural"]["by_lag"]
+        if lags:
+            ax.plot([d["lag"] for d in lags], [d["psnr"] for d in lags], marker="o", label=r["memory"])
+    ax.set_xlabel("revisit lag: frames since the place was last on screen")
+    ax.set_ylabel("PSNR (dB)")
+    ax.set_title("quality along revisit lag (procedural canvases)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "psnr_by_lag.png", dpi=100)
     plt.close(fig)

@@ -48,5 +48,7 @@ class NonFiniteError(MemkitError, ValueError):
 
     memkit's policy: a :class:`memkit.Chunk` refuses non-finite keys, values or hidden
     states when it is built (outside ``torch.compile``), so nothing non-finite is ever
-    written. Reads are not checked: they cannot change a memory.
+    written. Reads are not checked: they cannot change a memory. The check waits for the
+    device (a sync per write), so it runs while checking is on
+    (:func:`memkit.typing.set_typecheck`, on by default).
     """

@@ -9,21 +9,31 @@ dtypes than the template, or is truncated or corrupted (a SHA-256 of every tenso
 is stored and checked). It never loads part of a file.
 """
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-import torch.utils._pytree as pytree
 from torch import Tensor
 
 from memkit.errors import CheckpointError
 
-__all__ = ["save_states", "load_states", "memory_config", "FORMAT_VERSION", "atomic_write_bytes"]
+__all__ = [
+    "save_states",
+    "load_states",
+    "read_header",
+    "memory_config",
+    "FORMAT_VERSION",
+    "atomic_path",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "fsync_dir",
+]
 
 FORMAT = "memkit-state"
 FORMAT_VERSION = 1
@@ -52,13 +62,37 @@ def memory_config(memory: Any) -> dict[str, Any]:
 
 
 def _flatten(tree: Any) -> list[tuple[str, Tensor]]:
-    leaves, _ = pytree.tree_flatten_with_path(tree)
-    out = []
-    for path, leaf in leaves:
-        if not isinstance(leaf, Tensor):
-            raise CheckpointError(f"state leaf {pytree.keystr(path)} is a {type(leaf).__name__}, not a tensor")
-        out.append((pytree.keystr(path) or "[]", leaf))
-    return out
+    """Every tensor of a pytree of states with memkit's own field path (:func:`memkit.state.tensor_paths`).
+
+    The names in a file never depend on how a torch version formats pytree keys; they are
+    spelled as format version 1 has always spelled them, so older files load unchanged.
+    """
+    from memkit.errors import StateError
+    from memkit.state import tensor_paths
+
+    try:
+        return tensor_paths(tree)
+    except StateError as err:
+        raise CheckpointError(f"cannot save or load this state: {err}") from err
+
+
+def _state_types(tree: Any) -> list[str]:
+    from memkit.state import MemoryState
+
+    found: set[str] = set()
+
+    def visit(node: Any) -> None:
+        if isinstance(node, MemoryState):
+            found.add(type(node).__qualname__)
+        elif isinstance(node, dict):
+            for child in node.values():
+                visit(child)
+        elif isinstance(node, (tuple, list)):
+            for child in node:
+                visit(child)
+
+    visit(tree)
+    return sorted(found)
 
 
 def _digest(named: list[tuple[str, Tensor]]) -> str:
@@ -69,20 +103,81 @@ def _digest(named: list[tuple[str, Tensor]]) -> str:
     return h.hexdigest()
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one."""
+def fsync_dir(directory: str | os.PathLike[str]) -> None:
+    """Make a rename or a new file in ``directory`` survive a power cut (a no-op where unsupported)."""
+    if os.name == "nt":  # pragma: no cover - Windows cannot open a directory
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some file systems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    # read, not set: os.umask() would change the process's mask for a moment under other threads
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temporary path to write ``path``'s new content to; on success it replaces ``path`` atomically.
+
+    memkit's one way of writing a file that must never be seen half-written (saved states,
+    ``save_pretrained``, training checkpoints): the temporary file gets a unique name in
+    the target's folder (so concurrent writers never share one, and the rename stays on one
+    file system), is flushed to disk, then renamed over the target with ``os.replace``, and
+    the folder is synced. A crash or an exception leaves the old file (or none) and no
+    temporary file. The new file keeps the old one's permissions (a new file gets the
+    usual ``0o666`` less the umask, not ``mkstemp``'s private ``0o600``).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> from memkit.io import atomic_path
+        >>> target = pathlib.Path(tempfile.mkdtemp()) / "weights.bin"
+        >>> with atomic_path(target) as tmp:
+        ...     _ = tmp.write_bytes(b"new")
+        >>> target.read_bytes(), sorted(p.name for p in target.parent.iterdir())
+        (b'new', ['weights.bin'])
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield tmp
+        mode = target.stat().st_mode & 0o777 if target.exists() else 0o666 & ~_umask()
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, target)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    fsync_dir(target.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path``: a crash leaves either the old file or the new one (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_path`)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def save_states(path: str | os.PathLike[str], states: Any, memories: Any | Sequence[Any] | None = None) -> None:
@@ -104,34 +199,132 @@ def save_states(path: str | os.PathLike[str], states: Any, memories: Any | Seque
     """
     from safetensors.torch import save
 
+    target = _as_path("save_states", path)
+    if target.is_dir():
+        raise CheckpointError(
+            f"{target}: is a directory; save_states writes one file, e.g. {target / 'stream.safetensors'}"
+        )
     named = _flatten(states)
-    mems = [] if memories is None else list(memories) if isinstance(memories, (list, tuple)) else [memories]
+    mems = _memory_list("save_states", memories)
     header = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "memories": [memory_config(m) for m in mems],
-        "state_types": sorted({type(s).__qualname__ for s in pytree.tree_leaves(states, is_leaf=_is_state)}),
+        "state_types": _state_types(states),
         "tensors": {name: {"shape": list(t.shape), "dtype": str(t.dtype)} for name, t in named},
         "sha256": _digest(named),
     }
     # safetensors keys must be unique strings; keep order in the header
     blobs = {f"t{i:05d}": t.detach().cpu().contiguous() for i, (_, t) in enumerate(named)}
     header["keys"] = [name for name, _ in named]
-    atomic_write_bytes(path, save(blobs, metadata={"memkit": json.dumps(header)}))
+    try:
+        atomic_write_bytes(target, save(blobs, metadata={"memkit": json.dumps(header)}))
+    except OSError as err:
+        raise CheckpointError(f"{target}: cannot write the file ({type(err).__name__}: {err})") from err
 
 
-def _is_state(x: Any) -> bool:
-    from memkit.state import MemoryState
+def _as_path(where: str, path: Any) -> Path:
+    """``path`` as a Path, or a CheckpointError naming what was given instead."""
+    if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
+        raise CheckpointError(f"{where}: path must be a str or os.PathLike naming a file, got {type(path).__name__}")
+    return Path(path)
 
-    return isinstance(x, MemoryState)
+
+def _memory_list(where: str, memories: Any) -> list[Any]:
+    """``memories`` as a list of memkit memories (one, or a list/tuple of them), or a CheckpointError."""
+    from memkit.protocol import Memory
+
+    mems = [] if memories is None else list(memories) if isinstance(memories, (list, tuple)) else [memories]
+    for i, m in enumerate(mems):
+        if not isinstance(m, Memory):
+            raise CheckpointError(
+                f"{where}: memories must be a memkit Memory or a list of them (one per state), but "
+                f"{'memories' if len(mems) == 1 and not isinstance(memories, (list, tuple)) else f'memories[{i}]'} "
+                f"is a {type(m).__name__}"
+            )
+    return mems
+
+
+def _parse_header(path: Path, metadata: dict[str, str]) -> dict[str, Any]:
+    """The memkit header of a safetensors file's metadata, with every field it needs checked."""
+    if "memkit" not in metadata:
+        raise CheckpointError(f"{path}: a safetensors file without a memkit header (not saved by memkit.save_states)")
+    try:
+        header = json.loads(metadata["memkit"])
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: the memkit header is not valid JSON ({err})") from err
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the memkit header is a JSON {type(header).__name__}, not an object")
+    if header.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: format {header.get('format')!r}, expected {FORMAT!r}")
+    if header.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format version {header.get('format_version')}, this memkit reads version {FORMAT_VERSION}"
+        )
+
+    def bad(field: str, want: str) -> CheckpointError:
+        return CheckpointError(f"{path}: the memkit header's {field!r} is not {want} (a damaged or edited header)")
+
+    keys, tensors, mems = header.get("keys"), header.get("tensors"), header.get("memories", [])
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise bad("keys", "a list of tensor names")
+    if len(set(keys)) != len(keys):
+        raise bad("keys", "a list of distinct tensor names")
+    if not isinstance(tensors, dict) or set(tensors) != set(keys):
+        raise bad("tensors", "an object describing every tensor named in 'keys'")
+    for name, desc in tensors.items():
+        shape = desc.get("shape") if isinstance(desc, dict) else None
+        if not (isinstance(shape, list) and all(isinstance(n, int) for n in shape) and isinstance(desc["dtype"], str)):
+            raise bad(f"tensors[{name!r}]", "an object with an integer 'shape' list and a 'dtype' string")
+    if not isinstance(mems, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("class"), str) and isinstance(m.get("settings"), dict) for m in mems
+    ):
+        raise bad("memories", "a list of {class, settings} objects")
+    if not isinstance(header.get("sha256"), str):
+        raise bad("sha256", "a checksum string")
+    return header
+
+
+def _check_file(path: Path) -> None:
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, not a state file saved by memkit.save_states")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+
+
+def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The JSON header of a file saved by :func:`save_states` (its tensors are not read).
+
+    Holds ``memories`` (each memory's class and settings), ``keys`` (every tensor's field
+    path, in order) and ``tensors`` (``{path: {"shape": [...], "dtype": "torch.float32"}}``).
+    Raises :class:`memkit.CheckpointError` for a file memkit did not save or a damaged header.
+
+    Example:
+        >>> import memkit, tempfile, os
+        >>> from memkit.io import read_header
+        >>> mem = memkit.FIFOMemory(heads=2, head_dim=4, tokens_per_frame=1, frames=2)
+        >>> path = os.path.join(tempfile.mkdtemp(), "stream.safetensors")
+        >>> memkit.save_states(path, mem.init_state(3), mem)
+        >>> read_header(path)["tensors"][".win_k"]
+        {'shape': [3, 2, 2, 1, 4], 'dtype': 'torch.float32'}
+    """
+    from safetensors import SafetensorError, safe_open
+
+    file = _as_path("read_header", path)
+    _check_file(file)
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{file}: truncated or corrupted, not a readable safetensors file ({err})") from err
+    return _parse_header(file, metadata)
 
 
 def _read(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     from safetensors import SafetensorError
     from safetensors.torch import load
 
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
+    _check_file(path)
     data = path.read_bytes()
     try:
         tensors = load(data)
@@ -141,13 +334,7 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
             metadata = f.metadata() or {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{path}: truncated or corrupted, not a readable safetensors file ({err})") from err
-    if "memkit" not in metadata:
-        raise CheckpointError(f"{path}: a safetensors file without a memkit header (not saved by memkit.save_states)")
-    try:
-        header = json.loads(metadata["memkit"])
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}: the memkit header is not valid JSON ({err})") from err
-    return header, tensors
+    return _parse_header(path, metadata), tensors
 
 
 def load_states(path: str | os.PathLike[str], like: S, memories: Any | Sequence[Any] | None = None) -> S:
@@ -157,16 +344,10 @@ def load_states(path: str | os.PathLike[str], like: S, memories: Any | Sequence[
     ``memory.init_state(batch_size)``, or a model's per-layer states); tensors land on
     ``like``'s devices. Raises :class:`memkit.CheckpointError` naming what differs.
     """
-    path = Path(path)
+    path = _as_path("load_states", path)
+    mems = _memory_list("load_states", memories)
     header, blobs = _read(path)
-    if header.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: format {header.get('format')!r}, expected {FORMAT!r}")
-    if header.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path}: format version {header.get('format_version')}, this memkit reads version {FORMAT_VERSION}"
-        )
     if memories is not None:
-        mems = list(memories) if isinstance(memories, (list, tuple)) else [memories]
         want = [memory_config(m) for m in mems]
         got = header.get("memories", [])
         if len(want) != len(got):
@@ -182,9 +363,15 @@ def load_states(path: str | os.PathLike[str], like: S, memories: Any | Sequence[
                 }
                 details = ", ".join(f"{k}: saved {a!r}, expected {b!r}" for k, (a, b) in diff.items())
                 raise CheckpointError(f"{path}: memory {i} ({w['class']}) has another configuration: {details}")
-    names = header.get("keys", [])
-    if len(names) != len(blobs) or any(f"t{i:05d}" not in blobs for i in range(len(names))):
-        raise CheckpointError(f"{path}: the header lists {len(names)} tensors but the file holds {len(blobs)}")
+    names = header["keys"]
+    listed = {f"t{i:05d}" for i in range(len(names))}
+    if listed != set(blobs):
+        missing, unexpected = sorted(listed - set(blobs)), sorted(set(blobs) - listed)
+        raise CheckpointError(
+            f"{path}: the header lists {len(names)} tensors (t00000 ... t{len(names) - 1:05d}), the file holds "
+            f"{len(blobs)}: missing {missing[:5] or 'none'}, unexpected {unexpected[:5] or 'none'} "
+            "(a damaged or edited file)"
+        )
     saved = dict(zip(names, (blobs[f"t{i:05d}"] for i in range(len(names))), strict=True))
     if _digest(list(saved.items())) != header.get("sha256"):
         raise CheckpointError(f"{path}: corrupted: the tensors' checksum does not match the one saved with them")
@@ -192,9 +379,15 @@ def load_states(path: str | os.PathLike[str], like: S, memories: Any | Sequence[
     missing = [n for n, _ in expected if n not in saved]
     extra = [n for n in saved if n not in dict(expected)]
     if missing or extra:
+        hint = ""
+        if extra and not missing:
+            hint = (
+                "; a template with None in place of a state (e.g. a MemorySession's states before its first "
+                "segment) has no place for them: load a session's states with session.load_states(path)"
+            )
         raise CheckpointError(
             f"{path}: the saved states have another structure: missing {missing or 'nothing'}, "
-            f"unexpected {extra or 'nothing'}"
+            f"unexpected {extra or 'nothing'}{hint}"
         )
     for name, t in expected:
         s = saved[name]
@@ -202,6 +395,7 @@ def load_states(path: str | os.PathLike[str], like: S, memories: Any | Sequence[
             raise CheckpointError(f"{path}: {name} has shape {tuple(s.shape)}, expected {tuple(t.shape)}")
         if s.dtype != t.dtype:
             raise CheckpointError(f"{path}: {name} has dtype {s.dtype}, expected {t.dtype}")
-    leaves, spec = pytree.tree_flatten(like)
-    loaded = iter(saved[name].to(t.device) for name, t in expected)
-    return pytree.tree_unflatten([next(loaded) if isinstance(x, Tensor) else x for x in leaves], spec)
+    from memkit.state import map_tensor_paths
+
+    result: S = map_tensor_paths(lambda name, t: saved[name].to(t.device), like)
+    return result

@@ -21,7 +21,16 @@ import torch
 from torch import Tensor
 
 from memkit.errors import NonFiniteError, ShapeError
-from memkit.typing import Bool, Float, Int, check_bool, check_floating, check_integer, check_shape
+from memkit.typing import (
+    Bool,
+    Float,
+    Int,
+    check_bool,
+    check_floating,
+    check_integer,
+    check_shape,
+    typecheck_enabled,
+)
 
 __all__ = ["Query", "Chunk", "Context", "Memory", "empty_context", "token_positions"]
 
@@ -45,6 +54,9 @@ def _check_layout(owner: str, frame_positions: Tensor, tokens_per_frame: int, ba
         raise ShapeError(f"{owner}.tokens_per_frame: expected a positive int, got {tokens_per_frame!r}")
     check_integer(f"{owner}.frame_positions", frame_positions)
     sizes = check_shape(f"{owner}.frame_positions", frame_positions, "b f", b=batch)
+    if sizes["f"] == 0:
+        # refused at the door: every memory would need its own rule for an empty segment
+        raise ShapeError(f"{owner}.frame_positions: dimension f (frames) should be at least 1, got 0 (empty segment)")
     if sizes["f"] * tokens_per_frame != tokens:
         raise ShapeError(
             f"{owner}: inconsistent frame layout: {sizes['f']} frames x {tokens_per_frame} tokens per frame "
@@ -58,7 +70,7 @@ class Query:
 
     Attributes:
         q: the segment's queries before rotary embedding, ``(b h n d)``.
-        frame_positions: frame index of each of the segment's frames, ``(b f)``;
+        frame_positions: frame index of each of the segment's frames, ``(b f)``, ``f >= 1``;
             ``n = f * tokens_per_frame``, tokens laid out frame-major.
         tokens_per_frame: tokens in one frame.
         prompt: the segment's prompt embedding ``(b p e)``, if the host has one.
@@ -90,7 +102,7 @@ class Chunk:
         k: keys before rotary embedding, ``(b h n d)``.
         v: values, ``(b h n d)``.
         hidden: the attention layer's input hidden states, ``(b n D)``.
-        frame_positions: frame index of each frame, ``(b f)``, ``n = f * tokens_per_frame``.
+        frame_positions: frame index of each frame, ``(b f)``, ``f >= 1``, ``n = f * tokens_per_frame``.
         tokens_per_frame: tokens in one frame.
         prompt: the segment's prompt embedding ``(b p e)``, if any.
         prompt_mask: ``(b p)`` bool, True for real prompt tokens.
@@ -113,8 +125,9 @@ class Chunk:
         check_shape("chunk.hidden", self.hidden, "b n D", b=s["b"], n=s["n"])
         _check_layout("chunk", self.frame_positions, self.tokens_per_frame, s["b"], s["n"])
         _check_prompt("chunk", self.prompt, self.prompt_mask, s["b"])
-        if not torch.compiler.is_compiling():
-            # a NaN written once is read by every later segment: refuse it at the door
+        if typecheck_enabled() and not torch.compiler.is_compiling():
+            # a NaN written once is read by every later segment: refuse it at the door. Reading the
+            # answer back waits for the device (a sync per write), so it follows the checking switch
             for name in ("k", "v", "hidden", "prompt"):
                 x = getattr(self, name)
                 if x is not None and not bool(torch.isfinite(x).all()):

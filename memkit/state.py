@@ -15,16 +15,28 @@ fixed by ``init_state``: nothing grows with the length of the video.
 """
 
 import dataclasses
-from collections.abc import Callable
+import operator
+import weakref
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar, dataclass_transform
 
 import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
-from memkit.errors import StateError
+from memkit.errors import ShapeError, StateError
+from memkit.typing import DIM_NAMES
 
-__all__ = ["MemoryState", "memory_state", "state_nbytes", "map_tensors"]
+__all__ = [
+    "MemoryState",
+    "memory_state",
+    "state_nbytes",
+    "map_tensors",
+    "check_init_args",
+    "check_state_matches",
+    "tensor_paths",
+    "map_tensor_paths",
+]
 
 S = TypeVar("S")
 T = TypeVar("T", bound="MemoryState")
@@ -98,3 +110,268 @@ def memory_state(cls: type[T]) -> type[T]:
     dc = dataclasses.dataclass(frozen=True, eq=False)(cls)
     pytree.register_dataclass(dc)
     return dc
+
+
+# ----------------------------------------------------------------------------------- field paths
+# memkit names the tensors of a state by its own field paths (``[0].win_k``,
+# ``['blocks.0.attn'].states[1].k``), never by torch's pytree key types and their formatting,
+# which differ between torch versions (a registered dataclass's fields were mapping keys in
+# some): saved files and messages must not change under a torch upgrade. The order is the
+# pytree's leaf order. The spelling is the one ``torch.utils._pytree.keystr`` gave in the torch
+# versions memkit's state files were first written with, so those files still load.
+
+
+def _children(node: Any, path: str) -> Iterator[tuple[str, Any, str | None]]:
+    """``(path, child, field)`` of one container (``field``: the state field, for a MemoryState)."""
+    if isinstance(node, MemoryState) and dataclasses.is_dataclass(node):
+        for f in dataclasses.fields(node):
+            yield f"{path}.{f.name}", getattr(node, f.name), f.name
+    elif isinstance(node, tuple) and hasattr(node, "_fields"):  # a namedtuple
+        for name in node._fields:
+            yield f"{path}.{name}", getattr(node, name), None
+    elif isinstance(node, (tuple, list)):
+        for i, child in enumerate(node):
+            yield f"{path}[{i}]", child, None
+    elif isinstance(node, dict):
+        for key, child in node.items():
+            yield f"{path}[{key!r}]", child, None
+    else:
+        raise StateError(
+            f"state{path} is a {type(node).__name__}: states hold tensors (or None) in @memory_state classes, "
+            "tuples, lists and dicts"
+        )
+
+
+def _walk(
+    tree: Any, path: str = "", owner: Any = None, field: str | None = None
+) -> Iterator[tuple[str, Tensor, Any, str | None]]:
+    """Every tensor as ``(path, tensor, state, field)``: the innermost state and field holding it."""
+    if isinstance(tree, Tensor):
+        yield path or "[]", tree, owner, field
+    elif tree is not None:
+        for p, child, f in _children(tree, path):
+            yield from _walk(child, p, tree if f is not None else owner, f if f is not None else field)
+
+
+def tensor_paths(tree: Any) -> list[tuple[str, Tensor]]:
+    """Every tensor of a pytree of states with memkit's field path to it, in pytree order.
+
+    Example:
+        >>> import memkit
+        >>> state = memkit.FIFOMemory(heads=1, head_dim=2, tokens_per_frame=1, frames=2).init_state(1)
+        >>> [path for path, _ in tensor_paths((state,))][:3]
+        ['[0].sink_k', '[0].sink_v', '[0].sink_pos']
+    """
+    return [(p, x) for p, x, _, _ in _walk(tree)]
+
+
+def map_tensor_paths(fn: Callable[[str, Tensor], Tensor], tree: S) -> S:
+    """``tree`` rebuilt with ``fn(path, tensor)`` in place of every tensor (the structure kept)."""
+    rebuilt: S = _rebuild(fn, tree, "")
+    return rebuilt
+
+
+def _rebuild(fn: Callable[[str, Tensor], Tensor], tree: Any, path: str) -> Any:
+    if isinstance(tree, Tensor):
+        return fn(path or "[]", tree)
+    if tree is None:
+        return None
+    children = list(_children(tree, path))
+    values = [_rebuild(fn, child, p) for p, child, _ in children]
+    if isinstance(tree, MemoryState):
+        return tree.replace(**{f: v for (_, _, f), v in zip(children, values, strict=True) if f is not None})
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return type(tree)(*values)
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(values)
+    return type(tree)(zip(tree.keys(), values, strict=True))
+
+
+def check_init_args(owner: str, batch_size: Any, device: Any = None, dtype: Any = None) -> int:
+    """Refuse ``init_state`` arguments no memory can use; returns ``batch_size`` as an int.
+
+    One rule for every memory: ``batch_size`` is an integer (not a bool) of at least 1,
+    ``device`` is ``None`` or something ``torch.device`` accepts, and ``dtype`` is ``None`` or
+    a floating-point ``torch.dtype``. Raises :class:`memkit.ShapeError` saying which.
+
+    Example:
+        >>> check_init_args("MyMemory.init_state", 2)
+        2
+        >>> check_init_args("MyMemory.init_state", 0)
+        Traceback (most recent call last):
+        ...
+        memkit.errors.ShapeError: MyMemory.init_state: batch_size must be an int >= 1 (streams), got 0
+    """
+    try:
+        size = operator.index(batch_size)  # int, numpy and 0-d integer tensors; never float
+    except TypeError:
+        size = None
+    if isinstance(batch_size, bool) or size is None or size < 1 or getattr(batch_size, "ndim", 0) != 0:
+        raise ShapeError(f"{owner}: batch_size must be an int >= 1 (streams), got {batch_size!r}")
+    if device is not None:
+        try:
+            torch.device(device)
+        except (RuntimeError, TypeError, ValueError) as err:
+            raise ShapeError(f"{owner}: device {device!r} is not a torch device ({err})") from None
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ShapeError(f"{owner}: dtype must be a floating-point torch.dtype or None, got {dtype!r}")
+    return size
+
+
+class _Seen:
+    """What :func:`check_state_matches` knows about one memory: templates and states already checked."""
+
+    def __init__(self) -> None:
+        self.key: tuple[Any, ...] | None = None
+        self.templates: dict[tuple[int, torch.dtype | None], tuple[Any, list[Any]]] = {}
+        self.ok: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+_SEEN: "weakref.WeakKeyDictionary[Any, _Seen]" = weakref.WeakKeyDictionary()
+
+
+def _settings(memory: Any) -> tuple[Any, ...]:
+    """The plain settings of a memory: templates made before one of them changed are stale."""
+    plain = (int, float, str, bool, type(None))
+    return tuple((k, v) for k, v in vars(memory).items() if isinstance(v, plain) and k != "training")
+
+
+def _seen(memory: Any) -> _Seen | None:
+    try:
+        seen = _SEEN.get(memory)
+        if seen is None:
+            seen = _SEEN[memory] = _Seen()
+    except TypeError:  # neither hashable nor weakly referable: no cache
+        return None
+    key = _settings(memory) if hasattr(memory, "__dict__") else ()
+    if seen.key != key:
+        seen.key, seen.templates, seen.ok = key, {}, weakref.WeakSet()
+    return seen
+
+
+def _template(
+    memory: Any, seen: _Seen | None, batch: int, dtype: torch.dtype | None, device: Any
+) -> tuple[Any, list[Any]]:
+    """``(treespec, leaves)`` of ``memory.init_state(batch)``: on the meta device (nothing allocated), cached."""
+    cached = seen.templates.get((batch, dtype)) if seen is not None else None
+    if cached is not None:
+        return cached
+    try:
+        template, meta = memory.init_state(batch, device="meta", dtype=dtype), True
+    except Exception:  # a memory whose init_state cannot run on the meta device: build it for real
+        template, meta = memory.init_state(batch, device=device, dtype=dtype), False
+    leaves, spec = pytree.tree_flatten(template)
+    described = [(tuple(x.shape), x.dtype) if isinstance(x, Tensor) else x for x in leaves]
+    if meta and seen is not None:
+        seen.templates[(batch, dtype)] = (spec, described)
+    return spec, described
+
+
+def _short(memory: Any) -> str:
+    """A memory's one-line repr (an ``nn.Module``'s repr lists its submodules over many lines)."""
+    text = repr(memory)
+    if "\n" in text and callable(getattr(memory, "extra_repr", None)):
+        text = f"{type(memory).__name__}({memory.extra_repr()})"
+    return text.splitlines()[0] if text else type(memory).__name__
+
+
+def _describe_dim(owner: Any, field: str | None, axis: int) -> str:
+    """``"W (window frames)"`` when the state class declares the field's layout, else ``"<axis>"``."""
+    # the innermost state's declaration of the field holding the tensor
+    layout = getattr(type(owner), "layouts", {}).get(field) if owner is not None and field is not None else None
+    letters = layout.split() if isinstance(layout, str) else []
+    if axis < len(letters):
+        letter = letters[axis]
+        return f"{letter} ({DIM_NAMES[letter]})" if letter in DIM_NAMES else letter
+    return str(axis)
+
+
+def check_state_matches(owner: str, state: Any, memory: Any) -> None:
+    """Refuse a state that ``memory`` would not have made: another configuration, batch mix-up, dtype or device.
+
+    Compares the state's structure and every tensor's shape and dtype with what
+    ``memory.init_state(batch, dtype=...)`` makes for the state's own batch size and
+    floating dtype (built on the ``meta`` device, so nothing is allocated, and cached), and
+    checks that every tensor lives on one device. A state already found to match is not
+    checked again (states are immutable), so reading one state at every denoising step costs
+    one lookup. Skipped inside ``torch.compile``. Raises :class:`memkit.StateError` naming
+    the field and the dimension that differ, e.g.
+    ``"SinkWindowMemory.read: state.win_k: dimension W (window frames) should be 3, got 5 ..."``.
+
+    A memory's ``init_state`` should run on ``device="meta"`` (only shapes are needed);
+    otherwise the template is built on the state's device at each check.
+
+    Example:
+        >>> import memkit
+        >>> from memkit.state import check_state_matches
+        >>> small, big = memkit.FIFOMemory(2, 8, 4, frames=3), memkit.FIFOMemory(2, 8, 4, frames=5)
+        >>> check_state_matches("read", small.init_state(1), small)      # its own state: fine
+        >>> try:
+        ...     check_state_matches("read", big.init_state(1), small)
+        ... except memkit.StateError as err:
+        ...     print(str(err)[:68])
+        read: state.win_k: dimension W (window frames) should be 3, got 5 (t
+    """
+    if torch.compiler.is_compiling():
+        return
+    seen = _seen(memory)
+    if seen is not None:
+        try:
+            if state in seen.ok:
+                return
+        except TypeError:
+            pass
+    leaves, spec = pytree.tree_flatten(state)
+    tensors = [x for x in leaves if isinstance(x, Tensor)]
+    first = tensors[0] if tensors else None
+    if first is not None and first.ndim == 0:
+        raise StateError(f"{owner}: a state tensor with no dimensions; every state tensor has the batch as dimension 0")
+    batch = int(first.shape[0]) if first is not None else 1
+    if batch < 1:
+        raise StateError(f"{owner}: the state holds {batch} streams (dimension b of its tensors); at least 1 is needed")
+    dtype = next((x.dtype for x in tensors if x.is_floating_point()), None)
+    t_spec, t_leaves = _template(memory, seen, batch, dtype, first.device if first is not None else None)
+    if spec != t_spec or any(
+        isinstance(x, Tensor) != isinstance(t, tuple) for x, t in zip(leaves, t_leaves, strict=False)
+    ):
+        try:
+            have = [p for p, _ in tensor_paths(state)]
+        except StateError:
+            have = []
+        raise StateError(
+            f"{owner}: the state's structure differs from what {_short(memory)} makes ({len(t_leaves)} leaves; "
+            f"the state has {len(leaves)}: {', '.join('state' + h for h in have[:12]) or 'none'}): "
+            "a state of another memory?"
+        )
+    device = first.device if first is not None else None
+    bad = None
+    for i, (x, t) in enumerate(zip(leaves, t_leaves, strict=True)):
+        if isinstance(x, Tensor) and (tuple(x.shape) != t[0] or x.dtype != t[1] or x.device != device):
+            bad = i
+            break
+    if bad is None:
+        if seen is not None:
+            try:
+                seen.ok.add(state)
+            except TypeError:
+                pass
+        return
+    path, _, holder, field = list(_walk(state))[sum(isinstance(x, Tensor) for x in leaves[:bad])]
+    name = "state" + path
+    x, (shape, want_dtype) = leaves[bad], t_leaves[bad]
+    if x.device != device:
+        raise StateError(f"{owner}: {name} is on {x.device} but the state's first tensor is on {device}")
+    if tuple(x.shape) != shape:
+        if x.ndim != len(shape):
+            detail = f"has {x.ndim} dimensions {tuple(x.shape)}, expected {len(shape)}"
+        else:
+            axis = next(i for i, (a, b) in enumerate(zip(x.shape, shape, strict=True)) if a != b)
+            detail = f"dimension {_describe_dim(holder, field, axis)} should be {shape[axis]}, got {x.shape[axis]}"
+        raise StateError(
+            f"{owner}: {name}: {detail} (the state has shape {tuple(x.shape)}, {_short(memory)} makes {shape}): "
+            "a state made by a memory of another configuration?"
+        )
+    raise StateError(
+        f"{owner}: {name}: dtype should be {want_dtype}, got {x.dtype} ({_short(memory)} makes its state in one "
+        "floating dtype, with integer counters and boolean masks)"
+    )

@@ -7,36 +7,51 @@ segment, write once per segment) and asserts the protocol's invariants. It raise
 - ``is a Memory``: ``init_state``, ``read`` and ``write`` exist (:class:`memkit.Memory`).
 - ``state is a pytree of tensors``: every leaf of the state is a tensor (``@memkit.memory_state``).
 - ``state tensors have the batch first``: dim 0 of every state tensor is the batch.
-- ``state shapes never change``: a write keeps the pytree structure and every shape, dtype, device.
 - ``state bytes never change``: :func:`memkit.state_nbytes` is the same after every write.
+- ``state shapes never change``: a write keeps the pytree structure and every shape, dtype, device.
 - ``read never mutates the state``: the state given to ``read`` is bitwise unchanged.
 - ``write never mutates the old state``: the state given to ``write`` is bitwise unchanged.
 - ``reads are pure``: the same state and query give the same context twice.
 - ``context is valid``: a :class:`memkit.Context` shaped ``(b h m d)`` for the query's batch,
   heads and head dim, with finite keys and values in valid slots.
 - ``context shape never changes``: ``m`` (memory slots) is the same at every segment.
-- ``causality``: later writes change neither a context already returned nor what reading an
-  earlier state returns.
+- ``attention over the context``: attention of the query over its own keys and the context
+  (rotary at the slots' positions, :func:`memkit.attend`) is finite, and stays the same when
+  the context's unused slots (mask False) are filled with NaN and their positions with garbage.
+- ``causality``: later reads and writes change neither a context already returned nor what
+  reading an earlier state returns.
 - ``batch independence``: changing stream ``j``'s queries and one of its segments leaves every
   other stream's contexts unchanged.
 - ``batch selection``: reading item ``i`` of the state alone equals item ``i`` of the batched read.
-- ``save/load round trip``: ``torch.save`` then ``torch.load(weights_only=True)`` gives an equal
-  state that reads and writes as the original.
+- ``streams advance independently``: streams at different positions that have written
+  different numbers of segments, run alone and then stacked into one batch, read and write
+  in the batch as they do alone (no counter or position is shared across the batch).
+- ``save/load round trip``: :func:`memkit.save_states` then :func:`memkit.load_states` gives an
+  equal state that reads and writes as the original.
+- ``refuses another configuration's state``: ``read`` and ``write`` raise a
+  :class:`memkit.MemkitError` for a state made by the same kind of memory with another
+  configuration (``other_config``, or one derived by changing one integer argument).
 
-hypothesis is a development dependency (``pip install 'memkit[dev]'``); it is imported
+"Unchanged" and "equal" allow float rounding only: ``1e-6`` relative and absolute in float32
+and float64 (``1e-2`` in float16 and bfloat16), so a leak of ``1e-5`` between streams fails.
+
+hypothesis is a development dependency (``pip install 'memkit-video[dev]'``); it is imported
 only when :func:`check_memory` runs, so ``import memkit`` never needs it.
 """
 
 import dataclasses
-import io
+import inspect
+import tempfile
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
-from memkit.protocol import Chunk, Context, Memory, Query
+from memkit.errors import MemkitError
+from memkit.protocol import Chunk, Context, Memory, Query, token_positions
 from memkit.state import map_tensors, state_nbytes
 
 __all__ = ["check_memory", "PROPERTIES"]
@@ -46,18 +61,25 @@ PROPERTIES: tuple[str, ...] = (
     "is a Memory",
     "state is a pytree of tensors",
     "state tensors have the batch first",
-    "state shapes never change",
     "state bytes never change",
+    "state shapes never change",
     "read never mutates the state",
     "write never mutates the old state",
     "reads are pure",
     "context is valid",
     "context shape never changes",
+    "attention over the context",
     "causality",
     "batch independence",
     "batch selection",
+    "streams advance independently",
     "save/load round trip",
+    "refuses another configuration's state",
 )
+
+# arguments that set what a memory's queries and chunks look like: changing one of them makes
+# another memory that cannot read this memory's queries, so it says nothing about states
+_INTERFACE_ARGS = ("heads", "head_dim", "tokens_per_frame", "dim", "prompt_dim")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +95,7 @@ class _Config:
     device: torch.device
     dtype: torch.dtype
     state_dtype: torch.dtype | None
+    backend: str
 
 
 class _Fail:
@@ -103,13 +126,18 @@ def check_memory(
     dtype: torch.dtype = torch.float32,
     state_dtype: torch.dtype | None = None,
     shrink: bool = True,
+    backend: str = "auto",
+    other_config: Callable[[], Memory[Any]] | Memory[Any] | Literal[False] | None = None,
 ) -> None:
     """Check that a memory keeps the protocol's promises (see :mod:`memkit.testing`).
 
     hypothesis draws ``examples`` random streams of 1 to ``segments`` segments (random
-    queries, keys, values, hidden states, start positions and which stream to perturb);
-    each segment is read, then written, and one more segment is read at the end. Runs under ``torch.no_grad()`` with an
-    ``nn.Module`` memory in eval mode; derandomized, so a failure reproduces.
+    queries, keys, values, hidden states, a start position per stream, which stream to
+    perturb, how far each stream has got before they are stacked into one batch; sometimes
+    every key is the same, so scores computed from keys tie and tie-breaks decide); each
+    segment is read, then written, and one more segment is read at the end. Runs under
+    ``torch.no_grad()`` with an ``nn.Module`` memory in eval mode; derandomized, so a failure
+    reproduces.
 
     Args:
         memory_factory: a function returning a fresh memory (called once per example), or
@@ -118,7 +146,8 @@ def check_memory(
         head_dim: ``d``.
         tokens_per_frame: ``t``.
         frames_per_segment: frames in each segment, so ``n = frames_per_segment * t``.
-        batch_size: streams per batch; 2 or more to check batch independence.
+        batch_size: streams per batch; 2 or more to check batch independence, selection and
+            streams advancing independently.
         segments: the longest stream drawn.
         examples: how many streams hypothesis draws.
         model_dim: ``D`` of ``Chunk.hidden``, default ``heads * head_dim``.
@@ -129,6 +158,13 @@ def check_memory(
         dtype: dtype of queries, keys, values, hidden states and prompts.
         state_dtype: passed to ``init_state`` (None: the memory's default).
         shrink: let hypothesis shrink a failing stream to a minimal one (slower to fail).
+        backend: the attention backend the attention check runs besides ``"math"`` (the
+            one your host uses; see :func:`memkit.attend`).
+        other_config: a memory of the same kind with another configuration (or a function
+            returning one): ``read`` and ``write`` must refuse its states. ``None`` derives
+            one by rebuilding the memory with one integer constructor argument changed
+            (read back from the attribute of the same name) so that its state's layout
+            differs, and skips the check when no such argument exists; ``False`` skips it.
 
     Raises:
         AssertionError: ``"check_memory: <Memory> fails property '<property>': <what happened>"``,
@@ -146,7 +182,7 @@ def check_memory(
         from hypothesis import HealthCheck, Phase, given, settings
         from hypothesis import strategies as st
     except ImportError as err:  # pragma: no cover - hypothesis ships with the dev extra
-        raise ImportError("memkit.testing.check_memory needs hypothesis: pip install 'memkit[dev]'") from err
+        raise ImportError("memkit.testing.check_memory needs hypothesis: pip install 'memkit-video[dev]'") from err
 
     if min(heads, head_dim, tokens_per_frame, frames_per_segment, batch_size, segments, examples) < 1:
         raise ValueError("check_memory: every size, segments and examples must be positive")
@@ -162,6 +198,7 @@ def check_memory(
         device=torch.device(device) if device is not None else torch.device("cpu"),
         dtype=dtype,
         state_dtype=state_dtype,
+        backend=backend,
     )
 
     def make() -> Any:
@@ -180,7 +217,7 @@ def check_memory(
         return memory
 
     # a memory instance handed in is put in eval mode for the checks and given back as it came
-    training = [(m, m.training) for m in (memory_factory,) if isinstance(m, nn.Module)]
+    training = [(m, m.training) for m in (memory_factory, other_config) if isinstance(m, nn.Module)]
     make()  # a memory that is not one fails here, before hypothesis starts drawing
 
     @settings(
@@ -196,16 +233,27 @@ def check_memory(
     @given(
         seed=st.integers(0, 2**31 - 1),
         n_segments=st.integers(1, segments),
-        start=st.integers(0, 10_000),
+        starts=st.lists(st.integers(0, 10_000), min_size=batch_size, max_size=batch_size),
         perturbed=st.integers(0, batch_size - 1),
         perturb_at=st.integers(0, segments - 1),
+        written=st.lists(st.integers(0, segments), min_size=batch_size, max_size=batch_size),
+        tied=st.booleans(),
     )
-    def run(seed: int, n_segments: int, start: int, perturbed: int, perturb_at: int) -> None:
+    def run(
+        seed: int, n_segments: int, starts: list[int], perturbed: int, perturb_at: int, written: list[int], tied: bool
+    ) -> None:
         with torch.no_grad():
-            _check_stream(make(), cfg, seed, n_segments, start, perturbed, min(perturb_at, n_segments - 1))
+            memory = make()
+            stream = _Stream(cfg, seed, starts, tied)
+            _check_stream(memory, cfg, stream, n_segments, perturbed, min(perturb_at, n_segments - 1))
+            if batch_size > 1:
+                _check_streams_apart(memory, cfg, stream, written)
 
     try:
         run()
+        if other_config is not False:
+            with torch.no_grad():
+                _check_other_config(make(), cfg, other_config)
     finally:
         for module, mode in training:
             module.train(mode)
@@ -214,24 +262,55 @@ def check_memory(
 # --- inputs ------------------------------------------------------------------------------
 
 
-def _inputs(cfg: _Config, gen: torch.Generator, positions: Tensor) -> tuple[Query, Chunk]:
-    """A random query and clean chunk for one segment at frame ``positions (b f)``."""
-    b, h, d, t = cfg.batch_size, cfg.heads, cfg.head_dim, cfg.tokens_per_frame
-    n = cfg.frames_per_segment * t
+class _Stream:
+    """Random inputs for a batch of streams; stream ``i`` starts at frame ``starts[i]``.
 
-    def randn(*shape: int) -> Tensor:
-        return torch.randn(shape, generator=gen).to(device=cfg.device, dtype=cfg.dtype)
+    Inputs are drawn per stream and per segment from seeds fixed by ``seed``, so the inputs
+    of stream ``i``'s segment ``s`` are the same whether it runs alone or in a batch. With
+    ``tied``, every key of every chunk is the same vector, so any scores a memory computes
+    from keys tie and its tie-breaks (recency, say) decide.
+    """
 
-    prompt = prompt_mask = None
-    if cfg.prompt_dim is not None:
-        prompt = randn(b, cfg.prompt_tokens, cfg.prompt_dim)
-        prompt_mask = torch.rand((b, cfg.prompt_tokens), generator=gen) < 0.7
-        prompt_mask[:, 0] = True  # at least one real token per stream
-        prompt_mask = prompt_mask.to(cfg.device)
-    positions = positions.to(cfg.device)
-    query = Query(randn(b, h, n, d), positions, t, prompt, prompt_mask)
-    chunk = Chunk(randn(b, h, n, d), randn(b, h, n, d), randn(b, n, cfg.model_dim), positions, t, prompt, prompt_mask)
-    return query, chunk
+    def __init__(self, cfg: _Config, seed: int, starts: list[int], tied: bool = False) -> None:
+        self.cfg, self.seed, self.starts, self.tied = cfg, seed, starts, tied
+
+    def segment(self, s: int, items: list[int] | None = None, variant: int = 0) -> tuple[Query, Chunk]:
+        """Segment ``s`` of the streams ``items`` (all by default), stacked into one batch."""
+        items = list(range(self.cfg.batch_size)) if items is None else items
+        parts = [self._one(i, s, variant) for i in items]
+        return _stack([q for q, _ in parts]), _stack([c for _, c in parts])
+
+    def _one(self, item: int, s: int, variant: int) -> tuple[Query, Chunk]:
+        cfg = self.cfg
+        h, d, t, f = cfg.heads, cfg.head_dim, cfg.tokens_per_frame, cfg.frames_per_segment
+        n = f * t
+        gen = torch.Generator().manual_seed((self.seed * 7919 + item * 104729 + s * 131 + variant) % 2**62)
+
+        def randn(*shape: int) -> Tensor:
+            return torch.randn(shape, generator=gen).to(device=cfg.device, dtype=cfg.dtype)
+
+        prompt = prompt_mask = None
+        if cfg.prompt_dim is not None:
+            prompt = randn(1, cfg.prompt_tokens, cfg.prompt_dim)
+            prompt_mask = torch.rand((1, cfg.prompt_tokens), generator=gen) < 0.7
+            prompt_mask[:, 0] = True  # at least one real token per stream
+            prompt_mask = prompt_mask.to(cfg.device)
+        positions = (self.starts[item] + s * f + torch.arange(f))[None].to(cfg.device)
+        query = Query(randn(1, h, n, d), positions, t, prompt, prompt_mask)
+        k = torch.ones(1, h, n, d, device=cfg.device, dtype=cfg.dtype) if self.tied else randn(1, h, n, d)
+        chunk = Chunk(k, randn(1, h, n, d), randn(1, n, cfg.model_dim), positions, t, prompt, prompt_mask)
+        return query, chunk
+
+
+def _stack(parts: list[Any]) -> Any:
+    """Queries (or chunks) of single streams as one batch."""
+    first = parts[0]
+    changes = {}
+    for field in dataclasses.fields(first):
+        x = getattr(first, field.name)
+        if isinstance(x, Tensor):
+            changes[field.name] = torch.cat([getattr(p, field.name) for p in parts])
+    return dataclasses.replace(first, **changes)
 
 
 def _replace_item(a: Any, b: Any, item: int) -> Any:
@@ -263,22 +342,24 @@ def _bitwise_equal(a: Tensor, b: Tensor) -> bool:
 
 
 def _close(a: Tensor, b: Tensor) -> bool:
+    """Equal up to float rounding (1e-6 relative and absolute; 1e-2 in half precision)."""
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
     if not a.is_floating_point():
         return torch.equal(a, b)
-    loose = a.dtype in (torch.float16, torch.bfloat16)
-    return torch.allclose(a, b, rtol=1e-2 if loose else 1e-4, atol=1e-2 if loose else 1e-5, equal_nan=True)
+    tol = 1e-2 if a.dtype in (torch.float16, torch.bfloat16) else 1e-6
+    return torch.allclose(a, b, rtol=tol, atol=tol, equal_nan=True)
 
 
-def _tree_difference(old: Any, new: Any) -> str | None:
-    """Where two states differ bitwise (None when they are equal)."""
+def _tree_difference(old: Any, new: Any, *, exact: bool = True) -> str | None:
+    """Where two states differ (bitwise, or beyond rounding; None when they are equal)."""
     old_leaves, old_spec = _leaves(old)
     new_leaves, new_spec = _leaves(new)
     if old_spec != new_spec:
         return f"the pytree structure changed from {old_spec} to {new_spec}"
     for (name, a), (_, b) in zip(old_leaves, new_leaves, strict=True):
-        if not _bitwise_equal(a, b):
+        same = _bitwise_equal(a, b) if exact else a.device == b.device and _close(a, b)
+        if not same:
             return f"{name} changed"
     return None
 
@@ -309,7 +390,8 @@ def _context_difference(a: Context, b: Context, items: list[int] | None = None) 
     for name in ("k", "v"):
         x, y = getattr(a, name), getattr(b, name)
         if not _close(torch.where(mask[..., None], x, 0), torch.where(mask[..., None], y, 0)):
-            return f"context.{name} differs in valid slots"
+            gap = float((torch.where(mask[..., None], x, 0) - torch.where(mask[..., None], y, 0)).abs().max())
+            return f"context.{name} differs in valid slots (by up to {gap:.3g})"
     return None
 
 
@@ -337,12 +419,42 @@ def _check_layout(fail: _Fail, state: Any, batch_size: int) -> tuple[Any, list[t
     return spec, [(name, (tuple(x.shape), x.dtype, x.device)) for name, x in leaves]
 
 
+def _check_bytes(fail: _Fail, new_state: Any, nbytes: int) -> None:
+    if state_nbytes(new_state) != nbytes:
+        raise fail("state bytes never change", f"{nbytes} bytes became {state_nbytes(new_state)} after a write")
+
+
+def _check_shapes(fail: _Fail, new_spec: Any, new_layout: Any, spec: Any, layout: list[tuple[str, Any]]) -> None:
+    if new_spec != spec or new_layout != layout:
+        changed = [f"{n}: {x} -> {y}" for (n, x), (_, y) in zip(layout, new_layout, strict=False) if x != y]
+        detail = "; ".join(changed) if new_spec == spec else f"structure {spec} -> {new_spec}"
+        raise fail(
+            "state shapes never change",
+            f"after a write {detail} (shapes, dtypes and devices are fixed by init_state)",
+        )
+
+
+def _check_read_unchanged(fail: _Fail, before: Any, state: Any) -> None:
+    if (where := _tree_difference(before, state)) is not None:
+        raise fail("read never mutates the state", where)
+
+
+def _check_write_unchanged(fail: _Fail, before: Any, state: Any) -> None:
+    if (where := _tree_difference(before, state)) is not None:
+        raise fail("write never mutates the old state", f"{where} (return a new state instead)")
+
+
+def _check_pure(fail: _Fail, memory: Any, state: Any, query: Query, ctx: Context) -> None:
+    if (where := _context_difference(ctx, memory.read(state, query))) is not None:
+        raise fail("reads are pure", f"reading the same state with the same query twice: {where}")
+
+
 def _check_context(fail: _Fail, ctx: Any, query: Query, cfg: _Config) -> None:
     prop = "context is valid"
     if not isinstance(ctx, Context):
         raise fail(prop, f"read returned a {type(ctx).__name__}, not a memkit.Context")
     b, h, _, d = ctx.k.shape
-    want = (cfg.batch_size, cfg.heads, cfg.head_dim)
+    want = (query.batch_size, cfg.heads, cfg.head_dim)
     if (b, h, d) != want:
         raise fail(prop, f"context.k has shape {tuple(ctx.k.shape)}; expected (b h m d) with (b, h, d) = {want}")
     if not (ctx.k.is_floating_point() and ctx.v.is_floating_point()):
@@ -358,17 +470,49 @@ def _check_context(fail: _Fail, ctx: Any, query: Query, cfg: _Config) -> None:
             raise fail(prop, f"context.{name} holds non-finite values in valid slots")
 
 
-def _check_stream(
-    memory: Any, cfg: _Config, seed: int, n_segments: int, start: int, perturbed: int, perturb_at: int
-) -> None:
+def _poisoned(ctx: Context) -> Context:
+    """``ctx`` with NaN keys and values and far-off positions in every unused slot."""
+    unused = ~ctx.mask
+    far = torch.iinfo(ctx.positions.dtype).max // 4
+    return Context(
+        k=ctx.k.masked_fill(unused[..., None], float("nan")),
+        v=ctx.v.masked_fill(unused[..., None], float("nan")),
+        mask=ctx.mask,
+        positions=ctx.positions.masked_fill(unused, far),
+    )
+
+
+def _check_attention(fail: _Fail, ctx: Context, query: Query, cfg: _Config) -> None:
+    """Attention of the query over itself and the context, as a host runs it, with and without poison."""
+    from memkit.layers.memory_attention import attend_with_context
+    from memkit.layers.rotary import apply_rotary
+
+    prop = "attention over the context"
+    q = query.q
+    positions = token_positions(query.frame_positions, query.tokens_per_frame)
+    rotate = apply_rotary if cfg.head_dim % 2 == 0 else None  # rotary needs pairs of channels
+    for backend in dict.fromkeys(("math", cfg.backend)):
+        out = attend_with_context(q, q, q, ctx, positions, rotate=rotate, backend=backend)
+        if not bool(torch.isfinite(out).all()):
+            raise fail(
+                prop,
+                f"attention ({backend!r} backend) over the context gives non-finite output "
+                "(keys or values too large for attention in valid slots?)",
+            )
+        poisoned = attend_with_context(q, q, q, _poisoned(ctx), positions, rotate=rotate, backend=backend)
+        if not _close(out, poisoned):
+            raise fail(
+                prop,
+                f"attention ({backend!r} backend) changed when the context's unused slots (mask False) were "
+                "filled with NaN: unused slots must contribute nothing",
+            )
+
+
+def _check_stream(memory: Any, cfg: _Config, stream: _Stream, n_segments: int, perturbed: int, perturb_at: int) -> None:
     fail = _Fail(memory)
-    b, f = cfg.batch_size, cfg.frames_per_segment
-    gen = torch.Generator().manual_seed(seed)
-    segment_positions = [
-        (start + s * f + torch.arange(f))[None].expand(b, f).clone() for s in range(n_segments + 1)
-    ]  # the stream's segments are written; the last one is only read
-    inputs = [_inputs(cfg, gen, p) for p in segment_positions]
-    others = [_inputs(cfg, gen, p) for p in segment_positions]
+    b = cfg.batch_size
+    # the stream's segments are written; the last one is only read
+    inputs = [stream.segment(s) for s in range(n_segments + 1)]
 
     state = memory.init_state(b, device=cfg.device, dtype=cfg.state_dtype)
     spec, layout = _check_layout(fail, state, b)
@@ -380,8 +524,7 @@ def _check_stream(
     for s, (query, chunk) in enumerate(inputs):
         before = _clone(state)
         ctx = memory.read(state, query)
-        if (where := _tree_difference(before, state)) is not None:
-            raise fail("read never mutates the state", where)
+        _check_read_unchanged(fail, before, state)
         _check_context(fail, ctx, query, cfg)
         if contexts and ctx.k.shape != contexts[0].k.shape:
             raise fail(
@@ -389,8 +532,8 @@ def _check_stream(
                 f"the first read returned {tuple(contexts[0].k.shape)}, a later one {tuple(ctx.k.shape)} "
                 "(preallocate slots and mark the empty ones invalid)",
             )
-        if (where := _context_difference(ctx, memory.read(state, query))) is not None:
-            raise fail("reads are pure", f"reading the same state with the same query twice: {where}")
+        _check_pure(fail, memory, state, query, ctx)
+        _check_attention(fail, ctx, query, cfg)
         states.append(state)
         contexts.append(ctx)
         saved_contexts.append(Context(*(x.clone() for x in _context_tensors(ctx).values())))
@@ -398,35 +541,39 @@ def _check_stream(
             break
 
         new_state = memory.write(state, chunk)
-        if (where := _tree_difference(before, state)) is not None:
-            raise fail("write never mutates the old state", f"{where} (return a new state instead)")
+        _check_write_unchanged(fail, before, state)
         new_spec, new_layout = _check_layout(fail, new_state, b)
-        if new_spec != spec or new_layout != layout:
-            changed = [f"{n}: {x} -> {y}" for (n, x), (_, y) in zip(layout, new_layout, strict=False) if x != y]
-            detail = "; ".join(changed) if new_spec == spec else f"structure {spec} -> {new_spec}"
-            raise fail(
-                "state shapes never change",
-                f"after a write {detail} (shapes, dtypes and devices are fixed by init_state)",
-            )
-        if state_nbytes(new_state) != nbytes:
-            raise fail("state bytes never change", f"{nbytes} bytes became {state_nbytes(new_state)}")
+        _check_bytes(fail, new_state, nbytes)  # first: a state that grows is named for what matters most
+        _check_shapes(fail, new_spec, new_layout, spec, layout)
         state = new_state
 
+    memory.write(state, inputs[n_segments][1])  # one more write, so even the last read has a later one
+    _check_causality(fail, memory, states, [q for q, _ in inputs], contexts, saved_contexts)
+    if b > 1:
+        others = [stream.segment(s, variant=1) for s in range(n_segments + 1)]
+        _check_batch(fail, memory, cfg, inputs, others, contexts, perturbed, perturb_at)
+        _check_selection(fail, memory, states, inputs, contexts)
+    _check_save_load(fail, memory, cfg, state, inputs[n_segments])  # the state after the last write
+
+
+def _check_causality(
+    fail: _Fail,
+    memory: Any,
+    states: list[Any],
+    queries: list[Query],
+    contexts: list[Context],
+    saved_contexts: list[Context],
+) -> None:
     for s, (old_state, ctx, saved) in enumerate(zip(states, contexts, saved_contexts, strict=True)):
         for name, x in _context_tensors(ctx).items():
             if not _bitwise_equal(x, getattr(saved, name)):
                 raise fail(
                     "causality",
-                    f"context.{name} returned by the read at segment {s} was changed in place by a later write "
-                    "(it aliases a state buffer that write mutates)",
+                    f"context.{name} returned by the read at segment {s} was changed in place by later reads or "
+                    "writes (it aliases a buffer they change)",
                 )
-        if (where := _context_difference(saved, memory.read(old_state, inputs[s][0]))) is not None:
+        if (where := _context_difference(saved, memory.read(old_state, queries[s]))) is not None:
             raise fail("causality", f"reading the state of segment {s} again after later writes: {where}")
-
-    if b > 1:
-        _check_batch(fail, memory, cfg, inputs, others, contexts, perturbed, perturb_at)
-        _check_selection(fail, memory, states, inputs, contexts)
-    _check_save_load(fail, memory, state, inputs[n_segments])  # the state after the last write
 
 
 def _check_batch(
@@ -450,7 +597,8 @@ def _check_batch(
                 f"changing stream {perturbed}'s query (and its chunk at segment {perturb_at}) changed stream(s) "
                 f"{rest}'s context at segment {s}: {where}",
             )
-        state = memory.write(state, _replace_item(chunk, other_chunk, perturbed) if s == perturb_at else chunk)
+        if s + 1 < len(inputs):
+            state = memory.write(state, _replace_item(chunk, other_chunk, perturbed) if s == perturb_at else chunk)
 
 
 def _check_selection(
@@ -468,6 +616,40 @@ def _check_selection(
                 )
 
 
+def _check_streams_apart(memory: Any, cfg: _Config, stream: _Stream, written: list[int]) -> None:
+    """Stream ``i`` writes ``written[i]`` segments alone; stacked, the streams read, write, read together."""
+    fail = _Fail(memory)
+    prop = "streams advance independently"
+    alone = []
+    for i, count in enumerate(written):
+        state = memory.init_state(1, device=cfg.device, dtype=cfg.state_dtype)
+        for s in range(count):
+            state = memory.write(state, stream.segment(s, [i])[1])
+        alone.append(state)
+    batched = pytree.tree_map(lambda *xs: torch.cat(xs), *alone)
+    where_each = ", ".join(f"stream {i} at segment {n}" for i, n in enumerate(written))
+    for step in range(2):
+        parts = [stream.segment(n + step, [i]) for i, n in enumerate(written)]
+        ctx = memory.read(batched, _stack([q for q, _ in parts]))
+        for i, (query, _) in enumerate(parts):
+            if (where := _context_difference(memory.read(alone[i], query), _select(ctx, [i]))) is not None:
+                raise fail(
+                    prop,
+                    f"with {where_each} (positions {[p.frame_positions[0, 0].item() for p, _ in parts]}) stacked "
+                    f"into one batch, stream {i}'s read differs from its read alone: {where}",
+                )
+        if step == 0:
+            batched = memory.write(batched, _stack([c for _, c in parts]))
+            alone = [memory.write(a, c) for a, (_, c) in zip(alone, parts, strict=True)]
+            for i, a in enumerate(alone):
+                if (where := _tree_difference(a, _select_item(batched, i), exact=False)) is not None:
+                    raise fail(
+                        prop,
+                        f"with {where_each} stacked into one batch, a batched write gives stream {i} another state "
+                        f"than writing it alone: {where}",
+                    )
+
+
 def _select_item(tree: Any, i: int) -> Any:
     """Batch item ``i`` of a state, query or chunk, keeping the batch dimension."""
     if isinstance(tree, (Query, Chunk)):
@@ -480,40 +662,18 @@ def _select_item(tree: Any, i: int) -> Any:
     return map_tensors(lambda x: x[i : i + 1], tree)
 
 
-def _node_types(tree: Any) -> list[Any]:
-    """Classes of the pytree's nodes (state dataclasses), for torch.load's allow-list."""
-    found: list[Any] = []
+def _check_save_load(fail: _Fail, memory: Any, cfg: _Config, state: Any, next_segment: tuple[Query, Chunk]) -> None:
+    from memkit.io import load_states, save_states
 
-    def visit(x: Any) -> None:
-        if isinstance(x, Tensor) or x is None:
-            return
-        if type(x) not in (tuple, list, dict) and type(x) not in found:
-            found.append(type(x))
-        if dataclasses.is_dataclass(x) and not isinstance(x, type):
-            children = [getattr(x, f.name) for f in dataclasses.fields(x)]
-        elif isinstance(x, (tuple, list)):
-            children = list(x)
-        elif isinstance(x, dict):
-            children = list(x.values())
-        else:
-            children = []
-        for child in children:
-            visit(child)
-
-    visit(tree)
-    return found
-
-
-def _check_save_load(fail: _Fail, memory: Any, state: Any, next_segment: tuple[Query, Chunk]) -> None:
     prop = "save/load round trip"
-    buffer = io.BytesIO()
+    template = memory.init_state(cfg.batch_size, device=cfg.device, dtype=cfg.state_dtype)
     try:
-        torch.save(state, buffer)
-        buffer.seek(0)
-        with torch.serialization.safe_globals(_node_types(state)):
-            loaded = torch.load(buffer, weights_only=True)
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "state.safetensors"
+            save_states(path, state, memory)
+            loaded = load_states(path, template, memory)
     except Exception as err:
-        raise fail(prop, f"torch.save / torch.load(weights_only=True) raised {type(err).__name__}: {err}") from err
+        raise fail(prop, f"memkit.save_states / memkit.load_states raised {type(err).__name__}: {err}") from err
     if type(loaded) is not type(state):
         raise fail(prop, f"saved a {type(state).__name__}, loaded a {type(loaded).__name__}")
     if (where := _tree_difference(state, loaded)) is not None:
@@ -524,3 +684,94 @@ def _check_save_load(fail: _Fail, memory: Any, state: Any, next_segment: tuple[Q
     after, after_loaded = memory.write(state, chunk), memory.write(loaded, chunk)
     if (where := _tree_difference(after, after_loaded)) is not None:
         raise fail(prop, f"writing into the loaded state gives another state than never stopping: {where}")
+
+
+# --- another configuration's state ---------------------------------------------------------
+
+
+def _rebuilt(memory: Any) -> tuple[type, dict[str, Any]] | None:
+    """The memory's class and constructor arguments read back from its attributes (None if they cannot be)."""
+    cls = type(memory)
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return None
+    kwargs: dict[str, Any] = {}
+    for name, p in params.items():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD, p.POSITIONAL_ONLY):
+            return None
+        if hasattr(memory, name) and not callable(getattr(memory, name)):
+            kwargs[name] = getattr(memory, name)
+        elif p.default is p.empty:
+            return None
+    return cls, kwargs
+
+
+def _layout(state: Any) -> list[tuple[str, tuple[int, ...]]]:
+    return [(name, tuple(x.shape)) for name, x in _leaves(state)[0] if isinstance(x, Tensor)]
+
+
+def _derive_other(memory: Any, cfg: _Config, query: Query) -> tuple[Any, str] | None:
+    """Another configuration of ``memory``'s class whose states have another layout, and what changed."""
+    found = _rebuilt(memory)
+    if found is None:
+        return None
+    cls, kwargs = found
+    mine = _layout(memory.init_state(1, device=cfg.device, dtype=cfg.state_dtype))
+    for name, value in kwargs.items():
+        if name in _INTERFACE_ARGS or isinstance(value, bool) or not isinstance(value, int):
+            continue
+        for new in (value + 1, value - 1):
+            try:
+                with torch.random.fork_rng(devices=[]):  # building a module draws its initial weights
+                    other = cls(**{**kwargs, name: new})
+                if isinstance(other, nn.Module):
+                    other = other.to(cfg.device).eval()
+                state = other.init_state(1, device=cfg.device, dtype=cfg.state_dtype)
+                other.read(state, _select_item(query, 0))  # it must take the same queries
+            except Exception:  # an argument that cannot change is simply skipped
+                continue
+            if _layout(state) != mine:
+                return other, f"{name}={new} instead of {value}"
+    return None
+
+
+def _check_other_config(memory: Any, cfg: _Config, other_config: Any) -> None:
+    fail = _Fail(memory)
+    prop = "refuses another configuration's state"
+    stream = _Stream(cfg, 0, [0] * cfg.batch_size)
+    (query, chunk), (next_query, next_chunk) = stream.segment(0), stream.segment(1)
+    if other_config is None:
+        derived = _derive_other(memory, cfg, query)
+        if derived is None:
+            return  # no integer argument changes the state's layout: nothing to refuse by shape
+        other, what = derived
+    else:
+        other = other_config() if callable(other_config) and not isinstance(other_config, Memory) else other_config
+        if isinstance(other, nn.Module):
+            other.eval()
+        what = repr(other)
+    state = other.init_state(cfg.batch_size, device=cfg.device, dtype=cfg.state_dtype)
+    try:
+        state = other.write(state, chunk)  # a state that has been written, if the other memory takes the chunk
+    except Exception:
+        pass
+    for op, call in (
+        ("read", lambda: memory.read(state, next_query)),
+        ("write", lambda: memory.write(state, next_chunk)),
+    ):
+        try:
+            call()
+        except MemkitError:
+            continue
+        except Exception as err:
+            raise fail(
+                prop,
+                f"{op} of a state made with {what} raised {type(err).__name__} ({err}), not a memkit.MemkitError "
+                "(check the state's sizes against the memory's and raise memkit.StateError)",
+            ) from err
+        raise fail(
+            prop,
+            f"{op} accepted a state made with {what} (check the state's sizes against the memory's and raise "
+            "memkit.StateError)",
+        )

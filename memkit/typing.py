@@ -4,8 +4,10 @@ Public entry points carry jaxtyping annotations and are wrapped by :func:`typech
 which checks them with beartype while checking is on. The environment variable
 ``MEMKIT_TYPECHECK`` sets the starting value (``1``, the default: on; ``0``: off);
 :func:`set_typecheck` changes it at run time (long training and generation jobs switch it
-off: the check costs a few hundred microseconds per call). memkit's own explicit checks
-(``check_shape`` and friends) always run.
+off: the check costs a few hundred microseconds per call). The same switch covers the
+non-finite check on every written :class:`memkit.Chunk`, which waits for the device (a
+sync per write). memkit's own shape checks (``check_shape`` and friends) always run: they
+read only shapes, never values.
 
 Inside ``torch.compile`` the check is skipped: jaxtyping and dynamo do not mix, and a
 compiled graph has already been checked on its first eager call.
@@ -72,6 +74,12 @@ DIM_NAMES: dict[str, str] = {
     "p": "prompt tokens",
     "e": "prompt dim",
     "D": "model dim",
+    # the frame buffers of memkit's memory states (see each state's ``layouts``)
+    "S": "sink frames",
+    "W": "window frames",
+    "C": "capacity",
+    "A": "always-returned frames",
+    "P": "bank candidates",
 }
 
 

@@ -17,7 +17,17 @@ import torch
 import memkit
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = {"cost_layer", "cost_backbone", "rss", "overhead", "sparse", "attend_efficiency", "quality", "retrieval"}
+SECTIONS = {
+    "cost_layer",
+    "cost_backbone",
+    "rss",
+    "overhead",
+    "sparse",
+    "attend_efficiency",
+    "quality",
+    "retrieval",
+    "length",
+}
 
 
 def _refuse_nonfinite(token: str) -> float:
@@ -79,6 +89,15 @@ def test_quick_run_writes_a_complete_finite_report(tmp_path: Path) -> None:
     names = " ".join(t["name"] for t in results["targets"])
     for expected in ("cost flat (layer)", "overhead", "sparse vs dense", "attend efficiency", "retrieval precision"):
         assert expected in names, expected
+    # the length section (issue 11) runs on the bundled sweep-world checkpoints; with none bundled it says why
+    length = results["sections"]["length"]
+    if length["status"] == "skipped":
+        assert any("sweep path family" in n for n in length["notes"]), length["notes"]
+    else:
+        assert {f["params"]["bucket"] for f in length["figures"] if f["name"] == "psnr"} == {"1x", "2x"}
+        assert any(f["name"] == "target" for f in length["figures"])
+        assert (tmp_path / "plots" / "length_psnr_per_byte.png").is_file()
+    assert "procedural: best bounded memory - max(none, grey)" in names
 
     page = (tmp_path / "benchmarks.md").read_text()
     assert "## Targets" in page and "](plots/" in page

@@ -248,7 +248,7 @@ def test_photos_without_scikit_image_say_how_to_install(monkeypatch: pytest.Monk
     revisit_module._load_photo_cached.cache_clear()
     monkeypatch.setitem(sys.modules, "skimage", None)
     monkeypatch.setitem(sys.modules, "skimage.data", None)
-    with pytest.raises(DataError, match=r"need scikit-image.*pip install 'memkit\[video\]'"):
+    with pytest.raises(DataError, match=r"need scikit-image.*pip install 'memkit-video\[video\]'"):
         load_photo("coffee")
     monkeypatch.undo()
     revisit_module._load_photo_cached.cache_clear()
@@ -284,8 +284,8 @@ def test_scene_sequence_switches_and_revisits(seed: int, segments: int, scenes: 
     ids = scene_sequence(seed, segments, scenes)
     assert len(ids) == segments and all(0 <= i < scenes for i in ids)
     assert all(a != b for a, b in itertools.pairwise(ids))
-    if segments >= 3:
-        assert len(set(ids)) < segments  # some scene comes back
+    if segments > scenes:
+        assert len(set(ids)) < segments  # some scene comes back (pigeonhole: a random run found [2, 0, 1])
     assert ids == scene_sequence(seed, segments, scenes)
 
 

@@ -167,3 +167,18 @@ def test_api_reference_lists_every_public_name() -> None:
     documented = set(re.findall(r"^::: memkit\.(\w+)\s*$", api, flags=re.MULTILINE))
     missing = sorted(set(memkit.__all__) - documented)
     assert not missing, f"docs/api.md has no '::: memkit.NAME' entry for {missing}"
+
+
+def test_refusals_shown_in_docs_fail_when_nothing_is_refused() -> None:
+    """A ``try``/``except`` in a docs block shows a refusal: its ``else`` must fail if none comes."""
+    import ast
+
+    missing = []
+    for page in pages():
+        for block in fenced_blocks(page.read_text(encoding="utf-8")):
+            if not block.runs:
+                continue
+            for node in ast.walk(ast.parse(block.code)):
+                if isinstance(node, ast.Try) and node.handlers and not node.orelse:
+                    missing.append(f"{page_id(page)}:{block.line + node.lineno - 1}")
+    assert not missing, f"try/except without an else that raises (passes whether or not it is refused): {missing}"

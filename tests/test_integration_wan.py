@@ -80,7 +80,7 @@ def test_import_memkit_leaves_diffusers_alone_and_attach_wan_says_how_to_install
         "try:\n"
         "    memkit.integrations.attach_wan(torch.nn.Linear(2, 2), memkit.NoMemory())\n"
         "except ImportError as e:\n"
-        "    assert \"pip install 'memkit[diffusers]'\" in str(e), e\n"
+        "    assert \"pip install 'memkit-video[diffusers]'\" in str(e), e\n"
         "else:\n"
         "    raise SystemExit('attach_wan without diffusers raised no ImportError')\n"
     )

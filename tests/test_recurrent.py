@@ -219,6 +219,25 @@ def test_read_places_the_latent_just_before_the_segment():
     assert torch.equal(ctx.k, state.read_k) and torch.equal(ctx.v, state.read_v)
 
 
+def test_an_untrained_gate_keeps_most_of_the_old_latent():
+    """Untrained, the gate is sigmoid(gate_bias) everywhere: ``L' = g C + (1 - g) L`` with ``g ~ 0.12``.
+
+    ``C``, the candidate, is what the same memory writes with its gate fully open (bias +30).
+    """
+    mem = make().eval()
+    opened = make().eval()
+    opened.load_state_dict(mem.state_dict())
+    with torch.no_grad():
+        opened.gate.bias.fill_(30.0)
+    gen = torch.Generator().manual_seed(0)
+    state = mem.write(mem.init_state(2), make_chunk(gen, 2, 0))  # a written latent, not the initial one
+    chunk = make_chunk(gen, 2, 2)
+    new, candidate = mem.write(state, chunk).latent, opened.write(state, chunk).latent
+    g = torch.sigmoid(torch.tensor(-2.0))
+    torch.testing.assert_close(new, g * candidate + (1 - g) * state.latent)
+    assert (new - state.latent).norm() < 0.2 * (candidate - state.latent).norm()
+
+
 def test_latent_remembers_the_first_segment():
     mem = make().eval()
     gen = torch.Generator().manual_seed(0)
@@ -316,18 +335,24 @@ def test_error_messages_name_the_dimension():
     with pytest.raises(memkit.MemkitError, match="expected a RecurrentState, got NoState"):
         mem.read(memkit.NoMemory().init_state(1), make_query(gen, 1, 0))
     other = RecurrentMemory(DIM, H, slots=M + 1)
-    with pytest.raises(memkit.ShapeError, match=r"state.latent: dimension m \(memory slots\) should be 4, got 5"):
+    with pytest.raises(memkit.StateError, match=r"state.latent: dimension m \(memory slots\) should be 4, got 5"):
         mem.write(other.init_state(1), c)
     with pytest.raises(memkit.StateError, match="truncation=None"):
         mem.write(make(truncation=3).init_state(1), c)
 
 
 @pytest.mark.parametrize(
-    "kwargs",
-    [{"slots": 0}, {"truncation": 0}, {"truncation": True}, {"noise_std": -1.0}, {"write_heads": 3}],
+    ("kwargs", "message"),
+    [
+        ({"slots": 0}, r"slots and write_heads must be positive, got 16, 2, 8, 0, 2"),
+        ({"truncation": 0}, r"truncation must be None or a positive int, got 0"),
+        ({"truncation": True}, r"truncation must be None or a positive int, got True"),
+        ({"noise_std": -1.0}, r"noise_std and mlp_ratio must be >= 0, got -1.0"),
+        ({"write_heads": 3}, r"dim \(16\) must be divisible by write_heads \(3\)"),
+    ],
 )
-def test_bad_arguments_are_refused(kwargs):
-    with pytest.raises(ValueError):
+def test_bad_arguments_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
         RecurrentMemory(DIM, H, **kwargs)
     with pytest.raises(ValueError, match="divisible"):
         RecurrentMemory(15, 2)

@@ -60,7 +60,7 @@ configs = st.fixed_dictionaries(
         "t": st.integers(1, 3),
         "capacity": st.integers(1, 6),
         "always": st.integers(0, 2),
-        "writes": st.lists(st.integers(1, 5), min_size=0, max_size=5),
+        "writes": st.lists(st.integers(1, 5), min_size=1, max_size=6),  # always something written
         "seed": st.integers(0, 10_000),
     }
 )
@@ -121,6 +121,66 @@ def test_ties_prefer_the_newest_frames_deterministically() -> None:
     assert first.positions[0, 0, ::2].tolist() == [5, 4]
     again = mem.read(state, q)
     assert torch.equal(first.positions, again.positions) and torch.equal(first.k, again.k)
+
+
+def position_chunk(b: int, h: int, d: int, t: int, start: int, frames: int) -> Chunk:
+    """A chunk whose keys and values encode their frame position (so the ring's contents can be read back)."""
+    pos = torch.arange(start, start + frames).expand(b, frames).clone()
+    k = pos.repeat_interleave(t, dim=1)[:, None, :, None].expand(b, h, frames * t, d).float()
+    return Chunk(k, k + 0.5, torch.zeros(b, frames * t, 4), pos, t)
+
+
+@given(
+    capacity=st.integers(1, 6),
+    always=st.integers(0, 3),
+    t=st.integers(1, 2),
+    writes=st.lists(st.integers(1, 7), min_size=1, max_size=8),
+)
+def test_ring_holds_the_newest_non_sink_frames_and_the_sink_the_first(
+    capacity: int, always: int, t: int, writes: list[int]
+) -> None:
+    """For any write sequence: the sink holds the first A frames, the ring the newest C of the rest."""
+    mem = SparseKVMemory(2, 4, t, capacity=capacity, top_k=capacity, always_frames=always)
+    state = mem.init_state(1)
+    written: list[int] = []
+    for f in writes:
+        state = mem.write(state, position_chunk(1, 2, 4, t, len(written), f))
+        written += range(len(written), len(written) + f)
+    assert state.sink_pos[0, state.sink_valid[0]].tolist() == written[:always]
+    assert sorted(state.pos[0, state.valid[0]].tolist()) == written[always:][-capacity:]
+    assert state.frames_seen.tolist() == [len(written)]
+    # contents follow their positions; descriptors are the frame's mean key
+    for buf, values, pos, valid in (
+        (state.k, state.v, state.pos, state.valid),
+        (state.sink_k, state.sink_v, state.sink_pos, state.sink_valid),
+    ):
+        p = pos[0, valid[0]].float()[None, :, None, None].expand(2, -1, t, 4)
+        assert torch.equal(buf[0][:, valid[0]], p) and torch.equal(values[0][:, valid[0]], p + 0.5)
+    assert torch.equal(
+        state.desc[0][:, state.valid[0]], state.pos[0, state.valid[0]].float()[None, :, None].expand(2, -1, 4)
+    )
+    # a read with top_k = capacity returns the sink and the whole ring
+    ctx = mem.read(state, Query(torch.randn(1, 2, t, 4), torch.tensor([[len(written)]]), t))
+    got = sorted(set(ctx.positions[0, 0][ctx.mask[0, 0]].tolist()))
+    assert got == sorted(written[:always] + written[always:][-capacity:])
+
+
+def test_ties_prefer_each_streams_own_newest_frames() -> None:
+    """Streams that have written different numbers of frames break ties by their own recency."""
+    mem = SparseKVMemory(1, 4, 1, capacity=4, top_k=2)
+    key = torch.ones(1, 1, 1, 4)
+    alone = []
+    for count in (3, 6):  # stream 1's ring has wrapped around, stream 0's has not
+        state = mem.init_state(1)
+        for p in range(count):
+            state = mem.write(state, Chunk(key, key, torch.zeros(1, 1, 3), torch.tensor([[p]]), 1))
+        alone.append(state)
+    both = torch.utils._pytree.tree_map(lambda *xs: torch.cat(xs), *alone)
+    ctx = mem.read(both, Query(torch.ones(2, 1, 1, 4), torch.tensor([[10], [10]]), 1))
+    assert ctx.positions[:, 0].tolist() == [[2, 1], [5, 4]]
+    for i, state in enumerate(alone):
+        one = mem.read(state, Query(torch.ones(1, 1, 1, 4), torch.tensor([[10]]), 1))
+        assert torch.equal(one.positions, ctx.positions[i : i + 1])
 
 
 def test_ring_keeps_newest_frames_and_sink_keeps_first() -> None:

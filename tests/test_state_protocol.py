@@ -56,7 +56,7 @@ def test_state_is_a_pytree(name):
     assert_trees_equal(pytree.tree_unflatten(flat, spec), state)
     doubled = pytree.tree_map(lambda x: x * 2 if x.is_floating_point() else x, state)
     assert type(doubled) is type(state)
-    assert state.to(torch.float64).nbytes >= state.nbytes
+    assert_to_casts_floats_only(state)
     assert_trees_equal(state.detach(), state)
     if leaves(state):
         assert state.index_batch(1).batch_size == 1
@@ -65,6 +65,47 @@ def test_state_is_a_pytree(name):
     torch.save(state, buffer)
     buffer.seek(0)
     assert_trees_equal(torch.load(buffer, weights_only=False), state)
+
+
+def assert_to_casts_floats_only(state):
+    """``.to(dtype)`` casts floating-point tensors, keeps integer and boolean ones, and keeps every value."""
+    for dtype in (torch.float64, torch.float16):
+        cast = state.to(dtype)
+        assert type(cast) is type(state)
+        for x, y in zip(leaves(state), leaves(cast), strict=True):
+            assert y.dtype == (dtype if x.is_floating_point() else x.dtype), (x.dtype, y.dtype)
+            assert torch.equal(y, x.to(y.dtype))
+    for moved in (state.to("cpu"), state.to(device="cpu"), state.to(torch.device("cpu"), torch.float64)):
+        for x, y in zip(leaves(state), leaves(moved), strict=True):
+            assert y.device.type == "cpu" and torch.equal(y, x.to(y.dtype))
+            assert not x.is_floating_point() or y.dtype in (x.dtype, torch.float64)
+            assert x.is_floating_point() or y.dtype == x.dtype
+
+
+def test_to_casts_floats_and_keeps_integer_counters():
+    mem = memkit.SparseKVMemory(H, D, T, capacity=3, always_frames=1)
+    state = mem.write(mem.init_state(2), make_chunk(torch.Generator().manual_seed(0), 2, 0))
+    assert_to_casts_floats_only(state)
+    cast = state.to(torch.float64)
+    assert cast.frames_seen.dtype == torch.long and cast.valid.dtype == torch.bool and cast.k.dtype == torch.float64
+    assert cast.nbytes > state.nbytes
+
+
+def test_chunk_refuses_non_finite_values():
+    """memkit's policy: nothing non-finite is ever written, so a Chunk holding NaN or Inf is refused."""
+    gen = torch.Generator().manual_seed(0)
+    chunk = make_chunk(gen, 2, 0)
+    fields = dict(k=chunk.k, v=chunk.v, hidden=chunk.hidden, frame_positions=chunk.frame_positions, tokens_per_frame=T)
+    for name in ("k", "v", "hidden", "prompt"):
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            args = dict(fields, prompt=torch.randn(2, 3, 5, generator=gen))
+            x = args[name].clone()
+            x.view(-1)[3] = bad
+            args[name] = x
+            with pytest.raises(memkit.NonFiniteError, match=rf"^chunk\.{name}: 1 non-finite value\(s\) \(NaN/Inf\)"):
+                memkit.Chunk(**args)
+    assert issubclass(memkit.NonFiniteError, memkit.MemkitError)
+    memkit.Chunk(**fields)  # finite: accepted
 
 
 @pytest.mark.parametrize("name", MEMORIES)
@@ -84,26 +125,25 @@ def test_writes_keep_shapes_and_never_mutate(name, segments, seed, batch):
 
 
 @pytest.mark.parametrize("name", MEMORIES)
-@given(seed=st.integers(0, 1000), segments=st.integers(1, 5))
-def test_batch_items_are_independent(name, seed, segments):
-    """Changing item 1's chunks never changes what item 0 reads."""
+@given(seed=st.integers(0, 1000), segments=st.integers(1, 5), changed=st.integers(0, 2))
+def test_batch_items_are_independent(name, seed, segments, changed):
+    """Changing one stream's chunks never changes what any other stream reads (every stream checked)."""
     mem = MEMORIES[name]()
     gen = torch.Generator().manual_seed(seed)
-    a, b = mem.init_state(2), mem.init_state(2)
+    a, b = mem.init_state(3), mem.init_state(3)
     for s in range(segments):
-        chunk = make_chunk(gen, 2, 2 * s)
-        other = memkit.Chunk(
-            torch.cat([chunk.k[:1], torch.randn_like(chunk.k[1:])]),
-            torch.cat([chunk.v[:1], torch.randn_like(chunk.v[1:])]),
-            chunk.hidden,
-            chunk.frame_positions,
-            T,
-        )
+        chunk = make_chunk(gen, 3, 2 * s)
+        k, v = chunk.k.clone(), chunk.v.clone()
+        k[changed], v[changed] = torch.randn_like(k[changed]), torch.randn_like(v[changed])
+        other = memkit.Chunk(k, v, chunk.hidden, chunk.frame_positions, T)
         a, b = mem.write(a, chunk), mem.write(b, other)
-    query = make_query(gen, 2, 100)
+    query = make_query(gen, 3, 100)
     ca, cb = mem.read(a, query), mem.read(b, query)
+    rest = [i for i in range(3) if i != changed]
     for x, y in ((ca.k, cb.k), (ca.v, cb.v), (ca.mask, cb.mask), (ca.positions, cb.positions)):
-        assert torch.equal(x[:1], y[:1])
+        assert torch.equal(x[rest], y[rest])
+    if segments and name != "none":
+        assert not torch.equal(ca.k[changed], cb.k[changed])  # the change itself is seen
 
 
 @pytest.mark.parametrize("name", MEMORIES)

@@ -73,8 +73,10 @@ def _concat(
     """Keys, values and a (b h m) key mask (None when every key is valid) over all sources."""
     if not contexts:
         return k, v, None
-    keys = torch.cat([k, *(c[0] for c in contexts)], dim=2)
-    values = torch.cat([v, *(c[1] for c in contexts)], dim=2)
+    # a masked-out slot contributes nothing, whatever it holds: the attention mask alone is not
+    # enough (a NaN or Inf key or value still reaches the arithmetic), so zero such slots first
+    keys = torch.cat([k, *(torch.where(c[2][..., None], c[0], 0) for c in contexts)], dim=2)
+    values = torch.cat([v, *(torch.where(c[2][..., None], c[1], 0) for c in contexts)], dim=2)
     local = torch.ones(k.shape[:3], dtype=torch.bool, device=k.device)
     mask = torch.cat([local, *(c[2].expand(k.shape[0], k.shape[1], -1) for c in contexts)], dim=2)
     return keys, values, mask
@@ -93,7 +95,7 @@ def _sdpa_why_not(q: Tensor) -> str | None:
 
 def _xformers_why_not(q: Tensor) -> str | None:
     if importlib.util.find_spec("xformers") is None:
-        return "xformers is not installed (pip install 'memkit[xformers]')"
+        return "xformers is not installed (pip install 'memkit-video[xformers]')"
     if q.device.type != "cuda":
         return f"xformers runs only on CUDA tensors, got a tensor on {q.device}"
     return None

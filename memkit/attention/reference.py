@@ -16,11 +16,17 @@ from torch import Tensor
 def attend_partial(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Attention of ``q (b h n d)`` over one source ``k, v (b h m d)``.
 
-    ``mask`` is ``(b h m)`` bool (True = may be attended). Returns the normalised output
+    ``mask`` is ``(b h m)`` bool (True = may be attended; a False slot contributes exactly
+    nothing, even when it holds NaN or Inf). Returns the normalised output
     ``(b h n d)`` and its log-sum-exp ``(b h n)``; a query that sees no valid key gets a
     zero output and ``lse = -inf``, so it contributes nothing to a merge.
     """
     scale = 1.0 / math.sqrt(q.shape[-1])
+    if mask is not None:
+        # a masked-out slot contributes nothing, whatever it holds: zero it before any arithmetic
+        # (a -inf score alone is not enough, since its weight 0 times a NaN or Inf value is NaN)
+        k = torch.where(mask[..., None], k, 0)
+        v = torch.where(mask[..., None], v, 0)
     scores = torch.einsum("bhnd,bhmd->bhnm", q.float(), k.float()) * scale
     if mask is not None:
         scores = scores.masked_fill(~mask[:, :, None, :], float("-inf"))

@@ -14,6 +14,7 @@ torch, numpy and memkit.errors (scikit-image, for photo canvases, lazily).
 from memkit.data._common import random_prompt
 from memkit.data.dataset import World, WorldDataset
 from memkit.data.latents import LATENT_SUFFIXES, LatentDataset
+from memkit.data.paths import EVAL_PATHS, PATH_FAMILIES, TRAIN_PATHS, revisit_lags, sweep_path
 from memkit.data.revisit import (
     PHOTOS,
     TEST_PHOTOS,
@@ -28,6 +29,7 @@ from memkit.data.revisit import (
     photo_canvas,
     render,
     revisit_clip,
+    sweep_clip,
 )
 from memkit.data.scenes import SceneClip, SceneWorld, scene_clip, scene_sequence
 
@@ -44,7 +46,13 @@ __all__ = [
     "find_revisits",
     "RevisitClip",
     "revisit_clip",
+    "sweep_clip",
     "RevisitWorld",
+    "PATH_FAMILIES",
+    "TRAIN_PATHS",
+    "EVAL_PATHS",
+    "sweep_path",
+    "revisit_lags",
     "scene_sequence",
     "SceneClip",
     "scene_clip",

@@ -8,7 +8,7 @@ working memory should reproduce those frames; one without cannot know what lies 
 The canvas is any RGB image ``(H, W, 3)`` (float in ``[0, 1]`` or uint8) and the path any
 sequence of ``(y, x)`` top-left positions in canvas pixels. Ready-made canvases are
 procedural (:func:`make_canvas`, deterministic by seed) or photographs bundled inside
-scikit-image (:func:`photo_canvas`; scikit-image is optional, ``pip install memkit[video]``).
+scikit-image (:func:`photo_canvas`; scikit-image is optional, ``pip install memkit-video[video]``).
 Nothing is downloaded.
 """
 
@@ -45,6 +45,7 @@ __all__ = [
     "find_revisits",
     "RevisitClip",
     "revisit_clip",
+    "sweep_clip",
     "RevisitWorld",
 ]
 
@@ -180,7 +181,7 @@ def _skimage_data() -> Any:
         import skimage.data
     except ImportError as err:
         raise DataError(
-            "photo canvases need scikit-image, which is not installed: pip install 'memkit[video]' "
+            "photo canvases need scikit-image, which is not installed: pip install 'memkit-video[video]' "
             "(or pip install scikit-image); procedural canvases (source='procedural') need nothing"
         ) from err
     return skimage.data
@@ -470,6 +471,8 @@ class RevisitClip:
         canvas: ``(c H W)`` float32 in ``[-1, 1]``, the whole world the camera looks at.
         source: ``"procedural"`` or the photo's name.
         frames_per_segment: ``F``.
+        place_ids: ``(t,)`` int64 place of each frame on the canvas's grid, for clips of the
+            sweep path families (:mod:`memkit.data.paths`); ``None`` for out-and-back clips.
     """
 
     video: Tensor
@@ -479,6 +482,7 @@ class RevisitClip:
     canvas: Tensor
     source: str
     frames_per_segment: int
+    place_ids: Tensor | None = None
 
     @property
     def segments(self) -> int:
@@ -558,6 +562,80 @@ def revisit_clip(
     )
 
 
+def sweep_clip(
+    seed: int,
+    family: str = "walk",
+    frames: int = 16,
+    places: int = 8,
+    frame_size: FrameSize = 16,
+    source: str = "procedural",
+    *,
+    step: int | None = None,
+    smooth: float = 0.0,
+    frames_per_segment: int = 1,
+) -> RevisitClip:
+    """A clip that sweeps once over a canvas of ``places`` places, then follows a path family.
+
+    The first ``places`` frames are the sweep (place ``0 .. P-1``, the context a model is
+    given); the rest follow ``family`` (:mod:`memkit.data.paths`: ``"walk"`` for training,
+    ``"pingpong"``, ``"pauses"`` and ``"fast"`` only for evaluation), so every later frame
+    revisits a place the sweep showed. The canvas is ``w + step * (P - 1)`` wide and one
+    frame tall.
+
+    Args:
+        seed: the same arguments give the same clip (canvas and path).
+        family: a name from :data:`memkit.data.paths.PATH_FAMILIES`.
+        frames: ``t``, frames in all (sweep included), a multiple of ``frames_per_segment``.
+        places: ``P``, at least 2.
+        frame_size: ``int`` or ``(h, w)``.
+        source: ``"procedural"`` or a name from :data:`PHOTOS`.
+        step: pixels between neighbouring places; default ``w // 2``.
+        smooth: Gaussian blur of a procedural canvas (:func:`make_canvas`).
+        frames_per_segment: ``F``, recorded on the clip.
+
+    Returns:
+        a :class:`RevisitClip` whose ``place_ids`` say where each frame is.
+
+    Example:
+        >>> from memkit.data import sweep_clip
+        >>> clip = sweep_clip(0, "pingpong", frames=12, places=4, frame_size=16)
+        >>> clip.place_ids.tolist()
+        [0, 1, 2, 3, 2, 1, 0, 1, 2, 3, 2, 1]
+        >>> bool((clip.video[4] == clip.video[2]).all()), tuple(clip.canvas.shape)
+        (True, (3, 16, 40))
+    """
+    from memkit.data.paths import sweep_path
+
+    owner = "sweep_clip"
+    seed = check_seed(owner, seed)
+    frames = check_int(owner, "frames", frames)
+    frames_per_segment = check_int(owner, "frames_per_segment", frames_per_segment)
+    if frames % frames_per_segment:
+        raise DataError(f"{owner}: frames ({frames}) must be a multiple of frames_per_segment ({frames_per_segment})")
+    fh, fw = frame_hw(owner, frame_size)
+    step = max(1, fw // 2) if step is None else check_int(owner, "step", step)
+    if source != "procedural" and source not in PHOTOS:
+        raise DataError(f"{owner}: source must be 'procedural' or one of {', '.join(PHOTOS)}, got {source!r}")
+    ids = sweep_path(family, places, frames, child_seed(seed, 7))
+    width = fw + step * (places - 1)
+    if source == "procedural":
+        canvas = make_canvas(seed, fh, width, smooth=smooth)
+    else:
+        offset = float(np.random.default_rng(child_seed(seed, name_seed(source))).uniform())
+        canvas = photo_canvas(source, fh, width, offset=offset)
+    path = np.stack([np.zeros(frames), ids.astype(np.float64) * step], axis=1)
+    return RevisitClip(
+        video=render(canvas, path, (fh, fw)),
+        actions=camera_actions(path, (fh, fw)),
+        positions=torch.from_numpy(path.astype(np.float32)),
+        revisit_pairs=find_revisits(path),
+        canvas=torch.from_numpy(canvas).permute(2, 0, 1) * 2 - 1,
+        source=source,
+        frames_per_segment=frames_per_segment,
+        place_ids=torch.from_numpy(ids),
+    )
+
+
 def _split(x: Tensor, segments: int) -> Tensor:
     return x.reshape(segments, x.shape[0] // segments, *x.shape[1:])
 
@@ -577,7 +655,12 @@ class RevisitWorld:
         frame_size: ``int`` or ``(h, w)``.
         sources: names to draw from: ``"procedural"`` and/or names from :data:`PHOTOS`
             (e.g. ``("procedural", *TRAIN_PHOTOS)``).
-        speed: pixels per frame, default as in :func:`revisit_clip`.
+        speed: pixels per frame, default as in :func:`revisit_clip`; for the sweep path
+            families, the pixels between neighbouring places (:func:`sweep_clip`'s ``step``).
+        path: ``"out_and_back"`` (:func:`revisit_clip`) or a family of
+            :mod:`memkit.data.paths` (:func:`sweep_clip`: a sweep over ``places`` places, then
+            the family's path).
+        places: ``P``, places on the canvas for the sweep path families.
         smooth: Gaussian blur of procedural canvases in pixels (:func:`make_canvas`).
         prompt_tokens: ``p``, prompt length (with padding).
         prompt_dim: ``e``, prompt embedding size.
@@ -597,6 +680,8 @@ class RevisitWorld:
     smooth: float = 0.0
     prompt_tokens: int = 8
     prompt_dim: int = 16
+    path: str = "out_and_back"
+    places: int = 8
 
     def __post_init__(self) -> None:
         if not self.sources:
@@ -606,11 +691,29 @@ class RevisitWorld:
                 raise DataError(
                     f"RevisitWorld: unknown source {source!r}; use 'procedural' or one of {', '.join(PHOTOS)}"
                 )
+        from memkit.data.paths import PATH_FAMILIES
+
+        if self.path != "out_and_back" and self.path not in PATH_FAMILIES:
+            raise DataError(
+                f"RevisitWorld: unknown path {self.path!r}; use 'out_and_back' or one of {', '.join(PATH_FAMILIES)}"
+            )
 
     def clip(self, seed: int) -> RevisitClip:
         """The clip for ``seed`` (a :class:`RevisitClip`)."""
         seed = check_seed("RevisitWorld.clip", seed)
         pick = int(np.random.default_rng(child_seed(seed, 1)).integers(len(self.sources)))
+        if self.path != "out_and_back":
+            return sweep_clip(
+                seed,
+                self.path,
+                self.frames_per_segment * self.segments,
+                self.places,
+                self.frame_size,
+                self.sources[pick],
+                step=None if self.speed is None else int(self.speed),
+                smooth=self.smooth,
+                frames_per_segment=self.frames_per_segment,
+            )
         return revisit_clip(
             seed,
             self.frames_per_segment,

@@ -27,7 +27,8 @@ def scene_sequence(seed: int, segments: int, num_scenes: int = 3) -> list[int]:
 
     Segments 0 and 1 show two different scenes; from segment 2 on, each segment shows a scene
     other than the previous one: half the time (and always once every scene has been shown) a
-    scene already seen, so with three or more segments at least one scene comes back.
+    scene already seen, so some scene comes back at the latest once there are more segments
+    than scenes (usually much sooner).
 
     Args:
         seed: non-negative int.

@@ -14,17 +14,28 @@ The returned :class:`MemorySession` holds one stream's per-layer states:
 * calling the model as usual: every attached layer *reads* its memory;
 * ``session.commit(*model_args)``: the clean pass of a finished segment; runs the model
   once and *writes* the segment into every attached layer's memory;
+* ``session.save_states(path)`` / ``session.load_states(path)``: the stream, one call each;
 * ``session.detach()`` (or leaving ``with``): the model is exactly as it was.
+
+Memories that are ``nn.Module`` s (with parameters to train) are registered on the host as
+``model.memkit_memories`` while attached, so they are in its ``parameters()`` and
+``state_dict()``, move with ``model.to()`` and follow ``train()``/``eval()``; ``detach``
+removes the attribute.
 
 How a layer is taken over: the module gets an instance attribute ``forward`` that shadows
 its class's ``forward`` (``detach`` deletes it again), so parameters, buffers, submodules
-and ``state_dict`` are never touched. :mod:`memkit.integrations.diffusers_wan` uses
-diffusers' own attention processors instead, with the same session.
+and ``state_dict`` are never touched. Hooks compose: when the module already carries a
+diffusers ``HookRegistry`` or accelerate hook, memkit's function goes at the bottom of that
+chain instead (where the module's own forward was), so the hooks fire once per call around
+memkit's attention whichever was installed first, and ``detach`` removes only memkit.
+:mod:`memkit.integrations.diffusers_wan` uses diffusers' own attention processors instead,
+with the same session.
 """
 
 import contextlib
 import dataclasses
 import fnmatch
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -35,7 +46,7 @@ from torch import Tensor, nn
 from memkit.errors import AttachError, ShapeError
 from memkit.layers.memory_attention import Rotate, attend_with_context
 from memkit.protocol import Chunk, Memory, Query, token_positions
-from memkit.state import state_nbytes
+from memkit.state import check_state_matches, map_tensors, state_nbytes
 from memkit.typing import Float, check_floating, check_shape, typechecked
 
 __all__ = [
@@ -129,9 +140,15 @@ class Segment:
 
 def _as_frame_positions(frame_positions: Tensor | Sequence[int]) -> Tensor:
     if not isinstance(frame_positions, Tensor):
-        frame_positions = torch.as_tensor(list(frame_positions), dtype=torch.long)
-    if frame_positions.is_floating_point() or frame_positions.dtype == torch.bool:
-        raise ShapeError(f"frame_positions: expected an integer tensor, got dtype {frame_positions.dtype}")
+        try:
+            values = frame_positions if isinstance(frame_positions, (list, tuple)) else list(frame_positions)
+            frame_positions = torch.as_tensor(values)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as err:
+            raise ShapeError(
+                f"frame_positions: expected integer frame indices, (f) or (b f), got {frame_positions!r:.60} ({err})"
+            ) from None
+    if frame_positions.is_floating_point() or frame_positions.is_complex() or frame_positions.dtype == torch.bool:
+        raise ShapeError(f"frame_positions: expected an integer tensor of frame indices, got {frame_positions.dtype}")
     if frame_positions.ndim == 1:
         frame_positions = frame_positions[None]
     if frame_positions.ndim != 2 or frame_positions.shape[1] == 0:
@@ -139,6 +156,36 @@ def _as_frame_positions(frame_positions: Tensor | Sequence[int]) -> Tensor:
             f"frame_positions: expected shape (f) or (b f) with at least one frame, got {tuple(frame_positions.shape)}"
         )
     return frame_positions.long()
+
+
+def _checked_rotary(rotate: Rotate | None, layer: str) -> Rotate | None:
+    """The user's rotary, with what memkit passed it named when it fails (positions ``(b n)`` or ``(b h m)``)."""
+    if rotate is None:
+        return None
+    fn: Rotate = rotate
+
+    def checked(x: Tensor, positions: Tensor) -> Tensor:
+        memory = positions.ndim == 3
+        what = "(b h m): memory keys, each head its own slots" if memory else "(b n): the segment's tokens"
+        try:
+            out = fn(x, positions)
+        except Exception as err:  # the user's code: say what it was given
+            raise AttachError(
+                f"layer {layer!r}: the rotary function failed on x {'(b h m d)' if memory else '(b h n d)'} = "
+                f"{tuple(x.shape)} with positions {what} = {tuple(positions.shape)}: {type(err).__name__}: {err}. "
+                "memkit calls rotary(x, positions) "
+                "with integer frame positions shaped (b n) for the segment's queries and keys and (b h m) for "
+                "memory keys; a rotary written for (b n) only can start with `if pos.ndim == 2: pos = pos[:, None]`"
+            ) from err
+        if not isinstance(out, Tensor) or out.shape != x.shape:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise AttachError(
+                f"layer {layer!r}: the rotary function returned {got} for x {tuple(x.shape)} and positions "
+                f"{what} = {tuple(positions.shape)}; it must return a tensor shaped like x"
+            )
+        return out
+
+    return checked
 
 
 @dataclasses.dataclass(eq=False)
@@ -206,6 +253,7 @@ class LayerAttend:
         *,
         hidden: Float[Tensor, "b n D"] | None = None,
         rotary: Rotate | None = None,
+        backend: str | None = None,
     ) -> Float[Tensor, "b h n d"]:
         """Attention of the segment over its own tokens and the layer's memory.
 
@@ -214,6 +262,8 @@ class LayerAttend:
             hidden: the layer's input ``(b n D)``, stored in the chunk a commit writes
                 (default: the module call's first tensor argument of that shape).
             rotary: ``rotate(x, positions)`` for this call, overriding the session's.
+            backend: memkit attention backend for this call (see :func:`memkit.attend`),
+                overriding the session's (e.g. the one the host chose for this layer).
 
         Returns:
             ``(b h n d)``: the attention output before the module's output projection.
@@ -234,8 +284,8 @@ class LayerAttend:
             v,
             context,
             token_positions(fp, t),
-            rotate=rotary if rotary is not None else session.rotary,
-            backend=session.backend,
+            rotate=_checked_rotary(rotary if rotary is not None else session.rotary, layer.name),
+            backend=backend if backend is not None else session.backend,
         )
         staged = session._staged
         if staged is not None:
@@ -268,28 +318,89 @@ class _Installer(Protocol):
         """Put every module back as it was."""
 
 
+#: The attribute under which :func:`attach` registers memories that are ``nn.Module`` s on the host.
+MEMORIES_ATTR = "memkit_memories"
+
+
+def _module_key(name: str, taken: Mapping[str, Any] | nn.ModuleDict) -> str:
+    """A ModuleDict key for the memory of layer ``name`` (module names may not hold dots)."""
+    base = name.replace(".", "-") or "model"
+    key, i = base, 2
+    while key in taken:
+        key, i = f"{base}-{i}", i + 1
+    return key
+
+
 class _Hub:
-    """The sessions attached to one model: the last one is active."""
+    """The sessions attached to one model: the last one is active.
+
+    The hub also registers every memory that is an ``nn.Module`` (parameters to train,
+    e.g. :class:`memkit.RecurrentMemory`) on the host, as ``model.memkit_memories`` (an
+    ``nn.ModuleDict`` keyed by the first layer using each memory, dots written as ``-``), so
+    they are in ``model.parameters()`` and ``model.state_dict()``, move with ``model.to()``
+    and follow ``model.train()``/``eval()``. Detaching the last session using a memory
+    unregisters it; detaching the last session removes the attribute.
+    """
 
     def __init__(self, model: nn.Module, installer: _Installer) -> None:
         self.model, self.installer = model, installer
         self.sessions: list[MemorySession] = []
         self._inside: set[nn.Module] = set()
+        self._memories: nn.ModuleDict | None = None
 
     @property
     def active(self) -> "MemorySession | None":
         return self.sessions[-1] if self.sessions else None
 
     def add(self, session: "MemorySession") -> None:
+        owned = self.model._modules.get(MEMORIES_ATTR)
+        if hasattr(self.model, MEMORIES_ATTR) and (owned is None or owned is not self._memories):
+            raise AttachError(
+                f"attach: {type(self.model).__name__} already has an attribute {MEMORIES_ATTR!r}, where memkit "
+                "registers memories with parameters; rename it"
+            )
         self.sessions.append(session)
         self._sync()
+        self._register(session)
 
     def remove(self, session: "MemorySession") -> None:
         self.sessions.remove(session)
+        self._unregister()
         if self.sessions:
             self._sync()
         else:
             self.installer.restore()
+
+    def _register(self, session: "MemorySession") -> None:
+        modules = [(layer.name, layer.memory) for layer in session._layers if isinstance(layer.memory, nn.Module)]
+        if not modules:
+            return
+        if self._memories is None:
+            self._memories = nn.ModuleDict().train(self.model.training)
+            setattr(self.model, MEMORIES_ATTR, self._memories)
+        held = {id(m) for m in self._memories.values()}
+        params = [p for n, p in self.model.named_parameters() if not n.startswith(f"{MEMORIES_ATTR}.")]
+        for name, memory in modules:
+            if id(memory) in held:
+                continue
+            held.add(id(memory))
+            assert isinstance(memory, nn.Module)
+            # the host owns it now: its device and its training mode
+            if params and any(p.device != params[0].device for p in memory.parameters()):
+                memory.to(params[0].device)
+            memory.train(self.model.training)
+            self._memories[_module_key(name, self._memories)] = memory
+
+    def _unregister(self) -> None:
+        if self._memories is None:
+            return
+        used = {id(layer.memory) for s in self.sessions for layer in s._layers}
+        for key in [k for k, m in self._memories.items() if id(m) not in used]:
+            del self._memories[key]
+        if not len(self._memories):
+            if self.model._modules.get(MEMORIES_ATTR) is self._memories:
+                delattr(self.model, MEMORIES_ATTR)
+            self._memories = None
 
     def promote(self, session: "MemorySession") -> None:
         self.sessions.remove(session)
@@ -316,20 +427,88 @@ class _Hub:
 
 def _hub_of(module: nn.Module) -> "_Hub | None":
     """The hub a module is routed through, if any (found from the module itself: no globals)."""
-    for owner in (module.__dict__.get("forward"), getattr(module, "processor", None)):
-        hub = getattr(owner, "_memkit_hub", None)
-        if isinstance(hub, _Hub):
-            return hub
+    for _, _, fn in _forward_slots(module):
+        route = getattr(fn, "_memkit_route", None)
+        # `is`: diffusers copies a wrapped function's attributes onto its own wrapper
+        if isinstance(route, _Route) and route.forward is fn and route.module is module and route.active:
+            return route.hub
+    hub = getattr(getattr(module, "processor", None), "_memkit_hub", None)
+    return hub if isinstance(hub, _Hub) else None
+
+
+def _forward_slots(module: nn.Module) -> Iterator[tuple[Any, str, Any]]:
+    """``(holder, attribute, callable)`` of every place a module's forward chain keeps a forward.
+
+    The module's own ``forward`` (an instance attribute shadowing the class's), accelerate's
+    ``module._old_forward`` (what its hook calls), and each function reference of a diffusers
+    ``HookRegistry`` (``module._diffusers_hook``). The innermost comes last.
+    """
+    if "forward" in module.__dict__:
+        yield module.__dict__, "forward", module.__dict__["forward"]
+    registry = module.__dict__.get("_diffusers_hook")
+    for ref in reversed(getattr(registry, "_fn_refs", None) or []):
+        for attr in ("forward", "original_forward"):
+            fn = getattr(ref, attr, None)
+            if fn is not None:
+                yield ref, attr, fn
+    if "_old_forward" in module.__dict__:
+        yield module.__dict__, "_old_forward", module.__dict__["_old_forward"]
+
+
+def _innermost_slot(module: nn.Module) -> tuple[Any, str] | None:
+    """Where the forward chain of hooks installed on ``module`` calls the module's own forward.
+
+    memkit goes there, below every hook, so that hooks installed before :func:`attach` still
+    run once per call around memkit's attention (and hooks installed after wrap it the same
+    way). ``None`` when the module has no hook chain memkit knows (then memkit shadows
+    ``forward`` itself).
+    """
+    registry = module.__dict__.get("_diffusers_hook")
+    refs = getattr(registry, "_fn_refs", None)
+    if refs:
+        # the first hook registered calls the real forward (through new_forward's original_forward if it has one)
+        ref = refs[0]
+        return (ref, "original_forward") if getattr(ref, "original_forward", None) is not None else (ref, "forward")
+    if "_old_forward" in module.__dict__ and hasattr(module, "_hf_hook"):  # accelerate's add_hook_to_module
+        return module.__dict__, "_old_forward"
     return None
 
 
+def _set_slot(holder: Any, attr: str, value: Any) -> None:
+    if isinstance(holder, dict):
+        holder[attr] = value
+    else:
+        setattr(holder, attr, value)
+
+
+@dataclasses.dataclass(eq=False)
+class _Route:
+    """One module routed through a hub: the function memkit put in its forward chain."""
+
+    hub: _Hub
+    module: nn.Module
+    original: Callable[..., Any]  # what stood where memkit's function stands now
+    had_instance_forward: bool
+    forward: Callable[..., Any] = dataclasses.field(init=False)
+    active: bool = True
+
+
 class _ForwardInstaller:
-    """Routes a module through the hub by shadowing its ``forward`` with an instance attribute."""
+    """Routes a module through the hub by putting a function at the bottom of its forward chain.
+
+    Without hooks that is an instance attribute ``forward`` shadowing the class's. With a
+    diffusers ``HookRegistry`` or accelerate hook already on the module, memkit's function
+    replaces the module's own forward *inside* that chain, so those hooks still fire once
+    per call around it. Hooks added after :func:`attach` wrap memkit's function as they
+    would wrap ``forward``. ``detach`` puts back exactly what memkit replaced, wherever that
+    now is in the chain, and never removes a hook; if memkit's function was captured where it
+    cannot be found, it stays as a pass-through to the module's own forward.
+    """
 
     kind = "forward"
 
     def __init__(self) -> None:
-        self._saved: dict[nn.Module, tuple[bool, Any]] = {}
+        self._saved: dict[nn.Module, _Route] = {}
 
     def sync(self, hub: _Hub, modules: Mapping[nn.Module, str]) -> None:
         for module in [m for m in self._saved if m not in modules]:
@@ -343,27 +522,36 @@ class _ForwardInstaller:
             self._unpatch(module)
 
     def _patch(self, hub: _Hub, module: nn.Module) -> None:
-        had = "forward" in module.__dict__
-        saved = module.__dict__.get("forward")
-        original = module.forward
+        slot = _innermost_slot(module)
+        holder, attr = slot if slot is not None else (module.__dict__, "forward")
+        original = module.forward if slot is None else holder[attr] if isinstance(holder, dict) else getattr(*slot)
+        route = _Route(hub, module, original, had_instance_forward="forward" in module.__dict__)
 
         def forward(*args: Any, **kwargs: Any) -> Any:
-            return hub.dispatch(module, original, args, kwargs)
+            if not route.active:
+                return route.original(*args, **kwargs)
+            return route.hub.dispatch(route.module, route.original, args, kwargs)
 
-        forward._memkit_hub = hub  # type: ignore[attr-defined]
-        module.__dict__["forward"] = forward
-        self._saved[module] = (had, saved)
+        forward._memkit_route = route  # type: ignore[attr-defined]
+        route.forward = forward
+        _set_slot(holder, attr, forward)
+        self._saved[module] = route
 
     def _unpatch(self, module: nn.Module) -> None:
-        had, saved = self._saved.pop(module)
-        if had:
-            module.__dict__["forward"] = saved
-        else:
-            del module.__dict__["forward"]
+        route = self._saved.pop(module)
+        route.active = False
+        found = [(holder, attr) for holder, attr, fn in _forward_slots(module) if fn is route.forward]
+        for holder, attr in found:
+            if holder is module.__dict__ and attr == "forward" and not route.had_instance_forward:
+                del module.__dict__["forward"]  # the class's forward shows through again
+            else:
+                _set_slot(holder, attr, route.original)
+        # not found: a hook we do not know captured it; inactive, it passes every call to the original
 
 
 def _select_layers(model: nn.Module, layers: LayerSelector) -> list[tuple[str, nn.Module]]:
-    named = list(model.named_modules())
+    # memories registered by an earlier attach are never layers
+    named = [(n, m) for n, m in model.named_modules() if n.split(".")[0] != MEMORIES_ATTR]
     if isinstance(layers, str):
         chosen = [(n, m) for n, m in named if fnmatch.fnmatchcase(n, layers)]
     elif isinstance(layers, type) or (isinstance(layers, tuple) and all(isinstance(c, type) for c in layers)):
@@ -556,14 +744,86 @@ class MemorySession:
         return {layer.name: self._states.get(layer.name) for layer in self._layers}
 
     def set_states(self, states: Mapping[str, Any]) -> None:
-        """Replace the per-layer states (e.g. with ones saved from ``states`` earlier)."""
-        unknown = sorted(set(states) - set(self.layer_names))
+        """Replace the per-layer states (e.g. with ones saved from ``states`` earlier).
+
+        Every layer needs an entry; ``None`` means "not created yet" (made at first use).
+        A state its layer's memory would not have made (another class or configuration,
+        e.g. a window of 5 frames for a window of 2) is refused with :class:`memkit.StateError`
+        naming the layer, the field and the dimension.
+        """
+        if not isinstance(states, Mapping):
+            raise AttachError(f"set_states: expected a {{layer name: state}} dict, got {type(states).__name__}")
+        unknown = sorted(set(states) - set(self.layer_names), key=str)
         if unknown:
             raise AttachError(f"set_states: {unknown[0]!r} is not an attached layer (layers: {self.layer_names})")
         missing = sorted(set(self.layer_names) - set(states))
         if missing:
             raise AttachError(f"set_states: no state for layer {missing[0]!r}")
-        self._states = dict(states)
+        for layer in self._layers:
+            state = states[layer.name]
+            if state is not None:
+                check_state_matches(f"set_states: layer {layer.name!r}", state, layer.memory)
+        self._states = {name: states[name] for name in self.layer_names}
+
+    def to(self, *args: Any, **kwargs: Any) -> "MemorySession":
+        """Move (or cast) every state as ``Tensor.to`` does; integer and boolean tensors keep their dtype.
+
+        ``model.to(device)`` moves the host and its registered memories; the session's
+        states are values it holds, so move them with ``session.to(device)``. Returns the session.
+        """
+
+        def move(x: Tensor) -> Tensor:
+            if x.is_floating_point():
+                return x.to(*args, **kwargs)
+            device = kwargs.get("device", next((a for a in args if isinstance(a, (torch.device, str))), None))
+            return x.to(device=device) if device is not None else x
+
+        self._states = {name: map_tensors(move, s) for name, s in self._states.items()}
+        return self
+
+    def save_states(self, path: str | os.PathLike[str]) -> None:
+        """Save every layer's state to one file (:func:`memkit.save_states` format), atomically.
+
+        Works at any point of the stream, also before the first segment (a session made
+        with ``batch_size=None`` then holds no state yet, and the file says so). Each
+        layer's memory class and configuration are recorded and checked by :meth:`load_states`.
+        """
+        from memkit.io import save_states
+
+        states = [(layer.name, self._states.get(layer.name)) for layer in self._layers]
+        present = {name: state for name, state in states if state is not None}
+        save_states(path, present, [layer.memory for layer in self._layers])
+
+    def load_states(self, path: str | os.PathLike[str], *, device: torch.device | str | None = None) -> None:
+        """Load states saved by :meth:`save_states` into this session (no template needed).
+
+        The file's tensors say the batch size and dtype; the states land on ``device``
+        (default: the session's ``device``, else each layer's parameters' device). Refused
+        with :class:`memkit.CheckpointError`, saying what differs, when the file was saved by
+        a session with other layers or memories, or is damaged. Layers the file holds no
+        state for start empty. Works before the first segment.
+        """
+        from memkit.io import load_states, read_header
+
+        header = read_header(path)
+        shapes: dict[str, Any] = header["tensors"]
+        names = list(shapes)
+
+        def held(layer: _Layer) -> list[str]:
+            prefix = f"[{layer.name!r}]"
+            return [n for n in names if n == prefix or n.startswith((f"{prefix}.", f"{prefix}["))]
+
+        present = [layer for layer in self._layers if held(layer)]
+        template: dict[str, Any] = {}
+        for layer in present:
+            saved = [shapes[n] for n in held(layer)]
+            batch = int(saved[0]["shape"][0]) if saved[0]["shape"] else 1
+            floats = [getattr(torch, s["dtype"].removeprefix("torch."), None) for s in saved]
+            dtype = next((d for d in floats if isinstance(d, torch.dtype) and d.is_floating_point), None)
+            template[layer.name] = self._new_state(layer, batch, device=device, dtype=dtype)
+        loaded = load_states(path, template, [layer.memory for layer in self._layers])
+        self.reset()
+        self._states.update(loaded)
 
     @property
     def nbytes(self) -> int:
@@ -587,10 +847,19 @@ class MemorySession:
         if batch_size is None:
             return
         for layer in self._layers:
-            params = [p for p in layer.module.parameters() if p.is_floating_point()]
-            dev = device if device is not None else (params[0].device if params else None)
-            dt = dtype if dtype is not None else (params[0].dtype if params else None)
-            self._states[layer.name] = layer.memory.init_state(batch_size, device=dev, dtype=dt)
+            self._states[layer.name] = self._new_state(layer, batch_size, device=device, dtype=dtype)
+
+    def _new_state(
+        self, layer: _Layer, batch_size: int, *, device: torch.device | str | None, dtype: torch.dtype | None
+    ) -> Any:
+        """An empty state on ``device`` (default: the session's, else the layer's parameters')."""
+        _, init_device, init_dtype = self._init
+        params = [p for p in layer.module.parameters() if p.is_floating_point()]
+        dev = device if device is not None else init_device if init_device is not None else None
+        dev = dev if dev is not None else (params[0].device if params else None)
+        dt = dtype if dtype is not None else init_dtype if init_dtype is not None else None
+        dt = dt if dt is not None else (params[0].dtype if params else None)
+        return layer.memory.init_state(batch_size, device=dev, dtype=dt)
 
     def _state_for(self, layer: _Layer, q: Tensor) -> Any:
         state = self._states.get(layer.name)
@@ -748,7 +1017,9 @@ def attach(
 
     Args:
         model: any ``nn.Module``; it is changed only by an instance-level ``forward`` on
-            each chosen layer, removed by :meth:`MemorySession.detach`.
+            each chosen layer and, when some memories are ``nn.Module`` s, by
+            ``model.memkit_memories`` (an ``nn.ModuleDict`` holding them, moved to the model's
+            device and training mode), both removed by :meth:`MemorySession.detach`.
         memory: a :class:`memkit.Memory` for every layer (shared object, one state per
             layer), a ``{layer name: memory}`` dict, or ``factory(name, module) -> Memory``.
         adapter: ``adapter(module, attend, *args, **kwargs)`` (see
@@ -758,7 +1029,8 @@ def attach(
         rotary: ``rotate(x (b h n d), positions) -> x`` applied to queries and keys at
             integer frame positions, ``(b n)`` for the segment's tokens and ``(b h m)`` for
             memory keys (e.g. :func:`memkit.layers.apply_rotary`); ``None`` when the model
-            has no rotary embedding. Must be the rotation the model applies itself.
+            has no rotary embedding. Must be the rotation the model applies itself. When it
+            fails, :class:`memkit.AttachError` names the shapes it was given.
         batch_size: create the states now (on each layer's device and dtype unless
             ``device``/``dtype`` say otherwise); ``None`` creates them at first use, from the
             queries' batch, device and dtype.

@@ -21,6 +21,7 @@ diffusers is imported only when :func:`attach_wan` runs, never by ``import memki
 """
 
 import functools
+import warnings
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -40,7 +41,7 @@ from memkit.integrations.attach import (
 )
 from memkit.layers.memory_attention import Rotate
 
-__all__ = ["attach_wan", "WanMemoryProcessor", "WanSelfAttentionAdapter", "wan_rotary_freqs"]
+__all__ = ["attach_wan", "WanMemoryProcessor", "WanSelfAttentionAdapter", "wan_rotary_freqs", "memkit_backend"]
 
 
 def _require_diffusers() -> tuple[type, type]:
@@ -48,8 +49,8 @@ def _require_diffusers() -> tuple[type, type]:
         from diffusers.models.transformers.transformer_wan import WanAttention, WanTransformer3DModel
     except ImportError as err:
         raise ImportError(
-            "memkit.integrations.diffusers_wan needs diffusers >= 0.33 with the Wan transformer: "
-            "pip install 'memkit[diffusers]'"
+            "memkit.integrations.diffusers_wan needs diffusers >= 0.36 with the Wan transformer: "
+            "pip install 'memkit-video[diffusers]'"
         ) from err
     return WanAttention, WanTransformer3DModel
 
@@ -134,7 +135,8 @@ class WanSelfAttentionAdapter:
         if rotary_emb is not None:
             frame_positions, tokens_per_frame = attend.layout(q)
             rotate = self.rotary(rotary_emb, frame_positions[:, 0], tokens_per_frame)
-        out = attend(q, k, v, hidden=hidden_states, rotary=rotate)
+        backend = memkit_backend(getattr(getattr(attn, "processor", None), "_attention_backend", None))
+        out = attend(q, k, v, hidden=hidden_states, rotary=rotate, backend=backend)
         out = out.transpose(1, 2).flatten(2, 3).type_as(q)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
@@ -183,6 +185,44 @@ class WanSelfAttentionAdapter:
         return f"WanSelfAttentionAdapter(t_dim={self.t_dim}, theta={self.theta})"
 
 
+#: diffusers attention backends (``AttentionBackendName`` values) and the memkit backend that
+#: runs the same kernel family over a segment plus its memory context.
+DIFFUSERS_BACKENDS: dict[str, str] = {
+    "native": "sdpa",
+    "_native_cudnn": "sdpa",
+    "_native_efficient": "sdpa",
+    "_native_flash": "sdpa",
+    "_native_math": "math",
+    "xformers": "xformers",
+}
+
+
+def memkit_backend(diffusers_backend: Any) -> str | None:
+    """The memkit backend for a diffusers ``set_attention_backend`` choice (``None``: the session's).
+
+    Backends memkit has no counterpart for (flash-attn, sage, flex, hub kernels: they take no
+    memory context) leave the session's backend in charge, with a warning; the stock
+    processor still uses the choice wherever memkit is not attached.
+
+    Example:
+        >>> from memkit.integrations.diffusers_wan import memkit_backend
+        >>> memkit_backend("native"), memkit_backend("_native_math"), memkit_backend(None)
+        ('sdpa', 'math', None)
+    """
+    if diffusers_backend is None:
+        return None
+    name = str(getattr(diffusers_backend, "value", diffusers_backend))
+    if name in DIFFUSERS_BACKENDS:
+        return DIFFUSERS_BACKENDS[name]
+    warnings.warn(
+        f"diffusers attention backend {name!r} has no memkit counterpart for attention over a memory context; "
+        f"memkit's layers use the session's backend (memkit: {', '.join(sorted(set(DIFFUSERS_BACKENDS.values())))})",
+        UserWarning,
+        stacklevel=3,
+    )
+    return None
+
+
 class WanMemoryProcessor:
     """A diffusers attention processor that routes one Wan attention layer through memkit.
 
@@ -190,6 +230,10 @@ class WanMemoryProcessor:
     When the model's active :class:`memkit.MemorySession` attached this layer, the call
     runs :class:`WanSelfAttentionAdapter` with that session's state; otherwise it calls
     the stock processor it replaced (``original``), unchanged.
+
+    It follows diffusers' ``model.set_attention_backend(...)``: the choice is passed on to
+    the stock processor (so it holds after :meth:`memkit.MemorySession.detach` too) and
+    memkit's attention core uses the matching memkit backend (see :func:`memkit_backend`).
 
     Example:
         >>> import pytest, memkit
@@ -204,12 +248,23 @@ class WanMemoryProcessor:
         'WanAttnProcessor'
     """
 
-    _attention_backend = None
     _parallel_config = None
 
     def __init__(self, hub: _Hub, original: Any) -> None:
         self._memkit_hub = hub
         self.original = original
+        self._backend: Any = getattr(original, "_attention_backend", None)
+
+    @property
+    def _attention_backend(self) -> Any:
+        """What diffusers' ``set_attention_backend`` chose for this layer (``None``: the default)."""
+        return self._backend
+
+    @_attention_backend.setter
+    def _attention_backend(self, backend: Any) -> None:
+        self._backend = backend
+        if hasattr(self.original, "_attention_backend"):
+            self.original._attention_backend = backend
 
     def __call__(
         self,

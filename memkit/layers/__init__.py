@@ -4,6 +4,7 @@ from memkit.layers.memory_attention import (
     MemoryAttention,
     Rotate,
     attend_with_context,
+    clamp_context_positions,
     init_memory_states,
     memory_layers,
 )
@@ -12,6 +13,7 @@ from memkit.layers.rotary import apply_rotary, rotary_angles
 __all__ = [
     "MemoryAttention",
     "attend_with_context",
+    "clamp_context_positions",
     "Rotate",
     "init_memory_states",
     "memory_layers",

@@ -65,6 +65,25 @@ def attend_with_context(
     return attend(q, k, v, context, backend=backend)
 
 
+def clamp_context_positions(context: Context, frame_positions: Tensor, max_distance: int) -> Context:
+    """``context`` with every slot at most ``max_distance`` frames before the segment's first frame.
+
+    The rotary position of a slot older than that becomes ``min(frame_positions) - max_distance``;
+    newer slots keep theirs. Keys, values and mask are returned as they are.
+
+    Example:
+        >>> import torch, memkit
+        >>> from memkit.layers import clamp_context_positions
+        >>> ctx = memkit.Context(torch.zeros(1, 1, 3, 4), torch.zeros(1, 1, 3, 4),
+        ...                      torch.ones(1, 1, 3, dtype=torch.bool), torch.tensor([[[0, 20, 38]]]))
+        >>> clamp_context_positions(ctx, torch.tensor([[40, 41]]), 8).positions.tolist()
+        [[[32, 32, 38]]]
+    """
+    floor = frame_positions.long().min(dim=1).values - max_distance  # (b,)
+    positions = torch.maximum(context.positions, floor[:, None, None].to(context.positions.dtype))
+    return Context(k=context.k, v=context.v, mask=context.mask, positions=positions)
+
+
 class MemoryAttention(nn.Module):
     """Multi-head self-attention over a segment plus what its memory returns.
 
@@ -82,6 +101,10 @@ class MemoryAttention(nn.Module):
         rope_theta: rotary base.
         qk_norm: RMS-normalise queries and keys per head (stabilises long rollouts).
         backend: attention backend (see :func:`memkit.attend`).
+        max_distance: ``D``: memory keys further back than ``D`` frames from the segment's
+            first frame are rotated as if exactly ``D`` frames back (LongLive-style
+            re-indexing), so a model meets no query-key distance at generation time that it
+            did not meet in training, however long the video; ``None`` = the true positions.
 
     Shapes: ``x (b n D)`` with ``n = f * t`` tokens laid out frame-major, ``frame_positions (b f)``.
 
@@ -106,8 +129,14 @@ class MemoryAttention(nn.Module):
         rope_theta: float = 10000.0,
         qk_norm: bool = False,
         backend: str = "auto",
+        max_distance: int | None = None,
     ) -> None:
         super().__init__()
+        if max_distance is not None and (isinstance(max_distance, bool) or not isinstance(max_distance, int)):
+            raise TypeError(f"max_distance must be an int >= 0 or None, got {max_distance!r}")
+        if max_distance is not None and max_distance < 0:
+            raise ValueError(f"max_distance must be an int >= 0 or None, got {max_distance}")
+        self.max_distance = max_distance
         if head_dim is None:
             if dim % heads:
                 raise ValueError(f"dim ({dim}) must be divisible by heads ({heads}) unless head_dim is given")
@@ -124,10 +153,33 @@ class MemoryAttention(nn.Module):
     def init_state(
         self, batch_size: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> Any:
-        """The memory's empty state (on the layer's device by default)."""
+        """The memory's empty state, on the layer's device and in its dtype unless told otherwise.
+
+        A bf16 layer gets a bf16 state (half the bytes of a float32 one); integer and
+        boolean fields (positions, counters, masks) keep their own dtypes.
+
+        Example:
+            >>> import torch, memkit
+            >>> attn = memkit.MemoryAttention(32, 4, memory=memkit.FIFOMemory(4, 8, 2, frames=2)).to(torch.bfloat16)
+            >>> attn.init_state(1).win_k.dtype
+            torch.bfloat16
+        """
         if device is None:
             device = self.to_qkv.weight.device
+        if dtype is None:
+            dtype = self.to_qkv.weight.dtype
         return self.memory.init_state(batch_size, device=device, dtype=dtype)
+
+    def extra_repr(self) -> str:
+        parts = [f"dim={self.dim}, heads={self.heads}, head_dim={self.head_dim}"]
+        if self.backend != "auto":
+            parts.append(f"backend={self.backend!r}")
+        if getattr(self, "max_distance", None) is not None:
+            parts.append(f"max_distance={self.max_distance}")
+        if not isinstance(self.memory, nn.Module):
+            # a memory with parameters prints as a submodule; one without is shown here
+            parts.append(f"memory={self.memory!r}")
+        return ", ".join(parts)
 
     def _project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         q, k, v = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
@@ -148,8 +200,16 @@ class MemoryAttention(nn.Module):
     def _check(self, x: Tensor, frame_positions: Tensor) -> int:
         check_floating("x", x)
         s = check_shape("x", x, "b n D", D=self.dim)
+        weight = self.to_qkv.weight
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ShapeError(
+                f"x: dtype {x.dtype} does not match the layer's parameters ({weight.dtype}); cast the input "
+                f"(x.to({weight.dtype})) or the layer (layer.to({x.dtype})), or run under torch.autocast"
+            )
         f = check_shape("frame_positions", frame_positions, "b f", b=s["b"])["f"]
-        if f == 0 or s["n"] % f:
+        if f == 0:
+            raise ShapeError("frame_positions: dimension f (frames) should be at least 1, got 0 (empty segment)")
+        if s["n"] % f:
             raise ShapeError(
                 f"x has {s['n']} tokens, which is not a whole number of tokens per frame for {f} frames "
                 f"(frame_positions is (b f) = {tuple(frame_positions.shape)})"
@@ -176,6 +236,8 @@ class MemoryAttention(nn.Module):
         t = self._check(x, frame_positions)
         q, k, v = self._project(x)
         context = self.memory.read(state, Query(q, frame_positions, t, prompt, prompt_mask))
+        if self.max_distance is not None:
+            context = clamp_context_positions(context, frame_positions, self.max_distance)
         y = self._attend(q, k, v, context, token_positions(frame_positions, t))
         if not write:
             return y, state

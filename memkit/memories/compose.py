@@ -8,7 +8,7 @@ from torch import nn
 from memkit.errors import StateError
 from memkit.memories.frames import check_state
 from memkit.protocol import Chunk, Context, Memory, Query
-from memkit.state import MemoryState, memory_state
+from memkit.state import MemoryState, check_init_args, check_state_matches, memory_state
 from memkit.typing import typechecked
 
 __all__ = ["ComposeMemory", "ComposeState", "compose"]
@@ -95,6 +95,7 @@ class ComposeMemory(nn.Module):
         self, batch_size: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> ComposeState:
         """Every member's empty state."""
+        batch_size = check_init_args("ComposeMemory.init_state", batch_size, device, dtype)
         return ComposeState(tuple(m.init_state(batch_size, device=device, dtype=dtype) for m in self.memories))
 
     def _check(self, where: str, state: ComposeState) -> None:
@@ -104,6 +105,7 @@ class ComposeMemory(nn.Module):
                 f"ComposeMemory.{where}: expected a ComposeState of {len(self.memories)} member states, "
                 f"got {len(state.states)}"
             )
+        check_state_matches(f"ComposeMemory.{where}", state, self)
 
     @typechecked
     def read(self, state: ComposeState, query: Query) -> Context:

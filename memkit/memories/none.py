@@ -4,7 +4,7 @@ import torch
 
 from memkit.memories.frames import check_state
 from memkit.protocol import Chunk, Context, Query, empty_context
-from memkit.state import MemoryState, memory_state
+from memkit.state import MemoryState, check_init_args, memory_state
 
 
 @memory_state
@@ -30,10 +30,11 @@ class NoMemory:
     def init_state(
         self, batch_size: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> NoState:
+        check_init_args("NoMemory.init_state", batch_size, device, dtype)
         return NoState()
 
     def read(self, state: NoState, query: Query) -> Context:
-        check_state("NoMemory.read", state, NoState)
+        check_state("NoMemory.read", state, NoState)  # an empty state: nothing else can differ
         return empty_context(query)
 
     def write(self, state: NoState, chunk: Chunk) -> NoState:

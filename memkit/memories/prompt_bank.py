@@ -1,6 +1,7 @@
 """``PromptBankMemory``: a small bank of past frames retrieved by the text prompt (MemFlow NAM)."""
 
 import math
+from typing import ClassVar
 
 import torch
 from einops import rearrange
@@ -18,7 +19,7 @@ from memkit.memories.frames import (
     top_k_frames,
 )
 from memkit.protocol import Chunk, Context, Query
-from memkit.state import MemoryState, memory_state
+from memkit.state import MemoryState, check_init_args, check_state_matches, memory_state
 from memkit.typing import Bool, Float, typechecked
 
 __all__ = ["PromptBankMemory", "PromptBankState"]
@@ -46,6 +47,13 @@ class PromptBankState(MemoryState):
         >>> s.k.shape, s.valid.shape
         (torch.Size([1, 2, 4, 4, 8]), torch.Size([1, 4]))
     """
+
+    #: each field's layout: how a state of another configuration is reported
+    layouts: ClassVar[dict[str, str]] = {
+        **dict.fromkeys(("k", "v"), "b h P t d"),
+        **dict.fromkeys(("pos", "valid", "stamp"), "b P"),
+        "writes": "b",
+    }
 
     k: Tensor
     v: Tensor
@@ -144,6 +152,7 @@ class PromptBankMemory(nn.Module):
         self, batch_size: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> PromptBankState:
         """The empty pool of ``B + 1`` invalid candidates."""
+        batch_size = check_init_args(f"{self._name}.init_state", batch_size, device, dtype)
         dtype = dtype or torch.get_default_dtype()
         b, h, p, t, d = batch_size, self.heads, self.bank_frames + 1, self.tokens_per_frame, self.head_dim
         return PromptBankState(
@@ -205,6 +214,7 @@ class PromptBankMemory(nn.Module):
     def read(self, state: PromptBankState, query: Query) -> Context:
         """The ``B`` candidates most relevant to ``query.prompt``: ``(b h B*t d)``."""
         check_state(f"{self._name}.read", state, PromptBankState)
+        check_state_matches(f"{self._name}.read", state, self)
         check_query(self._name, query, state.batch_size, self.heads, self.head_dim, state.k.device)
         self._check_prompt("read", query.prompt)
         scores = self.relevance(state.k, state.valid, query.prompt, query.prompt_mask)
@@ -217,6 +227,7 @@ class PromptBankMemory(nn.Module):
     def write(self, state: PromptBankState, chunk: Chunk) -> PromptBankState:
         """Keep the top-``B`` for ``chunk.prompt``, then insert the segment's prototype."""
         check_state(f"{self._name}.write", state, PromptBankState)
+        check_state_matches(f"{self._name}.write", state, self)
         check_chunk(
             self._name, chunk, state.batch_size, self.heads, self.head_dim, state.k.device, self.tokens_per_frame
         )

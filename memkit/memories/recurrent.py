@@ -7,6 +7,8 @@ reading hands the latent to attention as ``M`` extra keys/values. Its size never
 on the length of the video.
 """
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -15,7 +17,7 @@ from torch import Tensor, nn
 from memkit.errors import StateError
 from memkit.memories.frames import check_chunk, check_query, check_state
 from memkit.protocol import Chunk, Context, Query
-from memkit.state import MemoryState, memory_state
+from memkit.state import MemoryState, check_init_args, check_state_matches, memory_state
 from memkit.typing import Float, check_shape, typechecked
 
 __all__ = ["RecurrentMemory", "RecurrentState"]
@@ -35,6 +37,13 @@ class RecurrentState(MemoryState):
             writes (see :class:`RecurrentMemory`, "Truncated backprop").
         writes: ``(b,)`` segments written so far.
     """
+
+    #: each field's layout: how a state of another configuration is reported
+    layouts: ClassVar[dict[str, str]] = {
+        **dict.fromkeys(("latent", "partial"), "b m D"),
+        **dict.fromkeys(("read_k", "read_v"), "b h m d"),
+        "writes": "b",
+    }
 
     latent: Tensor
     read_k: Tensor
@@ -191,13 +200,15 @@ class RecurrentMemory(nn.Module):
         self, batch_size: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> RecurrentState:
         """The learned initial latent for ``batch_size`` streams (keeps its autograd link to the parameter)."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"{self._name}.init_state: batch_size must be a positive int, got {batch_size!r}")
+        batch_size = check_init_args(f"{self._name}.init_state", batch_size, device, dtype)
         device = self.init_latent.device if device is None else device
         dtype = dtype or self.init_latent.dtype
         # contiguous like every written latent, so a compiled write sees the same strides throughout
         latent = self.init_latent.to(device=device, dtype=dtype)[None].expand(batch_size, -1, -1).contiguous()
-        read_k, read_v = self._read_kv(latent)
+        if latent.device.type == "meta":  # shapes only (what state checks compare): no arithmetic with parameters
+            read_k = read_v = latent.new_empty((batch_size, self.heads, self.slots, self.head_dim))
+        else:
+            read_k, read_v = self._read_kv(latent)
         return RecurrentState(
             latent=latent,
             read_k=read_k,
@@ -208,12 +219,12 @@ class RecurrentMemory(nn.Module):
 
     def _check_state(self, owner: str, state: RecurrentState) -> None:
         check_state(owner, state, RecurrentState)
-        check_shape(f"{owner}: state.latent", state.latent, "b m D", m=self.slots, D=self.dim)
         if len(state.partial) != self._copies - 1:
             raise StateError(
                 f"{owner}: the state holds {len(state.partial) + 1} latent copies but this memory has "
                 f"truncation={self.truncation} (made by a RecurrentMemory with another truncation?)"
             )
+        check_state_matches(owner, state, self)
 
     @typechecked
     def read(self, state: RecurrentState, query: Query) -> Context:

@@ -1,5 +1,7 @@
 """``SinkWindowMemory`` (LongLive's frame sink + local window) and the naive FIFO bank."""
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
@@ -15,7 +17,7 @@ from memkit.memories.frames import (
     split_frames,
 )
 from memkit.protocol import Chunk, Context, Query
-from memkit.state import MemoryState, memory_state
+from memkit.state import MemoryState, check_init_args, check_state_matches, memory_state
 from memkit.typing import typechecked
 
 
@@ -30,6 +32,15 @@ class SinkWindowState(MemoryState):
         win_pos, win_valid: ``(b W)``.
         frames_seen: ``(b,)`` frames written so far.
     """
+
+    #: each field's layout: how a state of another configuration is reported
+    layouts: ClassVar[dict[str, str]] = {
+        **dict.fromkeys(("sink_k", "sink_v"), "b h S t d"),
+        **dict.fromkeys(("sink_pos", "sink_valid"), "b S"),
+        **dict.fromkeys(("win_k", "win_v"), "b h W t d"),
+        **dict.fromkeys(("win_pos", "win_valid"), "b W"),
+        "frames_seen": "b",
+    }
 
     sink_k: Tensor
     sink_v: Tensor
@@ -88,6 +99,7 @@ class SinkWindowMemory:
     def init_state(
         self, batch_size: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> SinkWindowState:
+        batch_size = check_init_args(f"{self._name}.init_state", batch_size, device, dtype)
         dtype = dtype or torch.get_default_dtype()
         b, h, t, d, s, w = (
             batch_size,
@@ -116,6 +128,7 @@ class SinkWindowMemory:
     def read(self, state: SinkWindowState, query: Query) -> Context:
         """The sink then the window, ``(b h (S+W)*t d)``, with validity and positions."""
         check_state(f"{self._name}.read", state, SinkWindowState)
+        check_state_matches(f"{self._name}.read", state, self)
         check_query(self._name, query, state.batch_size, self.heads, self.head_dim, state.win_k.device)
         return frames_to_context(
             torch.cat([state.sink_k, state.win_k], dim=2),
@@ -128,6 +141,7 @@ class SinkWindowMemory:
     def write(self, state: SinkWindowState, chunk: Chunk) -> SinkWindowState:
         """Fill the sink with the first frames ever seen; slide the rest into the window."""
         check_state(f"{self._name}.write", state, SinkWindowState)
+        check_state_matches(f"{self._name}.write", state, self)
         check_chunk(
             self._name, chunk, state.batch_size, self.heads, self.head_dim, state.win_k.device, self.tokens_per_frame
         )

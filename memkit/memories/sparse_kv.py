@@ -1,5 +1,7 @@
 """``SparseKVMemory``: a ring buffer of past frames read through top-k routing (MemFlow SMA, MoC)."""
 
+from typing import ClassVar
+
 import torch
 from einops import rearrange
 from torch import Tensor
@@ -18,7 +20,7 @@ from memkit.memories.frames import (
     top_k_frames,
 )
 from memkit.protocol import Chunk, Context, Query
-from memkit.state import MemoryState, memory_state
+from memkit.state import MemoryState, check_init_args, check_state_matches, memory_state
 from memkit.typing import typechecked
 
 __all__ = ["SparseKVMemory", "SparseKVState"]
@@ -44,6 +46,16 @@ class SparseKVState(MemoryState):
         >>> s.k.shape, s.desc.shape, s.valid.shape
         (torch.Size([3, 2, 5, 4, 8]), torch.Size([3, 2, 5, 8]), torch.Size([3, 5]))
     """
+
+    #: each field's layout: how a state of another configuration is reported
+    layouts: ClassVar[dict[str, str]] = {
+        **dict.fromkeys(("k", "v"), "b h C t d"),
+        "desc": "b h C d",
+        **dict.fromkeys(("pos", "valid"), "b C"),
+        **dict.fromkeys(("sink_k", "sink_v"), "b h A t d"),
+        **dict.fromkeys(("sink_pos", "sink_valid"), "b A"),
+        "frames_seen": "b",
+    }
 
     k: Tensor
     v: Tensor
@@ -129,6 +141,7 @@ class SparseKVMemory:
         self, batch_size: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> SparseKVState:
         """The empty state: every slot invalid, shapes fixed from here on."""
+        batch_size = check_init_args(f"{self._name}.init_state", batch_size, device, dtype)
         dtype = dtype or torch.get_default_dtype()
         b, h, t, d = batch_size, self.heads, self.tokens_per_frame, self.head_dim
         c, a = self.capacity, self.always_frames
@@ -160,6 +173,7 @@ class SparseKVMemory:
     def read(self, state: SparseKVState, query: Query) -> Context:
         """The sink, then each head's top-k ring frames: ``(b h (A + K)*t d)``."""
         check_state(f"{self._name}.read", state, SparseKVState)
+        check_state_matches(f"{self._name}.read", state, self)
         check_query(self._name, query, state.batch_size, self.heads, self.head_dim, state.k.device)
         b, h, c, t, _ = state.k.shape
         routed = query.q.float().mean(dim=2)  # (b h d)
@@ -183,6 +197,7 @@ class SparseKVMemory:
     def write(self, state: SparseKVState, chunk: Chunk) -> SparseKVState:
         """Fill the sink with the first frames ever seen; write the rest into the ring."""
         check_state(f"{self._name}.write", state, SparseKVState)
+        check_state_matches(f"{self._name}.write", state, self)
         check_chunk(
             self._name, chunk, state.batch_size, self.heads, self.head_dim, state.k.device, self.tokens_per_frame
         )

@@ -173,31 +173,28 @@ class TrainConfig:
         return cls.from_dict({**TRAIN_PRESETS[name], **changes})
 
 
-def _demo_photos(memory: dict[str, Any]) -> dict[str, Any]:
-    """The demo setting on scikit-image photographs (``TRAIN_PHOTOS``) plus procedural canvases;
-    ``TEST_PHOTOS`` stay unseen for evaluation."""
+def _demo(memory: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """The demo setting (docs/guides/training.md): 16x16 frames, one frame a segment; each clip
+    sweeps once over a canvas of 8 places (8 frames), then walks over it at random for 8 more
+    (pauses, reversals, speed changes), on procedural canvases and the training photographs;
+    rotary positions measure the camera's place, not time, so no length is longer than another
+    to attention."""
     from memkit.data import TRAIN_PHOTOS
 
-    preset = _demo(memory)
-    preset["data"]["kwargs"]["sources"] = ["procedural", *TRAIN_PHOTOS]
-    return preset
-
-
-def _demo(memory: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    """The demo setting (docs/guides/training.md): 16x16 revisit clips of 8 one-frame segments
-    (4 out, 4 back) on blurred canvases, the camera moving 8 pixels (two patches) a frame, an
-    x0-predicting model; about 10 minutes on 2 CPU cores."""
     model = dict(
         height=16, width=16, frames_per_segment=1, patch_size=4, dim=64, depth=4, heads=4, mlp_ratio=2.0,
-        action_dim=4, action_frequencies=6, memory=memory, prediction="x0",
+        action_dim=4, action_frequencies=6, memory=memory, prediction="x0", positions="pose",
     )  # fmt: skip
+    # half the clips on procedural canvases, half on the training photographs (TEST_PHOTOS stay unseen)
+    sources = ["procedural"] * len(TRAIN_PHOTOS) + list(TRAIN_PHOTOS)
+    world = {"path": "walk", "places": 8, "speed": 8, "smooth": 1.0, "sources": sources}
     return dict(
         model=model,
-        data=dict(world="revisit", kwargs={"speed": 8, "smooth": 1.0}, pose_actions=True),
-        steps=1000,
+        data=dict(world="revisit", kwargs=world, pose_actions=True),
+        steps=700,
         batch_size=8,
-        segments=8,
-        curriculum=[[0, 4], [200, 6], [400, 8]],
+        segments=16,
+        curriculum=[[0, 10], [150, 13], [300, 16]],
         lr=2e-3,
         warmup_steps=30,
         ema_decay=0.99,
@@ -232,10 +229,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
         checkpoint_every=1000,
     ),
     "demo-none": _demo({"name": "none"}),
-    "demo-sparse_kv": _demo({"name": "sparse_kv", "kwargs": {"capacity": 10, "top_k": 4}}),
-    "demo-recurrent": _demo({"name": "recurrent", "kwargs": {"slots": 16}}),
+    "demo-sparse_kv": _demo({"name": "sparse_kv", "kwargs": {"capacity": 16, "top_k": 4}}),
+    "demo-recurrent": _demo({"name": "recurrent", "kwargs": {"slots": 32}}),
     "demo-fifo": _demo({"name": "fifo", "kwargs": {"frames": 3}}),
-    # trained on photographs, scored on photographs never seen (docs/guides/generating.md)
-    "demo-photos-sparse_kv": _demo_photos({"name": "sparse_kv", "kwargs": {"capacity": 10, "top_k": 4}}),
-    "demo-photos-none": _demo_photos({"name": "none"}),
 }

@@ -33,7 +33,15 @@ from memkit.state import map_tensors
 from memkit.train.config import TrainConfig
 from memkit.train.data import build_world, make_batch
 
-__all__ = ["UnrolledLoss", "TrainResult", "train", "setup_distributed", "save_training", "load_training"]
+__all__ = [
+    "UnrolledLoss",
+    "TrainResult",
+    "train",
+    "setup_distributed",
+    "save_training",
+    "load_training",
+    "recover_training",
+]
 
 _TRAIN_DIR = "train"
 
@@ -184,28 +192,89 @@ def _optimizer(net: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
 def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    from memkit.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def _atomic_text(text: str, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    from memkit.io import atomic_write_text
+
+    atomic_write_text(path, text)
+
+
+def recover_training(out: str | Path) -> bool:
+    """Finish a checkpoint swap that a crash interrupted; returns whether ``out`` can resume.
+
+    :func:`save_training` writes the new ``train/`` into ``.train-*.tmp`` (its
+    ``state.json`` last), renames the old one aside to ``.train-*.old`` and renames the new
+    one in. A crash between the two renames leaves no ``train/``: the newest complete folder
+    (one with a ``state.json``) becomes ``train/`` again. Unfinished folders are removed.
+    """
+    import shutil
+
+    out = Path(out)
+    if not out.is_dir():
+        return False
+    current = out / _TRAIN_DIR
+    if not (current / "state.json").is_file():
+
+        def step(folder: Path) -> int:
+            try:
+                return int(json.loads((folder / "state.json").read_text())["step"])
+            except (OSError, ValueError, KeyError, TypeError):
+                return -1
+
+        complete = [f for f in (*out.glob(f".{_TRAIN_DIR}-*.old"), *out.glob(f".{_TRAIN_DIR}-*.tmp")) if step(f) >= 0]
+        if complete:
+            if current.exists():
+                shutil.rmtree(current)
+            os.replace(max(complete, key=step), current)
+    for stale in [*out.glob(f".{_TRAIN_DIR}-*.old"), *out.glob(f".{_TRAIN_DIR}-*.tmp")]:
+        shutil.rmtree(stale, ignore_errors=True)
+    return (current / "state.json").is_file()
 
 
 def save_training(
     out: Path, net: MALTNetwork, ema: dict[str, Tensor], opt: torch.optim.Optimizer, config: TrainConfig, step: int
 ) -> None:
     """Write a resumable checkpoint: the EMA model (``config.json``, ``model.safetensors``),
-    ``train_config.json`` and, under ``train/``, the raw weights, optimizer state and step."""
+    ``train_config.json`` and, under ``train/``, the raw weights, EMA, optimizer state and step.
+
+    A crash cannot leave a checkpoint that mixes two steps: everything a resume reads is
+    written into a fresh temporary folder first, each file flushed to disk, and that folder
+    replaces ``train/`` by renames (see :func:`recover_training`); the EMA model and configs
+    for :meth:`MALTNetwork.from_pretrained` are then replaced file by file, atomically.
+    """
+    import shutil
+    import tempfile
+
+    from memkit.io import fsync_dir
+
     out.mkdir(parents=True, exist_ok=True)
-    (out / _TRAIN_DIR).mkdir(exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{_TRAIN_DIR}-", suffix=".tmp", dir=out))
+    try:
+        _save_resumable(staging, net, ema, opt, step)
+        current, aside = out / _TRAIN_DIR, staging.with_suffix(".old")
+        if current.exists():
+            os.replace(current, aside)
+        os.replace(staging, current)
+        fsync_dir(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
     _atomic_save(ema, out / "model.safetensors")
     _atomic_text(json.dumps(net.config.to_dict(), indent=2) + "\n", out / "config.json")
     _atomic_text(json.dumps(config.to_dict(), indent=2) + "\n", out / "train_config.json")
-    _atomic_save(net.state_dict(), out / _TRAIN_DIR / "weights.safetensors")
+
+
+def _save_resumable(
+    folder: Path, net: MALTNetwork, ema: dict[str, Tensor], opt: torch.optim.Optimizer, step: int
+) -> None:
+    _atomic_save(net.state_dict(), folder / "weights.safetensors")
+    _atomic_save(ema, folder / "ema.safetensors")
     sd = opt.state_dict()
     tensors, scalars = {}, {}
     for pid, st in sd["state"].items():
@@ -214,9 +283,9 @@ def save_training(
                 tensors[f"{pid}.{key}"] = value
             else:
                 scalars[f"{pid}.{key}"] = value
-    _atomic_save(tensors, out / _TRAIN_DIR / "optimizer.safetensors")
+    _atomic_save(tensors, folder / "optimizer.safetensors")
     meta = {"step": step, "param_groups": sd["param_groups"], "scalars": scalars}
-    _atomic_text(json.dumps(meta, indent=2) + "\n", out / _TRAIN_DIR / "state.json")
+    _atomic_text(json.dumps(meta, indent=2) + "\n", folder / "state.json")
 
 
 def load_training(
@@ -229,7 +298,9 @@ def load_training(
     try:
         meta = json.loads((out / _TRAIN_DIR / "state.json").read_text())
         weights = load_file(str(out / _TRAIN_DIR / "weights.safetensors"), device=str(device))
-        ema = load_file(str(out / "model.safetensors"), device=str(device))
+        # checkpoints written before ema.safetensors existed kept the EMA only at the top level
+        ema_file = out / _TRAIN_DIR / "ema.safetensors"
+        ema = load_file(str(ema_file if ema_file.is_file() else out / "model.safetensors"), device=str(device))
         opt_tensors = load_file(str(out / _TRAIN_DIR / "optimizer.safetensors"), device=str(device))
         net.load_state_dict(weights)
     except (OSError, json.JSONDecodeError, SafetensorError, RuntimeError, KeyError) as err:
@@ -263,6 +334,7 @@ def train(
     device: str | None = None,
     progress: bool = True,
     resume: bool = True,
+    trust_remote_code: bool = False,
 ) -> TrainResult:
     """Train a MALT model, single-process or under ``torchrun``; write checkpoints into ``out``.
 
@@ -275,6 +347,8 @@ def train(
         device: ``"cpu"``, ``"cuda"``... (default: CUDA when available).
         progress: show a tqdm progress bar (rank 0).
         resume: continue from a checkpoint in ``out`` when there is one.
+        trust_remote_code: let the config's memory be ``"module:Class"`` (imported and
+            built; see :func:`memkit.models.malt.build_memory`).
     """
     out = Path(out)
     total = config.steps if steps is None else steps
@@ -282,10 +356,14 @@ def train(
         config = config.replace(steps=steps)
     rank, world, dev = setup_distributed(device)
     torch.manual_seed(config.seed)
-    net = MALTNetwork(config.model).to(dev).train()
+    net = MALTNetwork(config.model, trust_remote_code=trust_remote_code).to(dev).train()
     opt = _optimizer(net, config)
     step = 0
     ema = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    if resume and rank == 0:
+        recover_training(out)
+    if resume and world > 1:
+        dist.barrier()
     if resume and (out / _TRAIN_DIR / "state.json").is_file():
         step, ema = load_training(out, net, opt, dev)
     flow = FlowMatching(time_sampling=config.time_sampling)

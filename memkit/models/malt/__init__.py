@@ -8,7 +8,13 @@ from memkit.models.malt.codec import IdentityCodec, LatentCodec
 from memkit.models.malt.config import MODEL_PRESETS, ConfigError, MALTConfig, MemorySpec
 from memkit.models.malt.diffusion import FlowMatching
 from memkit.models.malt.network import CheckpointError, MALTBlock, MALTNetwork, patchify, unpatchify
-from memkit.models.malt.registry import UnknownMemoryError, build_memory, memory_names, register_memory
+from memkit.models.malt.registry import (
+    UnknownMemoryError,
+    UntrustedCodeError,
+    build_memory,
+    memory_names,
+    register_memory,
+)
 from memkit.models.malt.sampler import EulerSampler, Generation, Segment, generate, stream
 
 __all__ = [
@@ -33,4 +39,5 @@ __all__ = [
     "register_memory",
     "memory_names",
     "UnknownMemoryError",
+    "UntrustedCodeError",
 ]

@@ -79,6 +79,17 @@ class MALTConfig:
             ``"cross"`` (cross-attention to the prompt tokens in every block).
         memory: a :class:`MemorySpec`.
         backend: attention backend for :func:`memkit.attend`.
+        memory_max_distance: memory keys older than this many frames before the segment are
+            rotated as if exactly that far back (:class:`memkit.MemoryAttention`'s
+            ``max_distance``), so query-key distances stay in the range training saw however
+            long the video; ``None`` = true positions.
+        positions: what the rotary embedding measures: ``"time"`` (the frame index, the
+            ``frame_positions`` callers pass) or ``"pose"`` (the camera's horizontal pose,
+            the last action channel, times ``pose_position_scale``, rounded: frames taken at one
+            place share a rotation, so attention finds a place by where it is, not by when;
+            needs pose actions, ``action_dim >= 4``; see :meth:`MALTNetwork.pose_positions`).
+        pose_position_scale: rotary units per unit of pose (pose is in frame widths; 16 puts
+            one unit on each pixel of a 16-pixel frame).
         prediction: what the output head predicts: ``"velocity"`` (``eps - x_0``) or ``"x0"``
             (the clean segment). Either way :meth:`MALTNetwork.forward` returns the velocity
             (for ``"x0"``: ``(x_t - x0_hat) / max(t, 0.05)``), so the flow-matching loss and
@@ -113,6 +124,9 @@ class MALTConfig:
     memory: MemorySpec = dataclasses.field(default_factory=MemorySpec)
     backend: str = "auto"
     prediction: str = "velocity"
+    memory_max_distance: int | None = None
+    positions: str = "time"
+    pose_position_scale: float = 16.0
 
     def __post_init__(self) -> None:
         if isinstance(self.memory, (dict, str)):
@@ -151,6 +165,16 @@ class MALTConfig:
             raise ConfigError(f"prediction must be 'velocity' or 'x0', got {self.prediction!r}")
         if self.prompt_mode not in ("adaln", "cross"):
             raise ConfigError(f"prompt_mode must be 'adaln' or 'cross', got {self.prompt_mode!r}")
+        if self.positions not in ("time", "pose"):
+            raise ConfigError(f"positions must be 'time' or 'pose', got {self.positions!r}")
+        if self.positions == "pose" and self.action_dim < 4:
+            raise ConfigError(
+                f"positions='pose' reads the camera pose from the actions (motion + pose, action_dim >= 4), "
+                f"got action_dim={self.action_dim}"
+            )
+        d = self.memory_max_distance
+        if d is not None and (isinstance(d, bool) or not isinstance(d, int) or d < 0):
+            raise ConfigError(f"memory_max_distance must be a non-negative integer or null, got {d!r}")
         if self.memory.layers is not None:
             bad = [i for i in self.memory.layers if not 0 <= i < self.depth]
             if bad:

@@ -11,6 +11,7 @@ configured memory, the others :class:`memkit.NoMemory`. The MALT life cycle:
 
 import json
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -24,7 +25,7 @@ from memkit.errors import CheckpointError, ShapeError
 from memkit.layers import MemoryAttention, init_memory_states
 from memkit.memories import NoMemory
 from memkit.models.malt.config import MALTConfig, MemorySpec
-from memkit.models.malt.registry import build_memory
+from memkit.models.malt.registry import UntrustedCodeError, build_memory
 from memkit.protocol import Memory
 from memkit.state import map_tensors
 from memkit.typing import Bool, Float, Int, check_shape, typechecked
@@ -117,7 +118,13 @@ class MALTBlock(nn.Module):
         dim = config.dim
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = MemoryAttention(
-            dim, config.heads, memory, rope_theta=config.rope_theta, qk_norm=config.qk_norm, backend=config.backend
+            dim,
+            config.heads,
+            memory,
+            rope_theta=config.rope_theta,
+            qk_norm=config.qk_norm,
+            backend=config.backend,
+            max_distance=config.memory_max_distance,
         )
         self.cross: _CrossAttention | None = None
         if config.prompt_dim and config.prompt_mode == "cross":
@@ -167,6 +174,8 @@ class MALTNetwork(nn.Module):
         config: a :class:`MALTConfig`.
         memories: optional explicit memory per block (``None`` entries = no memory);
             overrides ``config.memory`` (which is then not what a saved config says).
+        trust_remote_code: let ``config.memory`` name ``"module:Class"`` (which imports
+            and runs that module); see :func:`memkit.models.malt.build_memory`.
 
     Shapes: ``x (b F c H W)``, ``t (b,)``, ``frame_positions (b f)``, ``prompt (b p e)``,
     ``prompt_mask (b p)``, ``actions (b F a)``; returns the velocity ``(b F c H W)``.
@@ -183,13 +192,19 @@ class MALTNetwork(nn.Module):
         torch.Size([1, 2, 3, 8, 8])
     """
 
-    def __init__(self, config: MALTConfig, memories: Sequence[Memory[Any] | None] | None = None) -> None:
+    def __init__(
+        self,
+        config: MALTConfig,
+        memories: Sequence[Memory[Any] | None] | None = None,
+        *,
+        trust_remote_code: bool = False,
+    ) -> None:
         super().__init__()
         config.validate()
         self.config = config
         c, dim = config, config.dim
         if memories is None:
-            memories = self._build_memories(config)
+            memories = self._build_memories(config, trust_remote_code)
         if len(memories) != c.depth:
             raise ShapeError(f"memories: expected one entry per block ({c.depth}), got {len(memories)}")
         self.patch_in = nn.Linear(c.patch_dim, dim)
@@ -217,7 +232,12 @@ class MALTNetwork(nn.Module):
         self.write_depth = max(writers) + 1 if writers else 0
 
     @staticmethod
-    def _build_memories(config: MALTConfig) -> list[Memory[Any] | None]:
+    def _build_memories(config: MALTConfig, trust_remote_code: bool) -> list[Memory[Any] | None]:
+        if "trust_remote_code" in config.memory.kwargs:
+            raise UntrustedCodeError(
+                "memory.kwargs may not hold trust_remote_code: trust is the caller's to give "
+                "(MALTNetwork(..., trust_remote_code=True), --trust-remote-code), never a config's"
+            )
         layers = set(config.memory_layers())
         return [
             build_memory(
@@ -226,6 +246,7 @@ class MALTNetwork(nn.Module):
                 head_dim=config.head_dim,
                 tokens_per_frame=config.tokens_per_frame,
                 dim=config.dim,
+                trust_remote_code=trust_remote_code,
                 **config.memory.kwargs,
             )
             if i in layers
@@ -270,6 +291,19 @@ class MALTNetwork(nn.Module):
             device = self.spatial.device
         return (index * f + torch.arange(f, device=device)).expand(batch_size, f).contiguous()
 
+    def pose_positions(self, actions: Tensor) -> Tensor:
+        """Rotary positions ``(b f)`` from the camera pose: ``round(pose_x * pose_position_scale)``.
+
+        Used in place of the frame index when ``config.positions == "pose"``: the last action
+        channel is the horizontal pose (``DataSpec.pose_actions``), so two frames taken at the
+        same place get the same rotation however far apart in time, and attention measures
+        distance in place instead of in time (nothing in it grows with the video's length).
+        The first frame of each tubelet gives the token-frame's position.
+        """
+        c = self.config
+        x = actions[:, :: c.tubelet, -1].float() * c.pose_position_scale
+        return x.round().long()
+
     # ----------------------------------------------------------------- forward
     def _check_inputs(self, x: Tensor, frame_positions: Tensor, prompt: Tensor | None, actions: Tensor | None) -> None:
         c = self.config
@@ -303,6 +337,8 @@ class MALTNetwork(nn.Module):
         # memory block run on all of it with writes, the rest on the first k only
         c = self.config
         self._check_inputs(x, frame_positions, prompt, actions)
+        if c.positions == "pose" and actions is not None:
+            frame_positions = self.pose_positions(actions)
         if len(states) != c.depth:
             raise ShapeError(f"states: expected one state per block ({c.depth}), got {len(states)}")
         b, f = x.shape[0], c.token_frames
@@ -471,11 +507,14 @@ class MALTNetwork(nn.Module):
         return out, map_tensors(lambda s: s[b:], new)
 
     # ----------------------------------------------------------------- memory swap, save, load
-    def with_memory(self, memory: "MemorySpec | dict[str, Any] | str") -> "MALTNetwork":
+    def with_memory(
+        self, memory: "MemorySpec | dict[str, Any] | str", *, trust_remote_code: bool = False
+    ) -> "MALTNetwork":
         """A copy of this network with another memory; shared weights are copied.
 
         Parameters that belong to the old memory are dropped; those of the new memory keep
-        their fresh initialisation (so a memory with parameters should be trained with the model).
+        their fresh initialisation (so a memory with parameters should be trained with the
+        model), and a ``UserWarning`` names them.
 
         Example:
             >>> from memkit.models.malt import MALTConfig, MALTNetwork
@@ -484,26 +523,43 @@ class MALTNetwork(nn.Module):
             'fifo'
         """
         spec = MemorySpec.from_dict(memory)
-        other = MALTNetwork(self.config.replace(memory=spec)).to(self.spatial.device)
+        other = MALTNetwork(self.config.replace(memory=spec), trust_remote_code=trust_remote_code)
+        other = other.to(device=self.spatial.device, dtype=self.spatial.dtype)
         own = self.state_dict()
         target = other.state_dict()
         shared = {k: v for k, v in own.items() if k in target and ".attn.memory." not in k}
         for k, v in target.items():
             if k in own and ".attn.memory." in k and own[k].shape == v.shape and spec.name == self.config.memory.name:
                 shared[k] = own[k]
+        fresh = [k for k in target if k not in shared]
         other.load_state_dict(shared, strict=False)
+        if fresh:
+            shown = ", ".join(fresh[:3]) + (f", ... ({len(fresh)} in all)" if len(fresh) > 3 else "")
+            warnings.warn(
+                f"with_memory({spec.name!r}): {len(fresh)} parameter tensor(s) of the new memory were not in this "
+                f"network and keep their fresh initialisation ({shown}); train them before relying on the memory",
+                UserWarning,
+                stacklevel=2,
+            )
         other.train(self.training)
         return other
 
     def save_pretrained(self, directory: str | Path, state_dict: dict[str, Tensor] | None = None) -> Path:
-        """Write ``model.safetensors`` and ``config.json`` into ``directory`` (created)."""
+        """Write ``model.safetensors`` and ``config.json`` into ``directory`` (created).
+
+        Each file is written atomically (:func:`memkit.io.atomic_path`): a crash leaves the
+        old file or the new one, never half of one.
+        """
         from safetensors.torch import save_file
+
+        from memkit.io import atomic_path, atomic_write_text
 
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous().clone() for k, v in (state_dict or self.state_dict()).items()}
-        save_file(tensors, str(path / _WEIGHTS))
-        (path / _CONFIG).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        with atomic_path(path / _WEIGHTS) as tmp:
+            save_file(tensors, str(tmp))
+        atomic_write_text(path / _CONFIG, json.dumps(self.config.to_dict(), indent=2) + "\n")
         return path
 
     @classmethod
@@ -513,12 +569,25 @@ class MALTNetwork(nn.Module):
         *,
         memory: "MemorySpec | dict[str, Any] | str | None" = None,
         device: torch.device | str | None = None,
+        trust_remote_code: bool = False,
     ) -> "MALTNetwork":
         """Load a network saved by :meth:`save_pretrained` (optionally with another memory).
+
+        Loading never runs code from the checkpoint: weights are safetensors, and the
+        config may only name registered memories (see :func:`memkit.models.malt.build_memory`).
+
+        Args:
+            directory: the folder with ``config.json`` and ``model.safetensors``.
+            memory: another memory to put in (see :meth:`with_memory`).
+            device: where to put the network.
+            trust_remote_code: allow a config (or ``memory``) that names ``"module:Class"``,
+                which imports that module. Only for checkpoints whose origin you trust.
 
         Raises:
             CheckpointError: missing folder or files, unreadable weights, or weights that do
                 not fit the config.
+            UntrustedCodeError: the config names ``"module:Class"`` and ``trust_remote_code``
+                is false (nothing was imported).
         """
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -537,7 +606,7 @@ class MALTNetwork(nn.Module):
             weights = load_file(str(path / _WEIGHTS))
         except (SafetensorError, OSError, ValueError, RuntimeError) as err:
             raise CheckpointError(f"cannot read {path / _WEIGHTS}: {err}") from err
-        net = cls(config)
+        net = cls(config, trust_remote_code=trust_remote_code)
         try:
             net.load_state_dict(weights)
         except RuntimeError as err:
@@ -547,7 +616,7 @@ class MALTNetwork(nn.Module):
             net = net.to(device)
         net.eval()
         if memory is not None:
-            net = net.with_memory(memory)
+            net = net.with_memory(memory, trust_remote_code=trust_remote_code)
         return net
 
     def __repr__(self) -> str:

@@ -152,8 +152,12 @@ def stream(
         prompt, prompt_mask: a prompt for every segment (``(b p e)``, ``(b p)``), or a
             sequence / function of the segment index for prompts that change.
         sampler: an :class:`EulerSampler` (default 8 steps, no guidance).
-        seed: noise seed (the same seed gives the same video bit for bit); ignored
-            when ``generator`` is given.
+        seed: noise seed: the same seed gives the same video bit for bit (the noise is
+            drawn on the CPU, so also on another device); ``None`` draws a fresh seed from
+            the operating system (a different video every call). Ignored when
+            ``generator`` is given.
+        generator: a ``torch.Generator`` to draw the noise from, on its own device (a CUDA
+            generator draws on the GPU).
         states: memory states to continue from (default: empty).
         start_segment: index of the first segment (positions continue from it).
         codec: encodes ``context`` to latents (default identity).
@@ -162,7 +166,11 @@ def stream(
     codec = codec if codec is not None else IdentityCodec()
     sampler = sampler or EulerSampler()
     if generator is None:
-        generator = torch.Generator().manual_seed(0 if seed is None else seed)
+        generator = torch.Generator()
+        if seed is None:
+            generator.seed()  # nondeterministic: the documented meaning of seed=None
+        else:
+            generator.manual_seed(seed)
     device = net.spatial.device
     dtype = net.spatial.dtype
     F_ = cfg.frames_per_segment
@@ -200,7 +208,7 @@ def stream(
             if ctx_latents is not None and j < n_ctx:
                 x = ctx_latents[:, j * F_ : (j + 1) * F_]
             else:
-                noise = torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+                noise = torch.randn(shape, generator=generator, device=generator.device).to(device=device, dtype=dtype)
                 x = sampler.sample(net, noise, states, pos, prompt=p, prompt_mask=pm, actions=act)
             states = net.write(x, states, pos, prompt=p, prompt_mask=pm, actions=act)
         yield Segment(index, x, states, j >= n_ctx, time.perf_counter() - started)
