@@ -38,7 +38,7 @@ docs: $(VENV)/.dev
 
 test: lint typecheck pytest docs
 
-# every known bug in tests/mutants.py, injected in turn; each must fail its tests (~15 min on 2 cores)
+# every known bug in tests/mutants.py, injected in turn; each must fail its tests (15-25 min on 2 cores)
 mutants: $(VENV)/.dev
 	MEMKIT_TYPECHECK=1 $(PY) tests/mutants.py -j 2
 

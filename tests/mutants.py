@@ -366,7 +366,7 @@ class Outcome:
     error: str | None = None  # pytest could not run (a broken patch or a collection error)
 
 
-def run_one(mutant: Mutant, timeout: float = 900.0) -> Outcome:
+def run_one(mutant: Mutant, timeout: float = 1800.0) -> Outcome:
     env = {
         **os.environ,
         "MEMKIT_MUTANT": mutant.name,
@@ -399,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("names", nargs="*", help="mutants to run (default: all)")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     parser.add_argument("-j", "--jobs", type=int, default=1, help="mutants run at the same time")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds one mutant's tests may take")
     args = parser.parse_args(argv)
     if args.list:
         for m in MUTANTS:
@@ -411,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'mutant':{width}}  {'result':8}  {'seconds':>7}  caught by", flush=True)
     outcomes = []
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        for outcome in pool.map(run_one, chosen):
+        for outcome in pool.map(lambda m: run_one(m, args.timeout), chosen):
             result = "ERROR" if outcome.error else "caught" if outcome.caught_by else "SURVIVED"
             detail = outcome.caught_by or "-"
             if outcome.error:
