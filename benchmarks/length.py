@@ -145,6 +145,12 @@ def _sink(memory: Any) -> int:
     return int(getattr(memory, "sink_frames", getattr(memory, "always_frames", 0)) or 0)
 
 
+def _spec_text(spec: Any) -> str:
+    """``name {kwargs}`` of a memory spec, on one line (a module's repr spans many)."""
+    kwargs = ", ".join(f"{k}={v}" for k, v in spec.kwargs.items())
+    return f"{spec.name}({kwargs})"
+
+
 def _first_memory(net: Any) -> Any:
     layers = net.config.memory_layers()
     return net.blocks[layers[0]].attn.memory if layers else None
@@ -256,7 +262,7 @@ def length_section(st: LengthSettings) -> Section:
                 "path": _rel(path),
                 "weights": weights,
                 "memory": mem,
-                "memory_config": trained_repr,
+                "memory_config": _spec_text(net.config.memory),
                 "trained_length": L,
                 "places": places,
                 "world": {k: v for k, v in world.items() if k != "sources"},

@@ -207,6 +207,13 @@ def checkpoint_psnr(st: QualitySettings, quick: bool) -> Section:
         tc_path = path / "train_config.json"
         tc = json.loads(tc_path.read_text()) if tc_path.is_file() else {}
         spec = DataSpec.from_dict(tc.get("data", {"world": "revisit", "pose_actions": net.config.action_dim == 4}))
+        if spec.world == "revisit" and spec.kwargs.get("path", "out_and_back") != "out_and_back":
+            # half a sweep clip is not an out-and-back clip: these are scored by the length section
+            sec.notes.append(
+                f"skipped {path.name}: trained on the sweep path family {spec.kwargs['path']!r}; "
+                "its quality along length and lag is in the length section"
+            )
+            continue
         stages = [int(s) for _, s in tc.get("curriculum", [])]
         trained_segments = max([int(tc.get("segments", 8)), *stages])
         loaded.append((path, net, spec, trained_segments))

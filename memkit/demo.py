@@ -214,34 +214,35 @@ def _plot(rows: list[dict[str, Any]], L: int, out: Path) -> None:
     except ImportError:
         print("matplotlib is not installed (pip install 'memkit-video[video]'): no plots")
         return
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for r in rows:
-        by = r["procedural"]["by_length"]
-        xs = [int(k[:-1]) for k in by]
-        ax.plot(xs, [v["psnr"] for v in by.values()], marker="o", label=r["memory"])
+    lengths = {r["memory"]: {int(k[:-1]): v["psnr"] for k, v in r["procedural"]["by_length"].items()} for r in rows}
+    shown = sorted({m for curve in lengths.values() for m in curve})
+    ax = _lines(plt, lengths, "quality along length (procedural canvases)")
     ax.set_xscale("log", base=2)
-    shown = sorted({int(k[:-1]) for r in rows for k in r["procedural"]["by_length"]})
     ax.set_xticks(shown)
     ax.set_xticklabels([f"{m}x" for m in shown])
     ax.set_xlabel(f"generated length, in multiples of the trained length (L = {L} frames)")
     ax.set_ylabel("PSNR of the frames in that bucket (dB)")
-    ax.set_title("quality along length (procedural canvases)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "psnr_by_length.png", dpi=100)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for r in rows:
-        lags = r["procedural"]["by_lag"]
-        if lags:
-            ax.plot([d["lag"] for d in lags], [d["psnr"] for d in lags], marker="o", label=r["memory"])
+    _save(plt, ax, out / "psnr_by_length.png")
+    lags = {r["memory"]: {d["lag"]: d["psnr"] for d in r["procedural"]["by_lag"]} for r in rows}
+    ax = _lines(plt, lags, "quality along revisit lag (procedural canvases)")
     ax.set_xlabel("revisit lag: frames since the place was last on screen")
     ax.set_ylabel("PSNR (dB)")
-    ax.set_title("quality along revisit lag (procedural canvases)")
+    _save(plt, ax, out / "psnr_by_lag.png")
+
+
+def _lines(plt: Any, curves: dict[str, dict[Any, float]], title: str) -> Any:
+    """One line per memory: ``curves[memory] = {x: PSNR}``."""
+    _, ax = plt.subplots(figsize=(7, 4))
+    for name, curve in curves.items():
+        if curve:
+            ax.plot(list(curve), list(curve.values()), marker="o", label=name)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "psnr_by_lag.png", dpi=100)
-    plt.close(fig)
+    return ax
+
+
+def _save(plt: Any, ax: Any, path: Path) -> None:
+    ax.figure.tight_layout()
+    ax.figure.savefig(path, dpi=100)
+    plt.close(ax.figure)

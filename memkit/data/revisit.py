@@ -489,6 +489,35 @@ class RevisitClip:
         return self.video.shape[0] // self.frames_per_segment
 
 
+def _source_canvas(seed: int, source: str, height: int, width: int, smooth: float) -> np.ndarray:
+    """The canvas of a clip: procedural from ``seed``, or cut from a photo where ``seed`` says."""
+    if source == "procedural":
+        return make_canvas(seed, height, width, smooth=smooth)
+    offset = float(np.random.default_rng(child_seed(seed, name_seed(source))).uniform())
+    return photo_canvas(source, height, width, offset=offset)
+
+
+def _filmed(
+    canvas: np.ndarray,
+    path: np.ndarray,
+    frame: tuple[int, int],
+    source: str,
+    frames_per_segment: int,
+    place_ids: Tensor | None = None,
+) -> RevisitClip:
+    """The clip a camera films moving along ``path`` over ``canvas``."""
+    return RevisitClip(
+        video=render(canvas, path, frame),
+        actions=camera_actions(path, frame),
+        positions=torch.from_numpy(path.astype(np.float32)),
+        revisit_pairs=find_revisits(path),
+        canvas=torch.from_numpy(canvas).permute(2, 0, 1) * 2 - 1,
+        source=source,
+        frames_per_segment=frames_per_segment,
+        place_ids=place_ids,
+    )
+
+
 def revisit_clip(
     seed: int,
     frames_per_segment: int = 8,
@@ -545,21 +574,9 @@ def revisit_clip(
     if not math.isfinite(speed) or speed < 0:
         raise DataError(f"{owner}: speed must be a finite number >= 0, got {speed!r}")
     width = fw + math.ceil(speed * far)
-    if source == "procedural":
-        canvas = make_canvas(seed, fh, width, smooth=smooth)
-    else:
-        offset = float(np.random.default_rng(child_seed(seed, name_seed(source))).uniform())
-        canvas = photo_canvas(source, fh, width, offset=offset)
+    canvas = _source_canvas(seed, source, fh, width, smooth)
     path = pan_path(width, (fh, fw), frames, out_and_back=True, speed=speed)
-    return RevisitClip(
-        video=render(canvas, path, (fh, fw)),
-        actions=camera_actions(path, (fh, fw)),
-        positions=torch.from_numpy(path.astype(np.float32)),
-        revisit_pairs=find_revisits(path),
-        canvas=torch.from_numpy(canvas).permute(2, 0, 1) * 2 - 1,
-        source=source,
-        frames_per_segment=frames_per_segment,
-    )
+    return _filmed(canvas, path, (fh, fw), source, frames_per_segment)
 
 
 def sweep_clip(
@@ -618,22 +635,9 @@ def sweep_clip(
         raise DataError(f"{owner}: source must be 'procedural' or one of {', '.join(PHOTOS)}, got {source!r}")
     ids = sweep_path(family, places, frames, child_seed(seed, 7))
     width = fw + step * (places - 1)
-    if source == "procedural":
-        canvas = make_canvas(seed, fh, width, smooth=smooth)
-    else:
-        offset = float(np.random.default_rng(child_seed(seed, name_seed(source))).uniform())
-        canvas = photo_canvas(source, fh, width, offset=offset)
+    canvas = _source_canvas(seed, source, fh, width, smooth)
     path = np.stack([np.zeros(frames), ids.astype(np.float64) * step], axis=1)
-    return RevisitClip(
-        video=render(canvas, path, (fh, fw)),
-        actions=camera_actions(path, (fh, fw)),
-        positions=torch.from_numpy(path.astype(np.float32)),
-        revisit_pairs=find_revisits(path),
-        canvas=torch.from_numpy(canvas).permute(2, 0, 1) * 2 - 1,
-        source=source,
-        frames_per_segment=frames_per_segment,
-        place_ids=torch.from_numpy(ids),
-    )
+    return _filmed(canvas, path, (fh, fw), source, frames_per_segment, place_ids=torch.from_numpy(ids))
 
 
 def _split(x: Tensor, segments: int) -> Tensor:
