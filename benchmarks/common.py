@@ -31,6 +31,18 @@ SCHEMA = "memkit-benchmarks/1"
 # --------------------------------------------------------------------------- timing
 
 
+def checkpoint_folders(roots: Sequence[Path]) -> list[Path]:
+    """Every folder under ``roots`` holding a MALT checkpoint (``config.json`` + ``model.safetensors``), once."""
+    found: list[Path] = []
+    for root in roots:
+        if not root.exists():
+            continue
+        for cfg in sorted(root.rglob("config.json")):
+            if (cfg.parent / "model.safetensors").is_file() and cfg.parent not in found:
+                found.append(cfg.parent)
+    return found
+
+
 def timed(fn: Callable[[], Any]) -> float:
     """Seconds ``fn()`` takes."""
     start = time.perf_counter()

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import ROOT, Section
+from benchmarks.common import ROOT, Section, checkpoint_folders
 
 #: The bucket the targets are judged at (a run shorter than that judges its longest bucket).
 TARGET_MULTIPLE = 4
@@ -97,14 +97,7 @@ def candidate_checkpoints() -> list[Path]:
     roots = (
         [Path(x) for x in env.split(os.pathsep) if x] if env else sorted((ROOT / "memkit" / "assets").glob("demo-*"))
     )
-    found: list[Path] = []
-    for root in roots:
-        if not root.exists():
-            continue
-        for cfg in sorted(root.rglob("config.json")):
-            if (cfg.parent / "model.safetensors").is_file() and cfg.parent not in found:
-                found.append(cfg.parent)
-    return found
+    return checkpoint_folders(roots)
 
 
 def _why_not(path: Path, tc: Any, cfg: Any) -> str | None:

@@ -32,7 +32,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 import memkit
-from benchmarks.common import ROOT, Section
+from benchmarks.common import ROOT, Section, checkpoint_folders
 from benchmarks.roster import roster
 
 
@@ -144,17 +144,10 @@ def prompt_bank_precision(st: QualitySettings) -> Section:
 
 def find_checkpoints() -> list[Path]:
     """Folders holding a trained MALT checkpoint: ``$MEMKIT_BENCH_CHECKPOINT`` first, then ``memkit/assets``."""
-    found: list[Path] = []
     env = os.environ.get("MEMKIT_BENCH_CHECKPOINT")
     roots = [Path(x) for x in env.split(os.pathsep)] if env else []
     roots.append(ROOT / "memkit" / "assets")
-    for root in roots:
-        if not root.exists():
-            continue
-        for cfg in sorted(root.rglob("config.json")):
-            if (cfg.parent / "model.safetensors").is_file() and cfg.parent not in found:
-                found.append(cfg.parent)
-    return found
+    return checkpoint_folders(roots)
 
 
 def _psnr(a: Tensor, b: Tensor) -> float:
