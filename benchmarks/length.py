@@ -551,6 +551,21 @@ def _line(m: dict[str, Any]) -> str:
     return {"grey": ":", "none": "-."}.get(m["memory"], "--" if m["kind"] == "reference" else "-")
 
 
+def _plot_curve(ax: Any, m: dict[str, Any], pts: list[tuple[int, float]], colour_of: Any) -> None:
+    """One memory's line: thick for the trained memory, faint for swapped-in sizes, grey for references."""
+    ax.plot(
+        [i for i, _ in pts],
+        [y for _, y in pts],
+        _line(m),
+        marker="o",
+        ms=3,
+        lw=2.0 if m["kind"] == "trained" else 1.0,
+        color="grey" if m["memory"] in ("grey", "none") else colour_of(m),
+        alpha=1.0 if m["kind"] != "variant" else 0.6,
+        label=f"{m['label']} [{m['weights']}]",
+    )
+
+
 def _lag_label(lab: str) -> str:
     """``"1-1"`` -> ``"1"``."""
     lo, _, hi = lab.partition("-")
@@ -641,20 +656,7 @@ def length_plots(sec: dict[str, Any] | None, save: Callable[[Any, str], None], p
             pts = [(i, y) for i, y in enumerate(ys) if y is not None]
             if not pts:
                 continue
-            style = _line(m)
-            lw = 2.0 if m["kind"] == "trained" else 1.0
-            c = "grey" if m["memory"] in ("grey", "none") else colour_of(m)
-            ax.plot(
-                [i for i, _ in pts],
-                [y for _, y in pts],
-                style,
-                marker="o",
-                ms=3,
-                lw=lw,
-                color=c,
-                alpha=1.0 if m["kind"] != "variant" else 0.6,
-                label=f"{m['label']} [{m['weights']}]",
-            )
+            _plot_curve(ax, m, pts, colour_of)
         ax.set_xticks(range(len(buckets)))
         ax.set_xticklabels(buckets)
         ax.set_xlabel("length bucket (multiples of the trained length L)")
@@ -671,19 +673,7 @@ def length_plots(sec: dict[str, Any] | None, save: Callable[[Any, str], None], p
         pts = [(i, got[lab]) for i, lab in enumerate(labels) if lab in got]
         if not pts:
             continue
-        style = _line(m)
-        c = "grey" if m["memory"] in ("grey", "none") else colour_of(m)
-        ax.plot(
-            [i for i, _ in pts],
-            [y for _, y in pts],
-            style,
-            marker="o",
-            ms=3,
-            lw=2.0 if m["kind"] == "trained" else 1.0,
-            color=c,
-            alpha=1.0 if m["kind"] != "variant" else 0.6,
-            label=f"{m['label']} [{m['weights']}]",
-        )
+        _plot_curve(ax, m, pts, colour_of)
     ax.set_xticks(range(len(labels)))
     ax.set_xticklabels([_lag_label(lab) for lab in labels])
     ax.set_xlabel("revisit lag: frames since the place was last on screen (context or generated)")
