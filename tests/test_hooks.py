@@ -216,7 +216,7 @@ def test_the_wan_processor_follows_set_attention_backend(monkeypatch: pytest.Mon
         ffn_dim=32, num_layers=1,
     ).eval()  # fmt: skip
     stock = wan.attn_processors["blocks.0.attn1.processor"]
-    attach_module = importlib.import_module("memkit.integrations.attach")  # the module, not the function
+    attach_module = importlib.import_module("memkit.integrations.layer_attend")  # where LayerAttend calls it
     used: list[str | None] = []
     real = attach_module.attend_with_context
 

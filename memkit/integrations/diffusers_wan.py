@@ -30,15 +30,11 @@ import torch
 from torch import Tensor, nn
 
 from memkit.errors import AttachError, ShapeError
-from memkit.integrations.attach import (
-    LayerAttend,
-    LayerSelector,
-    MemorySession,
-    MemorySpec,
-    _attach,
-    _Hub,
-    _select_layers,
-)
+from memkit.integrations import selection, session
+from memkit.integrations.hub import Hub
+from memkit.integrations.layer_attend import LayerAttend
+from memkit.integrations.selection import LayerMemories, LayerSelector
+from memkit.integrations.session import MemorySession
 from memkit.layers.memory_attention import Rotate
 
 __all__ = ["attach_wan", "WanMemoryProcessor", "WanSelfAttentionAdapter", "wan_rotary_freqs", "memkit_backend"]
@@ -250,7 +246,7 @@ class WanMemoryProcessor:
 
     _parallel_config = None
 
-    def __init__(self, hub: _Hub, original: Any) -> None:
+    def __init__(self, hub: Hub, original: Any) -> None:
         self._memkit_hub = hub
         self.original = original
         self._backend: Any = getattr(original, "_attention_backend", None)
@@ -297,7 +293,7 @@ class _ProcessorInstaller:
         self.original: dict[str, Any] = dict(model.attn_processors)
         self._ours: dict[str, WanMemoryProcessor] = {}
 
-    def sync(self, hub: _Hub, modules: Mapping[nn.Module, str]) -> None:
+    def sync(self, hub: Hub, modules: Mapping[nn.Module, str]) -> None:
         names = set(modules.values())
         processors = {}
         for key, original in self.original.items():
@@ -314,7 +310,7 @@ class _ProcessorInstaller:
 
 def attach_wan(
     transformer: nn.Module,
-    memory: MemorySpec,
+    memory: LayerMemories,
     *,
     layers: LayerSelector | None = None,
     batch_size: int | None = None,
@@ -366,7 +362,7 @@ def attach_wan(
         raise AttachError(f"attach_wan: expected a diffusers WanTransformer3DModel, got {type(transformer).__name__}")
     if layers is None:
         layers = list(memory) if isinstance(memory, Mapping) else _is_wan_self_attention
-    chosen = _select_layers(transformer, layers)
+    chosen = selection.select_layers(transformer, layers)
     for name, module in chosen:
         if not _is_wan_self_attention(name, module):
             raise AttachError(
@@ -374,7 +370,7 @@ def attach_wan(
             )
     rope: Any = transformer.rope
     adapter = WanSelfAttentionAdapter(int(rope.t_dim), float(getattr(rope, "theta", 10000.0)))
-    return _attach(
+    return session.attach_layers(
         transformer,
         memory,
         [name for name, _ in chosen],
