@@ -27,7 +27,7 @@ from memkit.integrations.diffusers_wan import (
     attach_wan,
     wan_rotary_freqs,
 )
-from memkit.integrations.layer_attend import AttentionAdapter, LayerAttend
+from memkit.integrations.layer_attend import AttentionAdapter, ExtraTokens, LayerAttend
 from memkit.integrations.layout import SegmentLayout
 from memkit.integrations.selection import LayerMemories, LayerSelector
 from memkit.integrations.session import MemorySession
@@ -37,6 +37,7 @@ __all__ = [
     "MemorySession",
     "SegmentLayout",
     "LayerAttend",
+    "ExtraTokens",
     "AttentionAdapter",
     "LayerSelector",
     "LayerMemories",
