@@ -12,11 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from memkit.errors import CLIError
+
 __all__ = ["main"]
-
-
-class CLIError(Exception):
-    """A refusal the command line reports in one line."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -69,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--steps", type=_positive, help="train up to this many steps (default: the config's)")
     tr.add_argument("--out", required=True, help="output folder (resumes from a checkpoint found there)")
     tr.add_argument("--batch-size", type=_positive, help="clips per process per step")
-    tr.add_argument("--memory", help="memory name, overriding the config's (see memkit.models.malt.memory_names)")
+    tr.add_argument("--memory", help="memory name, overriding the config's (see memkit.memories.memory_names)")
     tr.add_argument("--memory-kwargs", type=_json_arg, help="the memory's options as JSON, e.g. '{\"capacity\": 16}'")
     tr.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     tr.add_argument("--fresh", action="store_true", help="ignore a checkpoint in --out instead of resuming")
@@ -175,18 +173,11 @@ def _speaks() -> bool:
 
 def _check_memory(model: Any, trust_remote_code: bool) -> None:
     """Build the memory once so a bad name or option fails before any work starts."""
-    from memkit.models.malt import build_memory
+    from memkit.memories.registry import build_from_spec
 
     try:
-        build_memory(
-            model.memory.name,
-            heads=model.heads,
-            head_dim=model.head_dim,
-            tokens_per_frame=model.tokens_per_frame,
-            dim=model.dim,
-            trust_remote_code=trust_remote_code,
-            **model.memory.kwargs,
-        )
+        spec = model.memory
+        build_from_spec(spec.name, spec.kwargs, model.layer_geometry, trust_remote_code=trust_remote_code)
     except TypeError as err:
         raise CLIError(f"memory {model.memory.name!r}: {err}") from err
 
@@ -268,17 +259,12 @@ def _require_imageio(command: str) -> None:
         raise CLIError(f"memkit {command} writes a GIF and needs imageio: pip install 'memkit-video[video]'")
 
 
-def _save_gif(path: Path, frames: Any, fps: int, scale: int = 4) -> None:
-    from memkit.media import save_gif
-
-    save_gif(path, frames, fps=fps, scale=scale)
-
-
 def _cmd_generate(args: argparse.Namespace) -> int:
     import math
 
     import torch
 
+    from memkit.media import save_gif
     from memkit.models.malt import EulerSampler, generate
     from memkit.train.evaluate import psnr
 
@@ -314,7 +300,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     truth = video[0, n_ctx * f :]
     per_frame = psnr(gen, truth)
     per_segment = per_frame.reshape(-1, f).mean(-1)
-    _save_gif(out_dir / "video.gif", torch.cat([truth, gen], dim=-1), args.fps)
+    save_gif(out_dir / "video.gif", torch.cat([truth, gen], dim=-1), fps=args.fps)
     metrics = {
         "checkpoint": str(args.checkpoint),
         "memory": cfg.memory.to_dict(),

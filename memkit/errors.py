@@ -52,3 +52,24 @@ class NonFiniteError(MemkitError, ValueError):
     device (a sync per write), so it runs while checking is on
     (:func:`memkit.typing.set_typecheck`, on by default).
     """
+
+
+class ConfigError(MemkitError, ValueError):
+    """A configuration value that cannot work (the message names the field)."""
+
+
+class UnknownMemoryError(MemkitError, ValueError):
+    """A memory name that no factory answers to (or whose class cannot be imported)."""
+
+
+class UntrustedCodeError(UnknownMemoryError):
+    """A config names code to import (``"module:Class"``) and the caller did not trust it.
+
+    Raised before anything is imported: a checkpoint's ``config.json`` must not be able to
+    run code. Pass ``trust_remote_code=True`` (CLI: ``--trust-remote-code``) only for files
+    whose origin you trust, or register the class with :func:`memkit.memories.register_memory`.
+    """
+
+
+class CLIError(MemkitError):
+    """A refusal the ``memkit`` command reports in one line (bad arguments, missing files)."""

@@ -22,10 +22,10 @@ def _durations(path: Path) -> list[int]:
 
 @pytest.mark.parametrize("fps", [2, 4, 8, 10])
 def test_the_generate_command_gif_plays_at_its_fps(tmp_path: Path, fps: int) -> None:
-    from memkit.cli import _save_gif
+    from memkit.media import save_gif  # what the generate command writes its GIF with
 
     frames = torch.rand(5, 3, 8, 8) * 2 - 1
-    _save_gif(tmp_path / "video.gif", frames, fps)
+    save_gif(tmp_path / "video.gif", frames, fps=fps)
     # GIF stores centiseconds: 1000 / 8 = 125 ms is written as 120 or 130
     assert all(abs(d - 1000 / fps) <= 5 for d in _durations(tmp_path / "video.gif")), _durations(tmp_path / "video.gif")
     assert len(_durations(tmp_path / "video.gif")) == 5

@@ -1,9 +1,10 @@
-"""Memories: one file each, all implementing :class:`memkit.Memory`."""
+"""Memories: one file each, all implementing :class:`memkit.Memory`, each registered by name in its file."""
 
 from memkit.memories.compose import ComposeMemory, ComposeState, compose
 from memkit.memories.none import NoMemory, NoState
 from memkit.memories.prompt_bank import PromptBankMemory, PromptBankState
 from memkit.memories.recurrent import RecurrentMemory, RecurrentState
+from memkit.memories.registry import build_from_spec, build_memory, memory_names, register_memory
 from memkit.memories.sink_window import FIFOMemory, SinkWindowMemory, SinkWindowState
 from memkit.memories.sparse_kv import SparseKVMemory, SparseKVState
 
@@ -22,4 +23,8 @@ __all__ = [
     "compose",
     "RecurrentMemory",
     "RecurrentState",
+    "register_memory",
+    "build_memory",
+    "build_from_spec",
+    "memory_names",
 ]

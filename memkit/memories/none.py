@@ -3,6 +3,7 @@
 import torch
 
 from memkit.memories.frames import check_state
+from memkit.memories.registry import register_memory
 from memkit.protocol import Chunk, Context, Query, empty_context
 from memkit.state import MemoryState, check_init_args, memory_state
 
@@ -43,3 +44,6 @@ class NoMemory:
 
     def __repr__(self) -> str:
         return "NoMemory()"
+
+
+register_memory("none", NoMemory)

@@ -18,6 +18,7 @@ from memkit.memories.frames import (
     split_frames,
     top_k_frames,
 )
+from memkit.memories.registry import register_memory
 from memkit.protocol import Chunk, Context, Query
 from memkit.state import MemoryState, check_init_args, check_state_matches, memory_state
 from memkit.typing import Bool, Float, typechecked
@@ -271,3 +272,6 @@ class PromptBankMemory(nn.Module):
             f"heads={self.heads}, head_dim={self.head_dim}, tokens_per_frame={self.tokens_per_frame}, "
             f"bank_frames={self.bank_frames}, prompt_dim={self.prompt_dim}, prototype={self.prototype!r}"
         )
+
+
+register_memory("prompt_bank", PromptBankMemory)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from memkit.errors import StateError
 from memkit.memories.frames import check_chunk, check_query, check_state
+from memkit.memories.registry import register_memory
 from memkit.protocol import Chunk, Context, Query
 from memkit.state import MemoryState, check_init_args, check_state_matches, memory_state
 from memkit.typing import Float, check_shape, typechecked
@@ -325,3 +326,6 @@ class RecurrentMemory(nn.Module):
             f"write_heads={self.write_heads}, mlp_ratio={self.mlp_ratio}, gate_bias={self.gate_bias}, "
             f"truncation={self.truncation}, noise_std={self.noise_std}"
         )
+
+
+register_memory("recurrent", RecurrentMemory)

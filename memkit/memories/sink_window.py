@@ -16,6 +16,7 @@ from memkit.memories.frames import (
     sink_sources,
     split_frames,
 )
+from memkit.memories.registry import register_memory
 from memkit.protocol import Chunk, Context, Query
 from memkit.state import MemoryState, check_init_args, check_state_matches, memory_state
 from memkit.typing import typechecked
@@ -198,3 +199,7 @@ class FIFOMemory(SinkWindowMemory):
             f"FIFOMemory(heads={self.heads}, head_dim={self.head_dim}, tokens_per_frame={self.tokens_per_frame}, "
             f"frames={self.window_frames})"
         )
+
+
+register_memory("sink_window", SinkWindowMemory)
+register_memory("fifo", FIFOMemory)

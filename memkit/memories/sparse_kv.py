@@ -19,6 +19,7 @@ from memkit.memories.frames import (
     split_frames,
     top_k_frames,
 )
+from memkit.memories.registry import register_memory
 from memkit.protocol import Chunk, Context, Query
 from memkit.state import MemoryState, check_init_args, check_state_matches, memory_state
 from memkit.typing import typechecked
@@ -238,3 +239,6 @@ class SparseKVMemory:
             f"{self._name}(heads={self.heads}, head_dim={self.head_dim}, tokens_per_frame={self.tokens_per_frame}, "
             f"capacity={self.capacity}, top_k={self.top_k}, always_frames={self.always_frames})"
         )
+
+
+register_memory("sparse_kv", SparseKVMemory)

@@ -5,7 +5,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from memkit.models.malt.config import ConfigError, MALTConfig
+from memkit.errors import ConfigError
+from memkit.models.malt.config import MALTConfig
 
 __all__ = ["DataSpec", "TrainConfig", "TRAIN_PRESETS"]
 

@@ -5,7 +5,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from memkit.models.malt.config import ConfigError, MALTConfig
+from memkit.errors import ConfigError
+from memkit.models.malt.config import MALTConfig
 from memkit.train.config import DataSpec
 
 __all__ = ["build_world", "pose_actions", "prepare_sample", "make_batch"]

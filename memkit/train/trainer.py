@@ -348,7 +348,7 @@ def train(
         progress: show a tqdm progress bar (rank 0).
         resume: continue from a checkpoint in ``out`` when there is one.
         trust_remote_code: let the config's memory be ``"module:Class"`` (imported and
-            built; see :func:`memkit.models.malt.build_memory`).
+            built; see :func:`memkit.memories.build_memory`).
     """
     out = Path(out)
     total = config.steps if steps is None else steps

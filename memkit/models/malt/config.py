@@ -5,13 +5,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from memkit.errors import MemkitError
+from memkit.errors import ConfigError
 
 __all__ = ["MemorySpec", "MALTConfig", "ConfigError", "MODEL_PRESETS"]
-
-
-class ConfigError(MemkitError, ValueError):
-    """A configuration value that cannot work (the message names the field)."""
 
 
 @dataclasses.dataclass
@@ -19,7 +15,7 @@ class MemorySpec:
     """Which memory to put at which blocks.
 
     Attributes:
-        name: a name known to :func:`memkit.models.malt.build_memory` (``"none"``,
+        name: a name known to :func:`memkit.memories.build_memory` (``"none"``,
             ``"sink_window"``, ``"fifo"``, ``"recurrent"``, ``"sparse_kv"``, ...).
         kwargs: the memory's own options (JSON values).
         layers: indices of the blocks that carry the memory; ``None`` = every block.
@@ -188,6 +184,17 @@ class MALTConfig:
     def tokens_per_frame(self) -> int:
         """Tokens in one token-frame: ``(height / patch_size) * (width / patch_size)``."""
         return (self.height // self.patch_size) * (self.width // self.patch_size)
+
+    @property
+    def layer_geometry(self) -> dict[str, int]:
+        """What a memory is built for in every block: ``heads``, ``head_dim``, ``tokens_per_frame``, ``dim``.
+
+        Example:
+            >>> MALTConfig.preset("tiny").layer_geometry
+            {'heads': 2, 'head_dim': 16, 'tokens_per_frame': 4, 'dim': 32}
+        """
+        heads, head_dim, tokens_per_frame = self.heads, self.head_dim, self.tokens_per_frame
+        return {"heads": heads, "head_dim": head_dim, "tokens_per_frame": tokens_per_frame, "dim": self.dim}
 
     @property
     def token_frames(self) -> int:

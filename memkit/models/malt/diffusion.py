@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from memkit.models.malt.config import ConfigError
+from memkit.errors import ConfigError
 
 __all__ = ["FlowMatching"]
 

@@ -24,8 +24,8 @@ from torch import Tensor, nn
 from memkit.errors import CheckpointError, ShapeError
 from memkit.layers import MemoryAttention, init_memory_states
 from memkit.memories import NoMemory
+from memkit.memories.registry import build_from_spec
 from memkit.models.malt.config import MALTConfig, MemorySpec
-from memkit.models.malt.registry import UntrustedCodeError, build_memory
 from memkit.protocol import Memory
 from memkit.state import map_tensors
 from memkit.typing import Bool, Float, Int, check_shape, typechecked
@@ -175,7 +175,7 @@ class MALTNetwork(nn.Module):
         memories: optional explicit memory per block (``None`` entries = no memory);
             overrides ``config.memory`` (which is then not what a saved config says).
         trust_remote_code: let ``config.memory`` name ``"module:Class"`` (which imports
-            and runs that module); see :func:`memkit.models.malt.build_memory`.
+            and runs that module); see :func:`memkit.memories.build_memory`.
 
     Shapes: ``x (b F c H W)``, ``t (b,)``, ``frame_positions (b f)``, ``prompt (b p e)``,
     ``prompt_mask (b p)``, ``actions (b F a)``; returns the velocity ``(b F c H W)``.
@@ -233,22 +233,10 @@ class MALTNetwork(nn.Module):
 
     @staticmethod
     def _build_memories(config: MALTConfig, trust_remote_code: bool) -> list[Memory[Any] | None]:
-        if "trust_remote_code" in config.memory.kwargs:
-            raise UntrustedCodeError(
-                "memory.kwargs may not hold trust_remote_code: trust is the caller's to give "
-                "(MALTNetwork(..., trust_remote_code=True), --trust-remote-code), never a config's"
-            )
         layers = set(config.memory_layers())
+        spec, geometry = config.memory, config.layer_geometry
         return [
-            build_memory(
-                config.memory.name,
-                heads=config.heads,
-                head_dim=config.head_dim,
-                tokens_per_frame=config.tokens_per_frame,
-                dim=config.dim,
-                trust_remote_code=trust_remote_code,
-                **config.memory.kwargs,
-            )
+            build_from_spec(spec.name, spec.kwargs, geometry, trust_remote_code=trust_remote_code)
             if i in layers
             else None
             for i in range(config.depth)
@@ -574,7 +562,7 @@ class MALTNetwork(nn.Module):
         """Load a network saved by :meth:`save_pretrained` (optionally with another memory).
 
         Loading never runs code from the checkpoint: weights are safetensors, and the
-        config may only name registered memories (see :func:`memkit.models.malt.build_memory`).
+        config may only name registered memories (see :func:`memkit.memories.build_memory`).
 
         Args:
             directory: the folder with ``config.json`` and ``model.safetensors``.
