@@ -1,6 +1,6 @@
 """memkit: interchangeable memory modules for long video generation."""
 
-from memkit.attention import attend, attend_partial, available_backends, merge_partials
+from memkit.attention import attend, attend_partial, attention_backend, available_backends, merge_partials
 from memkit.errors import (
     AttachError,
     BackendUnavailableError,
@@ -42,6 +42,7 @@ __all__ = [
     "attend_partial",
     "merge_partials",
     "available_backends",
+    "attention_backend",
     "MemoryAttention",
     "init_memory_states",
     "memory_layers",

@@ -27,7 +27,8 @@ def attend(
         k: the segment's own keys ``(b h n2 d)``; always valid.
         v: the segment's own values ``(b h n2 d)``.
         *contexts: :class:`Context` objects from memories, ``(b h m d)`` each.
-        backend: ``"auto"``, ``"math"``, ``"sdpa"`` or ``"xformers"``.
+        backend: ``"auto"`` (the :func:`memkit.attention_backend` choice, else the runnable
+            backend of highest priority), ``"math"``, ``"sdpa"`` or ``"xformers"``.
 
     Returns:
         ``(b h n d)``, in ``q``'s dtype.

@@ -1,19 +1,23 @@
-"""Attention backends in a small registry.
+"""Attention backends in a small registry, chosen by priority or by name.
 
 * ``math``: :mod:`memkit.attention.reference`, the readable reference every test
-  compares against.
+  compares against (never chosen by ``auto``: it is the slow, exact one).
 * ``sdpa``: torch's ``scaled_dot_product_attention`` over the concatenation of the
-  segment's keys and every context (one fused call; the default on CPU).
-* ``xformers``: ``xformers.ops.memory_efficient_attention``; CUDA only, imported lazily.
+  segment's keys and every context (one fused call; priority 10, runs everywhere).
+* ``xformers``: ``xformers.ops.memory_efficient_attention``; CUDA only, imported lazily
+  (priority 20).
 
-``auto`` picks xformers for CUDA tensors when it is installed and importable, otherwise
-sdpa. Asking for a backend by name that cannot run raises
+``auto`` takes the backend of highest priority that can run on the query (so xformers for
+CUDA tensors when it is installed, otherwise sdpa); a backend registered with a higher
+priority is tried first. :func:`attention_backend` changes what ``auto`` means inside a
+``with`` block. Asking for a backend by name that cannot run raises
 :class:`memkit.BackendUnavailableError` saying what is missing: never a silent fallback.
 """
 
+import contextlib
 import dataclasses
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -22,44 +26,126 @@ from torch import Tensor
 from memkit.attention.reference import attend_math
 from memkit.errors import BackendUnavailableError
 
+__all__ = ["Backend", "register_backend", "available_backends", "get_backend", "attention_backend"]
+
 # (q, k, v, [(k_ctx, v_ctx, mask_ctx), ...]) -> out; every tensor in b h n d layout
 AttendFn = Callable[[Tensor, Tensor, Tensor, list[tuple[Tensor, Tensor, Tensor]]], Tensor]
 
 
 @dataclasses.dataclass(frozen=True)
 class Backend:
-    """One way to compute attention; ``why_not`` says what stops it running, or None."""
+    """One way to compute attention.
+
+    Attributes:
+        name: what ``backend=`` and :func:`attention_backend` call it.
+        fn: ``fn(q, k, v, [(k_ctx, v_ctx, mask_ctx), ...]) -> out``, tensors ``(b h n d)``.
+        why_not: ``why_not(q)`` says what stops it running on ``q``, or ``None``.
+        priority: ``auto`` tries higher priorities first; ``None``: only when named.
+    """
 
     name: str
     fn: AttendFn
     why_not: Callable[[Tensor], str | None]
+    priority: int | None = None
 
 
 _REGISTRY: dict[str, Backend] = {}
 
+# what "auto" means now: the innermost attention_backend() block's choice, if any. Process-wide
+# (like torch.backends flags), not per thread; a plain list, so torch.compile reads it as a constant.
+_CHOSEN: list[str] = []
+
 
 def register_backend(backend: Backend) -> None:
-    """Add (or replace) a backend by name."""
+    """Add (or replace) a backend by name.
+
+    Example:
+        >>> import torch, memkit
+        >>> from memkit.attention import Backend, get_backend, register_backend
+        >>> from memkit.attention.backends import attend_sdpa
+        >>> register_backend(Backend("my_sdpa", attend_sdpa, lambda q: None, priority=5))
+        >>> with memkit.attention_backend("my_sdpa"):
+        ...     get_backend("auto", torch.zeros(1, 1, 1, 1)).name
+        'my_sdpa'
+        >>> get_backend("auto", torch.zeros(1, 1, 1, 1)).name   # priority 5 < sdpa's 10
+        'sdpa'
+        >>> from memkit.attention import backends; del backends._REGISTRY["my_sdpa"]   # the example's clean-up
+    """
     _REGISTRY[backend.name] = backend
 
 
 def available_backends(q: Tensor | None = None) -> list[str]:
-    """Names of the backends that can run on ``q`` (on a CPU tensor when ``q`` is None)."""
+    """Names of the backends that can run on ``q`` (on a CPU tensor when ``q`` is None).
+
+    Example:
+        >>> import memkit
+        >>> {"math", "sdpa"} <= set(memkit.available_backends())
+        True
+    """
     probe = q if q is not None else torch.zeros(1, 1, 1, 1)
     return [name for name, b in _REGISTRY.items() if b.why_not(probe) is None]
 
 
-def get_backend(name: str, q: Tensor) -> Backend:
-    """The backend called ``name`` for ``q``, resolving ``auto``; raises if it cannot run."""
-    if name == "auto":
-        xf = _REGISTRY.get("xformers")
-        if xf is not None and xf.why_not(q) is None:
-            return xf
-        return _REGISTRY["sdpa"]
-    if name not in _REGISTRY:
+def _check_name(name: str) -> None:
+    if name != "auto" and name not in _REGISTRY:
         raise BackendUnavailableError(
             f"unknown attention backend {name!r}; expected 'auto' or one of {sorted(_REGISTRY)}"
         )
+
+
+@contextlib.contextmanager
+def attention_backend(name: str) -> Iterator[None]:
+    """Inside the block, attention that asks for ``"auto"`` (the default everywhere) uses ``name``.
+
+    Covers every :func:`memkit.attend` call, so every :class:`memkit.MemoryAttention`, the
+    reference backbone and attached host models, without passing ``backend=`` down. A
+    ``backend=`` given by name still wins (it is the more specific choice). Blocks nest;
+    ``"auto"`` restores the priority order. A backend that cannot run on a query raises
+    :class:`memkit.BackendUnavailableError` when attention runs, as when named directly.
+    The choice is process-wide (like ``torch.backends`` flags), not per thread.
+
+    Args:
+        name: ``"auto"`` or a registered backend (``"math"``, ``"sdpa"``, ``"xformers"``).
+
+    Raises:
+        BackendUnavailableError: ``name`` is not a registered backend (at once).
+
+    Example:
+        >>> import torch, memkit
+        >>> q = k = v = torch.randn(1, 2, 6, 8)
+        >>> with memkit.attention_backend("math"):
+        ...     out = memkit.attend(q, k, v)          # the float32 reference
+        >>> torch.equal(out, memkit.attend(q, k, v, backend="math"))
+        True
+    """
+    _check_name(name)
+    _CHOSEN.append(name)
+    try:
+        yield
+    finally:
+        _CHOSEN.pop()
+
+
+def get_backend(name: str, q: Tensor) -> Backend:
+    """The backend called ``name`` for ``q``, resolving ``auto``; raises if it cannot run.
+
+    ``auto`` means the innermost :func:`attention_backend` choice, else the runnable
+    backend of highest priority.
+
+    Example:
+        >>> import torch
+        >>> get_backend("auto", torch.zeros(1, 1, 1, 1)).name   # on a CPU tensor
+        'sdpa'
+    """
+    if name == "auto" and _CHOSEN:
+        name = _CHOSEN[-1]
+    if name == "auto":
+        ranked = sorted((b for b in _REGISTRY.values() if b.priority is not None), key=lambda b: -(b.priority or 0))
+        for backend in ranked:
+            if backend.why_not(q) is None:
+                return backend
+        raise BackendUnavailableError(f"no attention backend can run on a tensor on {q.device}")
+    _check_name(name)
     backend = _REGISTRY[name]
     reason = backend.why_not(q)
     if reason is not None:
@@ -122,5 +208,5 @@ def attend_xformers(q: Tensor, k: Tensor, v: Tensor, contexts: list[tuple[Tensor
 
 
 register_backend(Backend("math", attend_math, _sdpa_why_not))
-register_backend(Backend("sdpa", attend_sdpa, _sdpa_why_not))
-register_backend(Backend("xformers", attend_xformers, _xformers_why_not))
+register_backend(Backend("sdpa", attend_sdpa, _sdpa_why_not, priority=10))
+register_backend(Backend("xformers", attend_xformers, _xformers_why_not, priority=20))
