@@ -17,6 +17,7 @@ from memkit.layers import MemoryAttention, init_memory_states, memory_layers
 from memkit.memories import (
     ComposeMemory,
     FIFOMemory,
+    MemFlowMemory,
     NoMemory,
     PromptBankMemory,
     RecurrentMemory,
@@ -51,6 +52,7 @@ __all__ = [
     "FIFOMemory",
     "SparseKVMemory",
     "PromptBankMemory",
+    "MemFlowMemory",
     "ComposeMemory",
     "compose",
     "RecurrentMemory",

@@ -37,16 +37,16 @@ __all__ = ["Query", "Chunk", "Context", "Memory", "empty_context", "token_positi
 StateT = TypeVar("StateT")
 
 
-def _check_prompt(owner: str, prompt: Tensor | None, mask: Tensor | None, batch: int) -> None:
+def _check_prompt(owner: str, prompt: Tensor | None, mask: Tensor | None, batch: int, name: str = "prompt") -> None:
     if prompt is None:
         if mask is not None:
-            raise ShapeError(f"{owner}.prompt_mask was given without {owner}.prompt")
+            raise ShapeError(f"{owner}.{name}_mask was given without {owner}.{name}")
         return
-    check_floating(f"{owner}.prompt", prompt)
-    sizes = check_shape(f"{owner}.prompt", prompt, "b p e", b=batch)
+    check_floating(f"{owner}.{name}", prompt)
+    sizes = check_shape(f"{owner}.{name}", prompt, "b p e", b=batch)
     if mask is not None:
-        check_bool(f"{owner}.prompt_mask", mask)
-        check_shape(f"{owner}.prompt_mask", mask, "b p", b=batch, p=sizes["p"])
+        check_bool(f"{owner}.{name}_mask", mask)
+        check_shape(f"{owner}.{name}_mask", mask, "b p", b=batch, p=sizes["p"])
 
 
 def _check_layout(owner: str, frame_positions: Tensor, tokens_per_frame: int, batch: int, tokens: int) -> None:
@@ -106,6 +106,11 @@ class Chunk:
         tokens_per_frame: tokens in one frame.
         prompt: the segment's prompt embedding ``(b p e)``, if any.
         prompt_mask: ``(b p)`` bool, True for real prompt tokens.
+        next_prompt: the prompt of the segment that will read next ``(b p' e)``, when the host
+            knows it (a scheduled prompt switch). A memory that evicts by relevance to the
+            prompt (:class:`memkit.PromptBankMemory`) lets it decide, so a frame that matters
+            only after the switch is not dropped before the new prompt is seen.
+        next_prompt_mask: ``(b p')`` bool, True for real tokens of ``next_prompt``.
     """
 
     k: Float[Tensor, "b h n d"]
@@ -115,6 +120,8 @@ class Chunk:
     tokens_per_frame: int
     prompt: Float[Tensor, "b p e"] | None = None
     prompt_mask: Bool[Tensor, "b p"] | None = None
+    next_prompt: Float[Tensor, "b p2 e2"] | None = None
+    next_prompt_mask: Bool[Tensor, "b p2"] | None = None
 
     def __post_init__(self) -> None:
         check_floating("chunk.k", self.k)
@@ -125,10 +132,11 @@ class Chunk:
         check_shape("chunk.hidden", self.hidden, "b n D", b=s["b"], n=s["n"])
         _check_layout("chunk", self.frame_positions, self.tokens_per_frame, s["b"], s["n"])
         _check_prompt("chunk", self.prompt, self.prompt_mask, s["b"])
+        _check_prompt("chunk", self.next_prompt, self.next_prompt_mask, s["b"], "next_prompt")
         if typecheck_enabled() and not torch.compiler.is_compiling():
             # a NaN written once is read by every later segment: refuse it at the door. Reading the
             # answer back waits for the device (a sync per write), so it follows the checking switch
-            for name in ("k", "v", "hidden", "prompt"):
+            for name in ("k", "v", "hidden", "prompt", "next_prompt"):
                 x = getattr(self, name)
                 if x is not None and not bool(torch.isfinite(x).all()):
                     bad = int((~torch.isfinite(x)).sum())

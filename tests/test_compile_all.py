@@ -28,6 +28,8 @@ def test_reads_and_writes_of_every_memory_compile_in_one_process():
         memkit.FIFOMemory(H, D, T, frames=3),
         memkit.SparseKVMemory(H, D, T, capacity=4, top_k=2),
         memkit.PromptBankMemory(H, D, T, bank_frames=2),
+        memkit.PromptBankMemory(H, D, T, bank_frames=2, rule="memflow", record_interval=2, score="release"),
+        memkit.MemFlowMemory(H, D, T, sink_frames=1, window_frames=2, bank_frames=2, top_k=2),
         memkit.RecurrentMemory(DIM, H, D, slots=4).eval(),
         memkit.compose(memkit.PromptBankMemory(H, D, T, bank_frames=2), memkit.SparseKVMemory(H, D, T, capacity=4)),
     ]

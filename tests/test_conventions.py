@@ -28,6 +28,7 @@ MEMORIES = {
     "sparse_kv": lambda: memkit.SparseKVMemory(4, 8, 2, capacity=4, top_k=2),
     "recurrent": lambda: memkit.RecurrentMemory(32, 4, 8, slots=2),
     "prompt_bank": lambda: memkit.PromptBankMemory(4, 8, 2, bank_frames=2),
+    "memflow": lambda: memkit.MemFlowMemory(4, 8, 2, sink_frames=1, window_frames=2, bank_frames=2, top_k=2),
 }
 
 

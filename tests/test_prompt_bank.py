@@ -246,3 +246,78 @@ def test_errors_name_the_dimension() -> None:
         mem.write(state, random_chunk(1, 2, 4, 1, [0], 0))
     with pytest.raises(ValueError, match=r"prototype must be one of \('first', 'best'\), got 'mean'"):
         PromptBankMemory(2, 4, 2, prototype="mean")
+
+
+def _frames(*vectors: list[float]) -> torch.Tensor:
+    """Keys (1, 1, f, 2) from 2-d vectors: one head of dim 2, one token per frame."""
+    return torch.tensor(vectors).reshape(1, 1, len(vectors), 2)
+
+
+def test_next_prompt_decides_eviction_so_a_frame_for_the_next_prompt_survives_the_switch() -> None:
+    # X matters only to the next prompt (along e2); A and C to the current one (along e1)
+    p1, p2 = torch.tensor([[[3.0, 0.0]]]), torch.tensor([[[0.0, 3.0]]])
+    mem = PromptBankMemory(1, 2, 1, bank_frames=2)
+
+    def stream(next_prompt: torch.Tensor | None) -> PromptBankState:
+        state = mem.init_state(1)
+        for pos, key in ((0, [0.0, 5.0]), (1, [5.0, 0.0]), (2, [4.0, 1.0])):  # X, A, C: the pool fills
+            state = mem.write(state, chunk_of(_frames(key), [pos], 1, p1))
+        # the last segment under p1 is written; the host knows p2 comes next
+        k = _frames([5.0, 0.5])
+        last = Chunk(k, k, torch.zeros(1, 1, 3), torch.tensor([[3]]), 1, p1, next_prompt=next_prompt)
+        return mem.write(state, last)
+
+    read_p2 = query_of(1, 1, 2, 1, p2)
+    assert 0 in selected_positions(mem.read(stream(p2), read_p2), 1)[0]  # the new prompt decided: X survives
+    # without the next prompt the finished segment's prompt decides, as in MemFlow: X is gone
+    assert 0 not in selected_positions(mem.read(stream(None), read_p2), 1)[0]
+
+
+def test_release_score_is_the_mean_raw_logit_with_padding_and_can_rank_unlike_softmax() -> None:
+    # frame 0: one token far along the prompt, one far against it (mean logit 0, but the top token);
+    # frame 1: two tokens a little along it (mean logit 1)
+    k = torch.tensor([[10.0, 0.0], [-10.0, 0.0], [1.0, 0.0], [1.0, 0.0]]).reshape(1, 1, 2, 2, 2)
+    prompt = torch.tensor([[[1.414, 0.0], [0.0, 7.0]]])
+    mask = torch.tensor([[True, False]])  # the second token is padding
+    valid = torch.ones(1, 2, dtype=torch.bool)
+    soft = PromptBankMemory(1, 2, 2, score="softmax").relevance(k, valid, prompt, mask)
+    release = PromptBankMemory(1, 2, 2, score="release").relevance(k, valid, prompt, mask)
+    assert soft.argmax(1).item() == 0 and release.argmax(1).item() == 1  # the rankings differ
+    naive = [sum(float(prompt[0, i] @ k[0, 0, c, j]) for i in range(2) for j in range(2)) / 4 / 2**0.5 for c in (0, 1)]
+    torch.testing.assert_close(release[0], torch.tensor(naive))  # padding included, no softmax
+    unmasked = PromptBankMemory(1, 2, 2, score="release").relevance(k, valid, prompt, None)
+    torch.testing.assert_close(release, unmasked)  # the release ignores the padding mask
+
+
+def test_record_interval_records_every_rth_write() -> None:
+    mem = PromptBankMemory(1, 2, 1, bank_frames=3, record_interval=3)
+    state = mem.init_state(1)
+    for pos in range(7):
+        state = mem.write(state, chunk_of(torch.randn(1, 1, 1, 2), [pos], 1))
+    assert sorted(state.pos[0][state.valid[0]].tolist()) == [0, 3, 6]
+
+
+def test_memflow_rule_keeps_top_b_minus_1_then_the_pending_prototype() -> None:
+    p = torch.tensor([[[3.0, 0.0]]])
+    mem = PromptBankMemory(1, 2, 1, bank_frames=2, rule="memflow", score="release")
+    state = mem.init_state(1)
+    for pos, key in ((0, [1.0, 0.0]), (1, [5.0, 0.0]), (2, [-5.0, 0.0])):
+        state = mem.write(state, chunk_of(_frames(key), [pos], 1, p))
+    # prototypes 0, 1 filled the bank; 2 is pending: a read keeps the best 1 of {0, 1} and appends 2
+    assert selected_positions(mem.read(state, query_of(1, 1, 2, 1, p)), 1)[0] == {1, 2}
+    # the pending prototype is appended however poorly it scores; the next read appends it again
+    state = mem.write(state, chunk_of(_frames([0.0, 1.0]), [3], 1, p))
+    assert sorted(state.pos[0].tolist()) == [1, 2, 3]  # bank {1, 2}, pending 3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"rule": "lru"}, "rule must be one of"),
+        ({"score": "max"}, "score must be one of"),
+        ({"record_interval": 0}, "record_interval must be a positive int"),
+    ],
+)
+def test_bad_options_are_refused(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        PromptBankMemory(1, 2, 1, **kwargs)

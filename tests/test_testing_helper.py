@@ -42,6 +42,20 @@ def test_a_prompt_reading_memory_passes() -> None:
     check_memory(lambda: memkit.PromptBankMemory(H, D, T, bank_frames=2, prompt_dim=6), **SIZES, prompt_dim=6)
 
 
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda: memkit.PromptBankMemory(H, D, T, bank_frames=2, prompt_dim=6, rule="memflow", record_interval=2),
+        lambda: memkit.PromptBankMemory(H, D, T, bank_frames=2, prompt_dim=6, score="release"),
+        lambda: memkit.MemFlowMemory(H, D, T, sink_frames=1, window_frames=2, bank_frames=2, top_k=2, prompt_dim=6),
+        lambda: memkit.MemFlowMemory(H, D, T, sink_frames=1, window_frames=1, bank_frames=1, top_k=None, prompt_dim=6),
+    ],
+    ids=["bank_memflow_rule", "bank_release_score", "memflow_sma", "memflow_nam"],
+)
+def test_memflow_variants_pass(factory: Any) -> None:
+    check_memory(factory, **SIZES, examples=10, prompt_dim=6)
+
+
 def test_passes_with_prompts_a_wider_batch_and_an_instance() -> None:
     mem = memkit.SinkWindowMemory(H, D, T, sink_frames=1, window_frames=2)
     check_memory(mem, **SIZES, batch_size=3, segments=5, prompt_dim=6, model_dim=24, examples=10)

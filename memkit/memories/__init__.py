@@ -1,6 +1,7 @@
 """Memories: one file each, all implementing :class:`memkit.Memory`, each registered by name in its file."""
 
 from memkit.memories.compose import ComposeMemory, ComposeState, compose
+from memkit.memories.memflow import MemFlowMemory, MemFlowState
 from memkit.memories.none import NoMemory, NoState
 from memkit.memories.prompt_bank import PromptBankMemory, PromptBankState
 from memkit.memories.recurrent import RecurrentMemory, RecurrentState
@@ -18,6 +19,8 @@ __all__ = [
     "SparseKVState",
     "PromptBankMemory",
     "PromptBankState",
+    "MemFlowMemory",
+    "MemFlowState",
     "ComposeMemory",
     "ComposeState",
     "compose",

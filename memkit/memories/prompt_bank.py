@@ -26,6 +26,10 @@ from memkit.typing import Bool, Float, typechecked
 __all__ = ["PromptBankMemory", "PromptBankState"]
 
 PROTOTYPES = ("first", "best")
+#: how the bank is updated: memkit's (top ``B`` of ``B + 1``) or MemFlow's release (top ``B - 1`` + prototype)
+RULES = ("memkit", "memflow")
+#: how a frame is scored against the prompt: memkit's softmax shares, or the release's mean raw logit
+SCORES = ("softmax", "release")
 
 
 @memory_state
@@ -33,7 +37,8 @@ class PromptBankState(MemoryState):
     """State of :class:`PromptBankMemory`: a pool of ``P = B + 1`` candidate frames.
 
     The pool is the bank kept after the last write plus the newest prototype; a read
-    returns the ``B`` of them most relevant to its prompt.
+    returns the ``B`` of them most relevant to its prompt. With ``rule="memflow"`` slots
+    ``0 .. B-1`` are the bank the last segment read and slot ``B`` is the pending prototype.
 
     Attributes:
         k, v: ``(b h P t d)`` the candidates' keys (before rotary) and values.
@@ -64,30 +69,57 @@ class PromptBankState(MemoryState):
     writes: Tensor
 
 
+def _per_slot(mask: Tensor, x: Tensor) -> Tensor:
+    """A ``(b S)`` slot mask shaped to broadcast against ``x``: ``(b S)`` or ``(b h S t d)``."""
+    return mask if x.ndim == 2 else mask[:, None, :, None, None]
+
+
 class PromptBankMemory(nn.Module):
     """A bank of ``B`` past frames chosen by relevance to the text prompt (MemFlow's NAM).
 
-    Each write offers the finished segment's **prototype**: its first frame
+    Each recorded write offers the finished segment's **prototype**: its first frame
     (``prototype="first"``, as MemFlow) or the frame most relevant to the segment's prompt
-    (``prototype="best"``). The state is a pool of ``B + 1`` candidates (the bank and the
-    newest prototype). ``read`` returns the top-``B`` candidates for ``query.prompt``, so
-    after a prompt switch the new prompt drives retrieval from the first denoising step of
-    the new segment. ``write`` applies the same selection with ``chunk.prompt`` (the prompt
-    the segment was generated with, hence the set its reads returned), drops the remaining
-    candidate and inserts the new prototype in its slot. A prototype whose frame position is
-    already kept replaces that entry instead, so no frame is ever held twice.
+    (``prototype="best"``); with ``record_interval=R`` only every ``R``-th write records one
+    (writes ``0, R, 2R, ...``; MemFlow's release uses ``R = 3``). Two update rules:
 
-    Relevance of candidate frame ``c`` to prompt tokens ``u_i`` (projected to head space):
-    ``a[h,i,c,j] = softmax over all valid (c, j) of u[h,i] . k[h,c,j] / sqrt(d)``, then
-    ``score[c] = mean over heads and valid prompt tokens of sum_j a[h,i,c,j]``. Padded
-    prompt tokens (``prompt_mask`` False) are excluded, so padding never changes retrieval.
+    * ``rule="memkit"`` (default): the state is a pool of ``B + 1`` candidates (the bank and
+      the newest prototype). ``read`` returns the top-``B`` candidates for ``query.prompt``;
+      ``write`` drops the candidate that prompt's reads left out (scored with
+      ``chunk.next_prompt`` when the host gives it, else ``chunk.prompt``) and inserts the new
+      prototype in its slot. A prototype whose frame position is already kept replaces that
+      entry, so no frame is held twice.
+    * ``rule="memflow"`` (MemFlow's release, ``compress_kv_bank``): the state is the bank of
+      ``B`` frames the last segment read plus the pending prototype. While fewer than ``B + 1``
+      prototypes were recorded, the pending one fills the next slot; after that every read
+      keeps the top ``B - 1`` bank frames for ``query.prompt`` and appends the pending
+      prototype, re-appending it until a newer one is recorded (so, as released, a prototype
+      can be held twice). ``write`` commits the set its reads returned (scored with
+      ``chunk.prompt``, the prompt those reads used) and records the new prototype.
+
+    In both rules the frame that makes room for segment ``s``'s prototype is chosen with the
+    prompt of the segment that reads next. A frame that segment ``s``'s own reads left out is
+    dropped at ``write`` unless the host passes ``chunk.next_prompt`` (memkit rule): that is
+    how a frame relevant only to the prompt after a switch survives the switch.
+
+    Relevance of candidate frame ``c`` to prompt tokens ``u_i`` (projected to head space),
+    ``l[h,i,c,j] = u[h,i] . k[h,c,j] / sqrt(d)``:
+
+    * ``score="softmax"`` (memkit; the paper's softmax, summed rather than averaged over a
+      frame's ``t`` tokens, which ranks the same): ``a = softmax over all valid (c, j) of l``,
+      ``score[c] = mean over heads and valid prompt tokens of sum_j a[h,i,c,j]``. Padded
+      prompt tokens (``prompt_mask`` False) are excluded.
+    * ``score="release"`` (MemFlow's code): ``score[c] = mean over heads, every prompt token
+      (padding included, ``prompt_mask`` ignored) and the frame's tokens of l[h,i,c,j]``,
+      raw logits, no softmax.
+
     Without a prompt (or with every prompt token padded) every score is equal and the
-    tie-break, recency, keeps the newest ``B`` frames.
+    tie-break decides: recency (memkit rule: the newest ``B`` frames) or slot order (memflow).
 
     The prompt ``(b p e)`` reaches head space by reshaping to ``(b p h d)`` when
     ``e == heads * head_dim``, else through ``prompt_proj``, a bias-free ``Linear(e, h d)``.
-    The top-``B`` choice is discrete, so ``prompt_proj`` receives no gradient from the
-    attention output; train it by another loss or leave it fixed.
+    A host that passes each layer's own cross-attention text keys ``(b p (h d))`` as the
+    prompt scores with them directly, as MemFlow does. The top-``B`` choice is discrete, so
+    ``prompt_proj`` receives no gradient from the attention output.
 
     Read returns ``B * t`` slots per head (the same frames for every head).
 
@@ -102,6 +134,9 @@ class PromptBankMemory(nn.Module):
         bank_frames: ``B``, frames a read returns (MemFlow uses 3).
         prompt_dim: ``e`` of the prompt embedding; ``None`` means ``heads * head_dim``.
         prototype: ``"first"`` or ``"best"``, which frame of a finished segment is offered.
+        rule: ``"memkit"`` or ``"memflow"``, the update rule above.
+        record_interval: ``R``, record a prototype every ``R`` writes (MemFlow: 3).
+        score: ``"softmax"`` or ``"release"``, the relevance formula above.
 
     Example:
         >>> import torch, memkit
@@ -126,6 +161,9 @@ class PromptBankMemory(nn.Module):
         bank_frames: int = 3,
         prompt_dim: int | None = None,
         prototype: str = "first",
+        rule: str = "memkit",
+        record_interval: int = 1,
+        score: str = "softmax",
     ) -> None:
         super().__init__()
         if min(heads, head_dim, tokens_per_frame, bank_frames) < 1:
@@ -135,10 +173,17 @@ class PromptBankMemory(nn.Module):
             )
         if prototype not in PROTOTYPES:
             raise ValueError(f"PromptBankMemory: prototype must be one of {PROTOTYPES}, got {prototype!r}")
+        if rule not in RULES:
+            raise ValueError(f"PromptBankMemory: rule must be one of {RULES}, got {rule!r}")
+        if score not in SCORES:
+            raise ValueError(f"PromptBankMemory: score must be one of {SCORES}, got {score!r}")
+        if isinstance(record_interval, bool) or not isinstance(record_interval, int) or record_interval < 1:
+            raise ValueError(f"PromptBankMemory: record_interval must be a positive int, got {record_interval!r}")
         if prompt_dim is not None and prompt_dim < 1:
             raise ValueError(f"PromptBankMemory: prompt_dim must be positive, got {prompt_dim}")
         self.heads, self.head_dim, self.tokens_per_frame = heads, head_dim, tokens_per_frame
         self.bank_frames, self.prototype = bank_frames, prototype
+        self.rule, self.record_interval, self.score = rule, record_interval, score
         inner = heads * head_dim
         self.prompt_dim = inner if prompt_dim is None else prompt_dim
         self.prompt_proj: nn.Linear | None = (
@@ -165,12 +210,12 @@ class PromptBankMemory(nn.Module):
             writes=torch.zeros((b,), device=device, dtype=torch.long),
         )
 
-    def _check_prompt(self, where: str, prompt: Tensor | None) -> None:
+    def _check_prompt(self, where: str, prompt: Tensor | None, owner: str | None = None) -> None:
         if prompt is not None and prompt.shape[2] != self.prompt_dim:
             hint = "heads*head_dim" if self.prompt_proj is None else "prompt_dim"
-            owner = "query" if where == "read" else "chunk"
+            owner = owner or ("query.prompt" if where == "read" else "chunk.prompt")
             raise ShapeError(
-                f"{self._name}.{where}: dimension e (prompt dim) of {owner}.prompt should be {self.prompt_dim} "
+                f"{self._name}.{where}: dimension e (prompt dim) of {owner} should be {self.prompt_dim} "
                 f"({hint}; pass prompt_dim= to project another size), got {prompt.shape[2]}"
             )
 
@@ -185,7 +230,8 @@ class PromptBankMemory(nn.Module):
         """Relevance ``(b F)`` of candidate frames ``k (b h F t d)`` (``valid (b F)``) to a prompt.
 
         Zero everywhere without a prompt or without any real prompt token (ties: the caller's
-        tie-break decides). Invalid frames get no attention and score 0.
+        tie-break decides). With ``score="softmax"`` invalid frames get no attention and score 0;
+        with ``score="release"`` their score is meaningless and callers never select them.
 
         Example:
             >>> import torch, memkit
@@ -200,6 +246,10 @@ class PromptBankMemory(nn.Module):
             return torch.zeros((b, f), device=k.device)
         u = prompt if self.prompt_proj is None else self.prompt_proj(prompt.to(self.prompt_proj.weight.dtype))
         u = rearrange(u.float(), "b p (h d) -> b h p d", h=self.heads)
+        if self.score == "release":
+            # the mean of raw logits over prompt tokens (padding included), heads and the frame's
+            # tokens is linear, so it equals the logit of the mean prompt token and mean key
+            return torch.einsum("bhd,bhfd->bf", u.mean(dim=2), k.float().mean(dim=3)) / (math.sqrt(d) * self.heads)
         logits = torch.einsum("bhpd,bhftd->bhpft", u, k.float()) / math.sqrt(d)
         logits = logits.masked_fill(~valid[:, None, None, :, None], float("-inf"))
         attn = logits.flatten(3).softmax(dim=-1).view_as(logits).nan_to_num(0.0)  # all -inf rows -> 0
@@ -211,35 +261,68 @@ class PromptBankMemory(nn.Module):
         count = prompt_mask.sum(dim=1).clamp(min=1) * self.heads
         return kept.sum(dim=(1, 2)) / count[:, None]
 
+    def _memflow_bank(
+        self, state: PromptBankState, prompt: Tensor | None, prompt_mask: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """The release's bank for a segment with ``prompt``: ``(k, v, pos, valid, stamp)`` of ``B`` slots."""
+        bb = self.bank_frames
+        bank = (state.k[:, :, :bb], state.v[:, :, :bb], state.pos[:, :bb], state.valid[:, :bb], state.stamp[:, :bb])
+        pend = (state.k[:, :, bb:], state.v[:, :, bb:], state.pos[:, bb:], state.valid[:, bb:], state.stamp[:, bb:])
+        recorded = torch.div(state.writes + self.record_interval - 1, self.record_interval, rounding_mode="floor")
+        slots = torch.arange(bb, device=state.k.device)
+        # filling: the pending prototype (re)written into slot recorded - 1, as the release's index arithmetic does
+        put = (slots == (recorded - 1)[:, None]) & pend[3]
+        fill = tuple(torch.where(_per_slot(put, x), p, x) for x, p in zip(bank, pend, strict=True))
+        fill = (*fill[:3], bank[3] | put, fill[4])
+        if bb > 1:
+            scores = self.relevance(bank[0], bank[3], prompt, prompt_mask)
+            idx, _ = top_k_frames(scores, bank[3], torch.zeros_like(bank[2]), bb - 1)  # best first, as torch.topk
+            kept = (
+                gather_frames(bank[0], idx, 2),
+                gather_frames(bank[1], idx, 2),
+                bank[2].gather(1, idx),
+                bank[3].gather(1, idx),
+                bank[4].gather(1, idx),
+            )
+            full = tuple(torch.cat([a, p], dim=2 if a.ndim == 5 else 1) for a, p in zip(kept, pend, strict=True))
+        else:
+            full = pend
+        is_full = recorded > bb
+        k, v, pos, valid, stamp = (
+            torch.where(is_full.reshape(-1, *([1] * (a.ndim - 1))), a, f) for a, f in zip(full, fill, strict=True)
+        )
+        return k, v, pos, valid, stamp
+
+    def select(
+        self, state: PromptBankState, prompt: Tensor | None, prompt_mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The ``B`` frames a read with ``prompt`` returns: ``k, v (b h B t d)``, ``pos, valid (b B)``.
+
+        Example:
+            >>> import torch, memkit
+            >>> mem = memkit.PromptBankMemory(heads=2, head_dim=4, tokens_per_frame=2, bank_frames=2)
+            >>> k, v, pos, valid = mem.select(mem.init_state(1), None)
+            >>> k.shape, valid.tolist()
+            (torch.Size([1, 2, 2, 2, 4]), [[False, False]])
+        """
+        if self.rule == "memflow":
+            k, v, pos, valid, _ = self._memflow_bank(state, prompt, prompt_mask)
+            return k, v, pos, valid
+        scores = self.relevance(state.k, state.valid, prompt, prompt_mask)
+        index, ok = top_k_frames(scores, state.valid, state.stamp, self.bank_frames)  # (b B)
+        return gather_frames(state.k, index, 2), gather_frames(state.v, index, 2), state.pos.gather(1, index), ok
+
     @typechecked
     def read(self, state: PromptBankState, query: Query) -> Context:
-        """The ``B`` candidates most relevant to ``query.prompt``: ``(b h B*t d)``."""
+        """The ``B`` frames chosen for ``query.prompt``: ``(b h B*t d)``."""
         check_state(f"{self._name}.read", state, PromptBankState)
         check_state_matches(f"{self._name}.read", state, self)
         check_query(self._name, query, state.batch_size, self.heads, self.head_dim, state.k.device)
         self._check_prompt("read", query.prompt)
-        scores = self.relevance(state.k, state.valid, query.prompt, query.prompt_mask)
-        index, ok = top_k_frames(scores, state.valid, state.stamp, self.bank_frames)  # (b B)
-        return frames_to_context(
-            gather_frames(state.k, index, 2), gather_frames(state.v, index, 2), state.pos.gather(1, index), ok
-        )
+        return frames_to_context(*self.select(state, query.prompt, query.prompt_mask))
 
-    @typechecked
-    def write(self, state: PromptBankState, chunk: Chunk) -> PromptBankState:
-        """Keep the top-``B`` for ``chunk.prompt``, then insert the segment's prototype."""
-        check_state(f"{self._name}.write", state, PromptBankState)
-        check_state_matches(f"{self._name}.write", state, self)
-        check_chunk(
-            self._name, chunk, state.batch_size, self.heads, self.head_dim, state.k.device, self.tokens_per_frame
-        )
-        self._check_prompt("write", chunk.prompt)
-        dtype = state.k.dtype
-        slots = torch.arange(self.bank_frames + 1, device=state.k.device)
-
-        scores = self.relevance(state.k, state.valid, chunk.prompt, chunk.prompt_mask)
-        freed = rank_frames(scores, state.valid, state.stamp)[:, -1]  # (b,) the one candidate reads left out
-        kept = state.valid & (slots != freed[:, None])
-
+    def _prototype(self, chunk: Chunk, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """The finished segment's prototype: ``k, v (b h 1 t d)``, ``pos (b 1)``."""
         k = split_frames(chunk.k, self.tokens_per_frame)  # (b h f t d)
         v = split_frames(chunk.v, self.tokens_per_frame)
         pos = chunk.frame_positions.long()
@@ -249,15 +332,44 @@ class PromptBankMemory(nn.Module):
             ok = torch.ones_like(pos, dtype=torch.bool)
             fit = self.relevance(k, ok, chunk.prompt, chunk.prompt_mask)
             src = rank_frames(fit, ok, torch.zeros_like(pos))[:, :1]  # ties: the earliest frame
-        proto_k = gather_frames(k, src, 2).to(dtype)  # (b h 1 t d)
-        proto_v = gather_frames(v, src, 2).to(dtype)
-        proto_pos = pos.gather(1, src)  # (b 1)
+        return gather_frames(k, src, 2).to(dtype), gather_frames(v, src, 2).to(dtype), pos.gather(1, src)
+
+    @typechecked
+    def write(self, state: PromptBankState, chunk: Chunk) -> PromptBankState:
+        """Commit the set this segment's reads chose, then record the segment's prototype."""
+        check_state(f"{self._name}.write", state, PromptBankState)
+        check_state_matches(f"{self._name}.write", state, self)
+        check_chunk(
+            self._name, chunk, state.batch_size, self.heads, self.head_dim, state.k.device, self.tokens_per_frame
+        )
+        self._check_prompt("write", chunk.prompt)
+        self._check_prompt("write", chunk.next_prompt, "chunk.next_prompt")
+        proto_k, proto_v, proto_pos = self._prototype(chunk, state.k.dtype)
+        record = torch.remainder(state.writes, self.record_interval) == 0  # (b,)
+        writes = state.writes + 1
+        if self.rule == "memflow":
+            k, v, pos, valid, stamp = self._memflow_bank(state, chunk.prompt, chunk.prompt_mask)
+            rec5 = record[:, None, None, None, None]
+            return PromptBankState(
+                k=torch.cat([k, torch.where(rec5, proto_k, state.k[:, :, -1:])], dim=2),
+                v=torch.cat([v, torch.where(rec5, proto_v, state.v[:, :, -1:])], dim=2),
+                pos=torch.cat([pos, torch.where(record[:, None], proto_pos, state.pos[:, -1:])], dim=1),
+                valid=torch.cat([valid, state.valid[:, -1:] | record[:, None]], dim=1),
+                stamp=torch.cat([stamp, torch.where(record[:, None], writes[:, None], state.stamp[:, -1:])], dim=1),
+                writes=writes,
+            )
+        slots = torch.arange(self.bank_frames + 1, device=state.k.device)
+        if chunk.next_prompt is not None:  # the host knows the next prompt: let it decide what goes
+            scores = self.relevance(state.k, state.valid, chunk.next_prompt, chunk.next_prompt_mask)
+        else:
+            scores = self.relevance(state.k, state.valid, chunk.prompt, chunk.prompt_mask)
+        freed = rank_frames(scores, state.valid, state.stamp)[:, -1]  # (b,) the one candidate reads left out
+        kept = state.valid & ((slots != freed[:, None]) | ~record[:, None])
 
         dup = kept & (state.pos == proto_pos)
         target = torch.where(dup.any(dim=1), dup.long().argmax(dim=1), freed)
-        put = slots == target[:, None]  # (b P)
+        put = (slots == target[:, None]) & record[:, None]  # (b P)
         put5 = put[:, None, :, None, None]
-        writes = state.writes + 1
         return PromptBankState(
             k=torch.where(put5, proto_k, state.k),
             v=torch.where(put5, proto_v, state.v),
@@ -268,9 +380,18 @@ class PromptBankMemory(nn.Module):
         )
 
     def extra_repr(self) -> str:
+        options = "".join(
+            f", {name}={value!r}"
+            for name, value, default in (
+                ("rule", self.rule, "memkit"),
+                ("record_interval", self.record_interval, 1),
+                ("score", self.score, "softmax"),
+            )
+            if value != default
+        )
         return (
             f"heads={self.heads}, head_dim={self.head_dim}, tokens_per_frame={self.tokens_per_frame}, "
-            f"bank_frames={self.bank_frames}, prompt_dim={self.prompt_dim}, prototype={self.prototype!r}"
+            f"bank_frames={self.bank_frames}, prompt_dim={self.prompt_dim}, prototype={self.prototype!r}{options}"
         )
 
 

@@ -1,4 +1,4 @@
-"""``SparseKVMemory``: a ring buffer of past frames read through top-k routing (MemFlow SMA, MoC)."""
+"""``SparseKVMemory``: a ring buffer of recent frames read through top-k routing (MoC-style; not MemFlow's pool)."""
 
 from typing import ClassVar
 
@@ -73,9 +73,11 @@ class SparseKVState(MemoryState):
 class SparseKVMemory:
     """Past frames in a fixed ring buffer; each read returns only the top-k most relevant.
 
-    The routing of Mixture of Contexts, as MemFlow's Sparse Memory Activation uses it: the
-    current segment's queries are mean-pooled to one vector per (batch, head); every stored
-    frame has one descriptor per head (its keys mean-pooled); the score is their dot product,
+    The routing of Mixture of Contexts and of MemFlow's Sparse Memory Activation, over a
+    different pool than MemFlow's (which routes over its sink + bank and keeps its recent
+    window dense: that is :class:`MemFlowMemory`). The current segment's queries are
+    mean-pooled to one vector per (batch, head); every stored frame has one descriptor per head
+    (its keys mean-pooled); the score is their dot product,
     and each head attends only to its ``top_k`` best frames (heads choose independently, so
     ``Context.positions`` differ per head). The first ``always_frames`` frames ever written
     live in a separate sink and are always returned (MoC's mandatory anchors, LongLive's frame
