@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from benchmarks.common import Section, interleave, ratio_stats, stats
 from benchmarks.cost import BackboneHost, Inputs, LayerHost, TinyHost, make_inputs
-from benchmarks.roster import COMPOSED, Entry, Geometry, roster
+from benchmarks.roster import COMPOSED, LONGLIVE, Entry, Geometry, roster
 
 MEMFLOW_FPS = {"no memory": 23.5, "frame sink (LongLive)": 20.3, "NAM": 17.6, "NAM+SMA": 18.7}
 
@@ -135,7 +135,7 @@ def _ratios(sec: Section, samples: dict[str, list[float]], params: dict[str, Any
     for name, xs in samples.items():
         s = stats(xs, 1000.0)
         sec.add("ms_per_segment", s["median"], "ms", spread=s, params={"memory": name, **params})
-    for base in ("NoMemory", "SinkWindowMemory"):
+    for base in ("NoMemory", "SinkWindowMemory", LONGLIVE):
         if base not in samples:
             sec.notes.append(f"skipped ratios against {base} ({params}): {base} was not measured")
             continue

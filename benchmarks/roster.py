@@ -1,15 +1,21 @@
 """The memories the suite measures, each sized from one layer geometry.
 
-Sizes follow MemFlow/LongLive scaled to a segment of ``f`` frames: the frame-storing
-memories attend to the same budget of ``4 f`` frames (``f`` sink frames plus ``3 f`` more),
-so their costs compare at a matched attention budget:
+memkit's own memories are sized to read the same budget of ``4 f`` frames from memory
+(``f`` sink frames plus ``3 f`` more; a segment has ``f`` frames), so their costs compare at a
+matched attention budget. The published settings are scaled to a segment of ``f`` frames the
+way the papers' chunks of 3 frames relate to their numbers (LongLive: ``local_attn_size`` 12 =
+3 sink + the 3-frame chunk + 6 past frames; MemFlow adds its 3-frame bank, routed with the sink
+by SMA); they read ``3 f`` (+ the bank) frames from memory:
 
 ==========================  ========================================================  =========
 memory                      configuration                                             frames read
 ==========================  ========================================================  =========
 NoMemory                    nothing                                                   0
 FIFOMemory                  newest ``4 f`` frames                                     4 f
-SinkWindowMemory            ``f`` sink frames + newest ``3 f`` (LongLive)             4 f
+SinkWindowMemory            ``f`` sink frames + newest ``3 f`` (matched budget)      4 f
+LongLive                    ``f`` sink + newest ``2 f`` (LongLive's 12 = 3 + 3 + 6)   3 f
+MemFlow NAM                 LongLive + bank 3 (record every 3 writes), all attended   3 f + 3
+MemFlow NAM+SMA             LongLive's window + top 3 of sink + bank per head         2 f + 3
 SparseKVMemory              ring of ``C`` frames, ``f`` sink + top ``3 f``            4 f
 PromptBankMemory            bank of 3 frames (MemFlow's b = 3)                        3
 PromptBank+SparseKV         bank 3 + SparseKV (``f`` sink + top ``3 f - 3``)          4 f
@@ -60,6 +66,7 @@ class Entry:
 
 FULL_HISTORY = "FullHistory (baseline)"
 COMPOSED = "PromptBank+SparseKV"
+LONGLIVE = "LongLive"
 
 
 def _need(*names: str) -> str | None:
@@ -86,6 +93,21 @@ def roster(g: Geometry, *, full_history: bool = True) -> list[Entry]:
         {"sink_frames": f, "window_frames": 3 * f},
         lambda: memkit.SinkWindowMemory(h, d, t, sink_frames=f, window_frames=3 * f),
     )
+    add(
+        LONGLIVE,
+        ("SinkWindowMemory",),
+        {"sink_frames": f, "window_frames": 2 * f},
+        lambda: memkit.SinkWindowMemory(h, d, t, sink_frames=f, window_frames=2 * f),
+    )
+
+    def memflow(top_k: int | None) -> Callable[[], Any]:
+        return lambda: memkit.MemFlowMemory(
+            h, d, t, sink_frames=f, window_frames=2 * f, bank_frames=3, top_k=top_k, record_interval=3
+        )
+
+    for name, top_k in (("MemFlow NAM", None), ("MemFlow NAM+SMA", 3)):
+        config = {"sink_frames": f, "window_frames": 2 * f, "bank_frames": 3, "top_k": top_k, "record_interval": 3}
+        add(name, ("MemFlowMemory",), config, memflow(top_k))
     add(
         "SparseKVMemory",
         ("SparseKVMemory",),
