@@ -43,7 +43,19 @@ def test_segment_is_a_deprecated_alias_and_no_longer_collides() -> None:
 
 
 @pytest.mark.parametrize(
-    "module", ["layout", "layer_attend", "hub", "installers", "selection", "session", "attach", "adapters"]
+    "module",
+    [
+        "layout",
+        "layer_attend",
+        "hub",
+        "installers",
+        "selection",
+        "session",
+        "attach",
+        "adapters",
+        "rotary",
+        "diffusers_joint",
+    ],
 )
 def test_each_module_imports_on_its_own_and_is_small(module: str) -> None:
     mod = importlib.import_module(f"memkit.integrations.{module}")

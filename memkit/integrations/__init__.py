@@ -13,7 +13,9 @@ Where things live (each module one idea, imported only downward):
 * :mod:`~memkit.integrations.session`: :class:`MemorySession` and ``attach_layers``;
 * :mod:`~memkit.integrations.attach`: :func:`attach`, the public entry point;
 * :mod:`~memkit.integrations.adapters`: adapters for modules memkit knows;
-* :mod:`~memkit.integrations.diffusers_wan`: diffusers' Wan transformer, by processors.
+* :mod:`~memkit.integrations.rotary`: rotary from the host's own table (3-D, memory keys placed in time);
+* :mod:`~memkit.integrations.diffusers_wan`: diffusers' Wan and SkyReels-V2 transformers, by processors;
+* :mod:`~memkit.integrations.diffusers_joint`: CogVideoX, HunyuanVideo, Mochi (joint text-video attention).
 """
 
 import warnings
@@ -21,6 +23,14 @@ from typing import Any
 
 from memkit.integrations.adapters import multihead_attention_adapter
 from memkit.integrations.attach import attach
+from memkit.integrations.diffusers_joint import (
+    CogVideoXAttentionAdapter,
+    HunyuanVideoAttentionAdapter,
+    MochiAttentionAdapter,
+    attach_cogvideox,
+    attach_hunyuan_video,
+    attach_mochi,
+)
 from memkit.integrations.diffusers_wan import (
     WanMemoryProcessor,
     WanSelfAttentionAdapter,
@@ -46,6 +56,12 @@ __all__ = [
     "WanMemoryProcessor",
     "WanSelfAttentionAdapter",
     "wan_rotary_freqs",
+    "attach_cogvideox",
+    "attach_hunyuan_video",
+    "attach_mochi",
+    "CogVideoXAttentionAdapter",
+    "HunyuanVideoAttentionAdapter",
+    "MochiAttentionAdapter",
 ]
 
 
