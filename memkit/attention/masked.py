@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from memkit.attention.backends import get_backend
-from memkit.errors import ShapeError
+from memkit.errors import BackendUnavailableError, ShapeError
 
 __all__ = ["attend_masked"]
 
@@ -98,6 +98,10 @@ def attend_masked(q: Tensor, sources: Sequence[Source], *, backend: str = "auto"
         out = xops.memory_efficient_attention(
             q.transpose(1, 2), key.to(q.dtype).transpose(1, 2), value.to(q.dtype).transpose(1, 2), attn_bias=bias
         ).transpose(1, 2)
-    else:
+    elif name == "sdpa":
         out = F.scaled_dot_product_attention(q, key.to(q.dtype), value.to(q.dtype), attn_mask=mask)
+    else:  # a registered backend takes no per-query mask: say so rather than run another kernel
+        raise BackendUnavailableError(
+            f"attention backend {name!r} has no masked form; masked attention runs on 'math', 'sdpa' or 'xformers'"
+        )
     return torch.where(seen, out, torch.zeros((), dtype=out.dtype, device=out.device))
