@@ -199,3 +199,54 @@ def test_bundled_memory_holds_at_4x_the_trained_length() -> None:
 # measured on the bundled checkpoints (docs/guides/long_video.md), with room for sampler noise
 MARGIN_OVER_FLOOR = 6.0
 MARGIN_OVER_BLIND = 3.0
+
+
+def _net_past_init(model: object) -> MALTNetwork:
+    """A network whose zero-initialised (adaLN-Zero) weights are made non-zero: at init every
+    attention output is gated off, so nothing inside attention would get a gradient anyway."""
+    torch.manual_seed(0)
+    net = MALTNetwork(model)  # type: ignore[arg-type]
+    with torch.no_grad():
+        for p in net.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.05)
+    return net
+
+
+@pytest.mark.parametrize("truncate", [1, 2, None])
+def test_truncated_backprop_always_trains_the_memory_write(truncate: int | None) -> None:
+    # stop-gradient across segments (K = 1) must still give the write parameters a gradient:
+    # the loss of segment s reads the state its write s-1 produced, cut only before that write
+    from memkit.models.malt import FlowMatching
+    from memkit.train import UnrolledLoss
+
+    memory = {"name": "recurrent", "kwargs": {"slots": 4}}
+    cfg = TrainConfig.preset("tiny", model={**TrainConfig.preset("tiny").model.to_dict(), "memory": memory})
+    net = _net_past_init(cfg.model)
+    loss_fn = UnrolledLoss(net, FlowMatching(), truncate_segments=truncate)
+    m = cfg.model
+    video = torch.randn(2, 4, m.frames_per_segment, m.channels, m.height, m.width)
+    actions = torch.randn(2, 4, m.frames_per_segment, m.action_dim)
+    loss_fn(video, actions, seed=0).backward()
+    writes = [p for n, p in net.named_parameters() if ".memory." in n and (".gate." in n or ".to_kv." in n)]
+    assert writes and all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in writes)
+
+
+def test_truncate_one_cuts_the_gradient_after_one_write() -> None:
+    from memkit.models.malt import FlowMatching
+    from memkit.train import UnrolledLoss
+
+    memory = {"name": "recurrent", "kwargs": {"slots": 4}}
+    cfg = TrainConfig.preset("tiny", model={**TrainConfig.preset("tiny").model.to_dict(), "memory": memory})
+    net = _net_past_init(cfg.model)
+    m = cfg.model
+    video = torch.randn(1, 3, m.frames_per_segment, m.channels, m.height, m.width, requires_grad=True)
+    actions = torch.randn(1, 3, m.frames_per_segment, m.action_dim)
+    # only segment 2's loss counts: with K = 1 it reaches write 1 but not write 0 (segment 0's clean pass)
+    flow = FlowMatching()
+    losses: list[torch.Tensor] = []
+    original = flow.loss
+    flow.loss = lambda v, x0, noise: losses.append(original(v, x0, noise)) or original(v, x0, noise)  # type: ignore[method-assign]
+    UnrolledLoss(net, flow, truncate_segments=1, write_noise=0.0)(video, actions, seed=0)
+    (grad,) = torch.autograd.grad(losses[2], video)
+    assert grad[0, 0].abs().sum() == 0 and grad[0, 1].abs().sum() > 0

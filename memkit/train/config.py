@@ -58,8 +58,10 @@ class TrainConfig:
         grad_clip: max global gradient norm.
         ema_decay: decay of the exponential moving average of the weights (what is saved
             as ``model.safetensors`` and generates).
-        truncate_segments: cut the gradient through the memory states every this many
-            segments (truncated backprop); ``None`` = through the whole unroll.
+        truncate_segments: ``K``: truncated backprop through the memory states; every ``K``-th
+            write starts from detached states, so a loss's gradient reaches back at most ``K``
+            writes and always the last one (``1``: MALT-style stop-gradient across segments);
+            ``None`` = through the whole unroll.
             :class:`memkit.RecurrentMemory` has its own sliding ``truncation`` option.
         write_noise: noise augmentation: the clean pass of training runs at a noise level
             drawn uniformly from ``[0, write_noise]`` (generation writes at ``t = 0``).

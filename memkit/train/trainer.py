@@ -5,8 +5,8 @@ One step, per clip of ``S`` segments (all in one differentiable unroll)::
     states = empty
     for s in 0 .. S-1:
         loss_s = || net(x_t, t, states) - (eps - x_0) ||^2      # denoise segment s, reading memory
-        states = net.write(x_0 noised to t_w ~ U[0, write_noise], states)   # the clean pass
-        every truncate_segments segments: states = states.detach()
+        if truncate_segments = K and s is a positive multiple of K: cut = states.detach()
+        states = net.write(x_0 noised to t_w ~ U[0, write_noise], cut or states)   # the clean pass
     loss = mean_s loss_s
 
 The same script runs single-process or under ``torchrun --nproc_per_node=N`` (gloo on CPU,
@@ -54,7 +54,10 @@ class UnrolledLoss(nn.Module):
         flow: the :class:`FlowMatching` path.
         write_noise: the clean pass runs at a noise level drawn from ``U[0, write_noise]``.
         prompt_dropout: probability of dropping each clip's prompt.
-        truncate_segments: detach the memory states every this many segments (None: never).
+        truncate_segments: ``K``: the write of every ``K``-th segment starts from detached states,
+            so a loss's gradient reaches back at most ``K`` writes and at least the last one
+            (``K = 1``: stop-gradient across segments, each write still trained by the next
+            segment's loss). ``None``: backprop through the whole unroll.
         fused: run each segment's denoising and clean passes as one batch
             (:meth:`MALTNetwork.denoise_and_write`; same loss, fewer layer calls).
 
@@ -120,13 +123,15 @@ class UnrolledLoss(nn.Module):
             if s + 1 < segments:
                 tw = rand(b) * self.write_noise
                 xw = flow.interpolate(x0, randn(*x0.shape), tw)
-                if self.fused:
+                # the cut goes before the write, not after it: cutting after would leave the next
+                # loss reading a detached state, and with K = 1 no write would ever get a gradient
+                cut = self.truncate_segments is not None and s > 0 and s % self.truncate_segments == 0
+                if self.fused and not cut:
                     v, states = net.denoise_and_write(xt, t, xw, tw, states, pos, drop_prompt=drop, **cond)
                 else:
                     v = net(xt, t, states, pos, drop_prompt=drop, **cond)
-                    states = net.write(xw, states, pos, t=tw, **cond)
-                if self.truncate_segments is not None and (s + 1) % self.truncate_segments == 0:
-                    states = map_tensors(Tensor.detach, states)
+                    write_from = map_tensors(Tensor.detach, states) if cut else states
+                    states = net.write(xw, write_from, pos, t=tw, **cond)
             else:
                 v = net(xt, t, states, pos, drop_prompt=drop, **cond)
             losses.append(flow.loss(v, x0, noise))
