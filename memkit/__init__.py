@@ -16,9 +16,11 @@ from memkit.io import load_states, save_states
 from memkit.layers import MemoryAttention, init_memory_states, memory_layers
 from memkit.memories import (
     ComposeMemory,
+    CompressedWindowMemory,
     FIFOMemory,
     MemFlowMemory,
     NoMemory,
+    PackedHistoryMemory,
     PromptBankMemory,
     RecurrentMemory,
     SinkWindowMemory,
@@ -56,6 +58,8 @@ __all__ = [
     "ComposeMemory",
     "compose",
     "RecurrentMemory",
+    "CompressedWindowMemory",
+    "PackedHistoryMemory",
     "MemkitError",
     "ShapeError",
     "BackendUnavailableError",

@@ -2,7 +2,9 @@
 
 from memkit.memories.compose import ComposeMemory, ComposeState, compose
 from memkit.memories.memflow import MemFlowMemory, MemFlowState
+from memkit.memories.compressed_window import CompressedWindowMemory, CompressedWindowState
 from memkit.memories.none import NoMemory, NoState
+from memkit.memories.packed_history import PackedHistoryMemory, PackedHistoryState
 from memkit.memories.prompt_bank import PromptBankMemory, PromptBankState
 from memkit.memories.recurrent import RecurrentMemory, RecurrentState
 from memkit.memories.registry import build_from_spec, build_memory, memory_names, register_memory
@@ -30,4 +32,8 @@ __all__ = [
     "build_memory",
     "build_from_spec",
     "memory_names",
+    "CompressedWindowMemory",
+    "CompressedWindowState",
+    "PackedHistoryMemory",
+    "PackedHistoryState",
 ]

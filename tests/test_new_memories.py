@@ -1,0 +1,216 @@
+"""CompressedWindowMemory (MemRoPE) and PackedHistoryMemory (FramePack): protocol kit and naive references.
+
+Each reference below is written from the published description with Python lists and
+loops (no gathers, no masks): a list of frames that grows, the window cut, the averages
+updated once per write. The memories must agree with it on random streams.
+"""
+
+import hypothesis.strategies as st
+import pytest
+import torch
+from hypothesis import given, settings
+
+import memkit
+from memkit.errors import StateError
+from memkit.memories.packed_history import pool_tokens
+from memkit.testing import check_memory
+
+H, D, T = 2, 4, 8
+
+
+def _chunk(frames: list[int], seed: int) -> memkit.Chunk:
+    g = torch.Generator().manual_seed(seed)
+    n = len(frames) * T
+    k, v = torch.randn(1, H, n, D, generator=g), torch.randn(1, H, n, D, generator=g)
+    return memkit.Chunk(k, v, torch.randn(1, n, H * D, generator=g), torch.tensor([frames]), T)
+
+
+def _query(position: int) -> memkit.Query:
+    return memkit.Query(torch.randn(1, H, T, D), torch.tensor([[position]]), T)
+
+
+def _frames(chunk: memkit.Chunk) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    k = chunk.k[0].reshape(H, -1, T, D)
+    v = chunk.v[0].reshape(H, -1, T, D)
+    return [(int(p), k[:, i], v[:, i]) for i, p in enumerate(chunk.frame_positions[0])]
+
+
+def _valid_slots(ctx: memkit.Context) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    keep = ctx.mask[0, 0]
+    return ctx.k[0][:, keep], ctx.v[0][:, keep], ctx.positions[0, 0][keep].tolist()
+
+
+segment_sizes = st.lists(st.integers(1, 4), min_size=1, max_size=8)
+
+
+# ------------------------------------------------------------------------- CompressedWindowMemory
+def _memrope_reference(chunks, sink, window, a_long, a_short, pool):
+    """MemRoPE's cache as a list: sink, then window; per write, evicted frames averaged and folded in."""
+    sink_frames, window_frames, long, short, mem_pos = [], [], None, None, None
+    for chunk in chunks:
+        evicted = []
+        for frame in _frames(chunk):
+            if len(sink_frames) < sink:
+                sink_frames.append(frame)
+                continue
+            window_frames.append(frame)
+            if len(window_frames) > window:
+                evicted.append(window_frames.pop(0))
+        if evicted:
+            mk = sum(f[1] for f in evicted) / len(evicted)
+            mv = sum(f[2] for f in evicted) / len(evicted)
+            if pool == "frame_mean":
+                mk, mv = mk.mean(dim=1, keepdim=True).expand_as(mk), mv.mean(dim=1, keepdim=True).expand_as(mv)
+            if long is None:
+                long, short = (mk, mv), (mk, mv)
+            else:
+                long = ((1 - a_long) * long[0] + a_long * mk, (1 - a_long) * long[1] + a_long * mv)
+                short = ((1 - a_short) * short[0] + a_short * mk, (1 - a_short) * short[1] + a_short * mv)
+            mem_pos = evicted[-1][0]
+    slots = list(sink_frames)
+    if long is not None:
+        slots += [(mem_pos - 1, *long), (mem_pos, *short)]
+    slots += window_frames
+    return slots
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    sizes=segment_sizes,
+    sink=st.integers(0, 3),
+    window=st.integers(1, 4),
+    pool=st.sampled_from(["frame_mean", "token"]),
+    seed=st.integers(0, 1000),
+)
+def test_compressed_window_equals_memrope_reference(sizes, sink, window, pool, seed) -> None:
+    mem = memkit.CompressedWindowMemory(H, D, T, sink_frames=sink, window_frames=window, pool=pool)
+    state, chunks, start = mem.init_state(1), [], 0
+    for i, f in enumerate(sizes):
+        chunks.append(_chunk(list(range(start, start + f)), seed + i))
+        state = mem.write(state, chunks[-1])
+        start += f
+    want = _memrope_reference(chunks, sink, window, mem.alpha_long, mem.alpha_short, pool)
+    k, v, positions = _valid_slots(mem.read(state, _query(start)))
+    assert positions == [p for p, _, _ in want for _ in range(T)]
+    torch.testing.assert_close(k, torch.cat([fk for _, fk, _ in want], dim=1) if want else k, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(v, torch.cat([fv for _, _, fv in want], dim=1) if want else v, atol=1e-5, rtol=1e-5)
+
+
+def test_compressed_window_remembers_what_sink_window_forgets() -> None:
+    """Change a frame evicted 10 writes ago: the plain window's context is unchanged, the averages are not."""
+    plain = memkit.SinkWindowMemory(H, D, T, sink_frames=0, window_frames=2)
+    packed = memkit.CompressedWindowMemory(H, D, T, sink_frames=0, window_frames=2)
+    contexts = []
+    for first_seed in (0, 99):
+        s_plain, s_packed = plain.init_state(1), packed.init_state(1)
+        for i in range(12):
+            c = _chunk([i], first_seed if i == 0 else i)
+            s_plain, s_packed = plain.write(s_plain, c), packed.write(s_packed, c)
+        contexts.append((plain.read(s_plain, _query(12)), packed.read(s_packed, _query(12))))
+    (plain_a, packed_a), (plain_b, packed_b) = contexts
+    assert torch.equal(plain_a.k, plain_b.k)
+    slow_a, slow_b = packed_a.k[0, :, :T], packed_b.k[0, :, :T]  # the slow average comes first
+    assert (slow_a - slow_b).abs().max() > 1e-3
+
+
+def test_compressed_window_protocol() -> None:
+    check_memory(
+        lambda: memkit.CompressedWindowMemory(2, 8, 4, sink_frames=1, window_frames=2, pool="token"),
+        heads=2,
+        head_dim=8,
+        tokens_per_frame=4,
+        frames_per_segment=2,
+        examples=12,
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"alpha_long": 0.0}, "alpha_long must be in (0, 1]"),
+        ({"alpha_short": 1.5}, "alpha_short must be in (0, 1]"),
+        ({"pool": "max"}, "pool must be 'frame_mean' or 'token'"),
+        ({"window_frames": 0}, "window_frames must be positive"),
+    ],
+)
+def test_compressed_window_refuses_bad_config(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")):
+        memkit.CompressedWindowMemory(2, 8, 4, **kwargs)
+
+
+# ---------------------------------------------------------------------------- PackedHistoryMemory
+def _framepack_reference(chunks, per_level, levels, frame_shape):
+    """Lists of frames per level; a frame leaving level i is pooled from full resolution to level i + 1."""
+    lists: list[list] = [[] for _ in range(levels)]
+    for chunk in chunks:
+        for pos, k, v in _frames(chunk):
+            moving = [(pos, k, v)]
+            for level in range(levels):
+                lists[level].extend(moving)
+                moving = []
+                while len(lists[level]) > per_level:
+                    moving.append(lists[level].pop(0))
+    slots = []
+    for level in reversed(range(levels)):
+        for pos, k, v in lists[level]:
+            pk = pool_tokens(k[None, :, None], frame_shape, level)[0, :, 0]
+            pv = pool_tokens(v[None, :, None], frame_shape, level)[0, :, 0]
+            slots.append((pos, pk, pv))
+    return slots
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    sizes=segment_sizes,
+    per_level=st.integers(1, 3),
+    levels=st.integers(1, 3),
+    frame_shape=st.sampled_from([(2, 4), (1, 8), (4, 2)]),
+    seed=st.integers(0, 1000),
+)
+def test_packed_history_equals_framepack_reference(sizes, per_level, levels, frame_shape, seed) -> None:
+    mem = memkit.PackedHistoryMemory(H, D, T, frames_per_level=per_level, levels=levels, frame_shape=frame_shape)
+    state, chunks, start = mem.init_state(1), [], 0
+    for i, f in enumerate(sizes):
+        chunks.append(_chunk(list(range(start, start + f)), seed + i))
+        state = mem.write(state, chunks[-1])
+        start += f
+    want = _framepack_reference(chunks, per_level, levels, frame_shape)
+    k, v, positions = _valid_slots(mem.read(state, _query(start)))
+    assert positions == [p for p, fk, _ in want for _ in range(fk.shape[1])]
+    torch.testing.assert_close(k, torch.cat([fk for _, fk, _ in want], dim=1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(v, torch.cat([fv for _, _, fv in want], dim=1), atol=1e-5, rtol=1e-5)
+
+
+@given(per_level=st.integers(1, 4), levels=st.integers(1, 5))
+@settings(max_examples=20, deadline=None)
+def test_packed_history_context_is_bounded(per_level: int, levels: int) -> None:
+    """Slots = F t (2 - 2^(1-L)) < 2 F t, whatever the number of levels; history covered = L F frames."""
+    t = 2 ** (levels - 1) * 2
+    mem = memkit.PackedHistoryMemory(1, 2, t, frames_per_level=per_level, levels=levels)
+    slots = mem.read(mem.init_state(1), memkit.Query(torch.randn(1, 1, t, 2), torch.tensor([[0]]), t)).num_slots
+    assert slots == per_level * t * (2 - 2 ** (1 - levels))
+    assert slots < 2 * per_level * t
+
+
+def test_packed_history_protocol() -> None:
+    check_memory(
+        lambda: memkit.PackedHistoryMemory(2, 8, 4, frames_per_level=2, levels=2, frame_shape=(2, 2)),
+        heads=2,
+        head_dim=8,
+        tokens_per_frame=4,
+        frames_per_segment=2,
+        examples=12,
+    )
+
+
+def test_packed_history_refuses_bad_config_and_foreign_state() -> None:
+    with pytest.raises(ValueError, match=r"frame_shape \(3, 3\) should be \(H, W\) with H \* W = tokens_per_frame = 8"):
+        memkit.PackedHistoryMemory(2, 8, 8, frame_shape=(3, 3))
+    with pytest.raises(ValueError, match="5 levels pool the last level.s frames by 4x4"):
+        memkit.PackedHistoryMemory(2, 8, 8, levels=5, frame_shape=(2, 4))
+    small = memkit.PackedHistoryMemory(2, 8, 8, levels=2)
+    with pytest.raises(StateError, match="PackedHistoryMemory.read"):
+        small.read(
+            memkit.PackedHistoryMemory(2, 8, 8, levels=3).init_state(1),
+            memkit.Query(torch.randn(1, 2, 8, 8), torch.tensor([[0]]), 8),
+        )
