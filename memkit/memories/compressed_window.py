@@ -87,7 +87,7 @@ class CompressedWindowMemory:
     over the evicted frames, keeping the frame's spatial layout.
 
     Cost: ``read`` O(1) (returns the buffers), ``write`` O((S + W + 2) t h d).
-    State bytes: ``2 b h (S + W + 2) t d * itemsize + (S + W) * 9 b + 25 b``.
+    State bytes: ``2 b h (S + W + 2) t d * itemsize + 9 b (S + W) + 17 b``.
 
     Args:
         heads, head_dim: the attention layer's ``h`` and ``d``.
