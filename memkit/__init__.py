@@ -22,10 +22,12 @@ from memkit.memories import (
     NoMemory,
     PackedHistoryMemory,
     PromptBankMemory,
+    QuantizedMemory,
     RecurrentMemory,
     SinkWindowMemory,
     SparseKVMemory,
     compose,
+    quantized,
 )
 from memkit.protocol import Chunk, Context, Memory, Query
 from memkit.state import MemoryState, map_tensors, memory_state, state_nbytes
@@ -60,6 +62,8 @@ __all__ = [
     "RecurrentMemory",
     "CompressedWindowMemory",
     "PackedHistoryMemory",
+    "QuantizedMemory",
+    "quantized",
     "MemkitError",
     "ShapeError",
     "BackendUnavailableError",

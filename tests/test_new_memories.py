@@ -14,6 +14,7 @@ import memkit
 from memkit.errors import StateError
 from memkit.memories.packed_history import pool_tokens
 from memkit.testing import check_memory
+from memkit.typing import set_typecheck
 
 H, D, T = 2, 4, 8
 
@@ -214,3 +215,91 @@ def test_packed_history_refuses_bad_config_and_foreign_state() -> None:
             memkit.PackedHistoryMemory(2, 8, 8, levels=3).init_state(1),
             memkit.Query(torch.randn(1, 2, 8, 8), torch.tensor([[0]]), 8),
         )
+
+
+# -------------------------------------------------------------------------------- QuantizedMemory
+FRAME_MEMORIES = {
+    "fifo": lambda: memkit.FIFOMemory(2, 8, 4, frames=3),
+    "sink_window": lambda: memkit.SinkWindowMemory(2, 8, 4, sink_frames=1, window_frames=2),
+    "sparse_kv": lambda: memkit.SparseKVMemory(2, 8, 4, capacity=3, top_k=2, always_frames=1),
+    "prompt_bank": lambda: memkit.PromptBankMemory(2, 8, 4, bank_frames=2, prompt_dim=6),
+    "compressed_window": lambda: memkit.CompressedWindowMemory(2, 8, 4, sink_frames=1, window_frames=2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FRAME_MEMORIES))
+def test_quantized_frame_memories_keep_the_protocol(name: str) -> None:
+    torch.manual_seed(0)  # prompt_bank's projection
+    check_memory(
+        lambda: memkit.quantized(FRAME_MEMORIES[name]()),
+        heads=2,
+        head_dim=8,
+        tokens_per_frame=4,
+        frames_per_segment=2,
+        examples=6,
+        prompt_dim=6 if name == "prompt_bank" else None,
+        other_config=False,
+    )
+
+
+@settings(max_examples=30, deadline=None)
+@given(sizes=segment_sizes, seed=st.integers(0, 1000), scale=st.sampled_from([1e-3, 1.0, 1e3]))
+def test_quantized_reads_within_half_a_step_of_float(sizes: list[int], seed: int, scale: float) -> None:
+    """Every slot the float memory returns, the int8 one returns within max|frame| / 254 (same positions, mask)."""
+    exact = memkit.SinkWindowMemory(H, D, T, sink_frames=1, window_frames=3)
+    q8 = memkit.quantized(exact)
+    s_exact, s_q8, start = exact.init_state(1), q8.init_state(1), 0
+    for i, f in enumerate(sizes):
+        c = _chunk(list(range(start, start + f)), seed + i)
+        c = memkit.Chunk(c.k * scale, c.v * scale, c.hidden, c.frame_positions, T)
+        s_exact, s_q8 = exact.write(s_exact, c), q8.write(s_q8, c)
+        start += f
+    want, got = exact.read(s_exact, _query(start)), q8.read(s_q8, _query(start))
+    assert torch.equal(want.mask, got.mask) and torch.equal(want.positions, got.positions)
+    for a, b in ((want.k, got.k), (want.v, got.v)):
+        frames_a = a.reshape(1, H, -1, T, D)
+        bound = frames_a.abs().amax(dim=(-2, -1), keepdim=True) / 254 * (1 + 1e-5) + 1e-12
+        assert bool(((frames_a - b.reshape(frames_a.shape)).abs() <= bound).all())
+
+
+def test_quantized_codes_do_not_drift_across_writes() -> None:
+    """A frame that stays in the window keeps its codes exactly however many writes pass."""
+    q8 = memkit.quantized(memkit.FIFOMemory(H, D, T, frames=8))
+    state = q8.write(q8.init_state(1), _chunk([0], 0))
+    first = state.codes.win_k[:, :, -1].clone()
+    for i in range(1, 8):
+        state = q8.write(state, _chunk([i], i))
+    assert torch.equal(state.codes.win_k[:, :, 0], first)
+
+
+def test_quantized_state_is_a_quarter_and_refuses_what_it_cannot_hold() -> None:
+    inner = memkit.SparseKVMemory(4, 16, 8, capacity=16, top_k=4)
+    state = inner.init_state(2)
+    buffers = [state.k, state.v, state.sink_k, state.sink_v]  # the (b h F t d) frame buffers
+    saved = sum(x.numel() * 3 - x[..., 0, 0].numel() * 4 for x in buffers)  # 4 -> 1 byte, plus one scale a frame
+    assert memkit.quantized(inner).init_state(2).nbytes == state.nbytes - saved
+    assert memkit.quantized(inner).init_state(2).nbytes < 0.31 * state.nbytes
+    with pytest.raises(ValueError, match="RecurrentMemory declares no frame buffers"):
+        memkit.quantized(memkit.RecurrentMemory(16, 2, 8, slots=4))
+    with pytest.raises(TypeError, match="expected a memkit.Memory, got int"):
+        memkit.quantized(3)  # type: ignore[arg-type]
+    fifo = memkit.FIFOMemory(H, D, T, frames=2)
+    # the type checker (on in tests) refuses it first; without it, the memory's own check does
+    with pytest.raises(memkit.MemkitError, match="QuantizedState"):
+        memkit.quantized(fifo).read(fifo.init_state(1), _query(0))
+    old = set_typecheck(False)
+    try:
+        with pytest.raises(StateError, match="QuantizedMemory.read: expected a QuantizedState, got SinkWindowState"):
+            memkit.quantized(fifo).read(fifo.init_state(1), _query(0))
+    finally:
+        set_typecheck(old)
+
+
+def test_quantized_builds_from_a_config() -> None:
+    from memkit.memories import build_from_spec
+
+    geometry = {"heads": 2, "head_dim": 8, "tokens_per_frame": 4, "dim": 16}
+    mem = build_from_spec("quantized", {"memory": {"name": "fifo", "kwargs": {"frames": 2}}}, geometry)
+    assert repr(mem) == "quantized(FIFOMemory(heads=2, head_dim=8, tokens_per_frame=4, frames=2))"
+    with pytest.raises(ValueError, match="kwargs.memory should be the wrapped memory's spec"):
+        build_from_spec("quantized", {"memory": "fifo"}, geometry)

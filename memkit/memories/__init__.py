@@ -6,6 +6,7 @@ from memkit.memories.compressed_window import CompressedWindowMemory, Compressed
 from memkit.memories.none import NoMemory, NoState
 from memkit.memories.packed_history import PackedHistoryMemory, PackedHistoryState
 from memkit.memories.prompt_bank import PromptBankMemory, PromptBankState
+from memkit.memories.quantized import QuantizedMemory, QuantizedState, quantized
 from memkit.memories.recurrent import RecurrentMemory, RecurrentState
 from memkit.memories.registry import build_from_spec, build_memory, memory_names, register_memory
 from memkit.memories.sink_window import FIFOMemory, SinkWindowMemory, SinkWindowState
@@ -36,4 +37,7 @@ __all__ = [
     "CompressedWindowState",
     "PackedHistoryMemory",
     "PackedHistoryState",
+    "QuantizedMemory",
+    "QuantizedState",
+    "quantized",
 ]
