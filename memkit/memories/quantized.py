@@ -46,6 +46,8 @@ def dequantize_frames(codes: Tensor, scale: Tensor) -> Tensor:
 def _frame_fields(state: MemoryState) -> tuple[str, ...]:
     """Fields holding frames of keys/values: floating, laid out ``"b h <frames> t d"`` in the state's layouts."""
     layouts: dict[str, str] = getattr(type(state), "layouts", {})
+    if not dataclasses.is_dataclass(state):
+        return ()
     out = []
     for f in dataclasses.fields(state):
         dims = layouts.get(f.name, "").split()
