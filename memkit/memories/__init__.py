@@ -1,8 +1,8 @@
 """Memories: one file each, all implementing :class:`memkit.Memory`, each registered by name in its file."""
 
 from memkit.memories.compose import ComposeMemory, ComposeState, compose
-from memkit.memories.memflow import MemFlowMemory, MemFlowState
 from memkit.memories.compressed_window import CompressedWindowMemory, CompressedWindowState
+from memkit.memories.memflow import MemFlowMemory, MemFlowState
 from memkit.memories.none import NoMemory, NoState
 from memkit.memories.packed_history import PackedHistoryMemory, PackedHistoryState
 from memkit.memories.prompt_bank import PromptBankMemory, PromptBankState
