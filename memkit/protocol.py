@@ -29,6 +29,7 @@ from memkit.typing import (
     check_floating,
     check_integer,
     check_shape,
+    outside,
     typecheck_enabled,
 )
 
@@ -84,6 +85,8 @@ class Query:
     prompt_mask: Bool[Tensor, "b p"] | None = None
 
     def __post_init__(self) -> None:
+        if not outside():  # built by memkit from tensors already checked at the door
+            return
         check_floating("query.q", self.q)
         s = check_shape("query.q", self.q, "b h n d")
         _check_layout("query", self.frame_positions, self.tokens_per_frame, s["b"], s["n"])
@@ -124,6 +127,22 @@ class Chunk:
     next_prompt_mask: Bool[Tensor, "b p2"] | None = None
 
     def __post_init__(self) -> None:
+        if outside():  # built by the user; one built by memkit holds tensors already checked
+            self._check_shapes()
+        if typecheck_enabled() and not torch.compiler.is_compiling():
+            # a NaN written once is read by every later segment: refuse it at the door, wherever the chunk
+            # was built (a model's own keys can go non-finite). Reading the answer back waits for the
+            # device (a sync per write), so it follows the checking switches
+            for name in ("k", "v", "hidden", "prompt", "next_prompt"):
+                x = getattr(self, name)
+                if x is not None and not bool(torch.isfinite(x).all()):
+                    bad = int((~torch.isfinite(x)).sum())
+                    raise NonFiniteError(
+                        f"chunk.{name}: {bad} non-finite value(s) (NaN/Inf) in a segment about to be written; "
+                        "memkit refuses to write them into memory"
+                    )
+
+    def _check_shapes(self) -> None:
         check_floating("chunk.k", self.k)
         check_floating("chunk.v", self.v)
         check_floating("chunk.hidden", self.hidden)
@@ -133,17 +152,6 @@ class Chunk:
         _check_layout("chunk", self.frame_positions, self.tokens_per_frame, s["b"], s["n"])
         _check_prompt("chunk", self.prompt, self.prompt_mask, s["b"])
         _check_prompt("chunk", self.next_prompt, self.next_prompt_mask, s["b"], "next_prompt")
-        if typecheck_enabled() and not torch.compiler.is_compiling():
-            # a NaN written once is read by every later segment: refuse it at the door. Reading the
-            # answer back waits for the device (a sync per write), so it follows the checking switch
-            for name in ("k", "v", "hidden", "prompt", "next_prompt"):
-                x = getattr(self, name)
-                if x is not None and not bool(torch.isfinite(x).all()):
-                    bad = int((~torch.isfinite(x)).sum())
-                    raise NonFiniteError(
-                        f"chunk.{name}: {bad} non-finite value(s) (NaN/Inf) in a segment about to be written; "
-                        "memkit refuses to write them into memory"
-                    )
 
     @property
     def num_frames(self) -> int:
@@ -172,6 +180,8 @@ class Context:
     positions: Int[Tensor, "b h m"]
 
     def __post_init__(self) -> None:
+        if not outside():  # built by memkit (a memory's read): its tensors are the memory's own
+            return
         check_floating("context.k", self.k)
         check_floating("context.v", self.v)
         check_bool("context.mask", self.mask)

@@ -1,23 +1,38 @@
-"""Shape aliases, the type-check switch, and shape checks with readable errors.
+"""Shape aliases, the checking switches, and shape checks with readable errors.
 
-Public entry points carry jaxtyping annotations and are wrapped by :func:`typechecked`,
-which checks them with beartype while checking is on. The environment variable
-``MEMKIT_TYPECHECK`` sets the starting value (``1``, the default: on; ``0``: off);
-:func:`set_typecheck` changes it at run time (long training and generation jobs switch it
-off: the check costs a few hundred microseconds per call). The same switch covers the
-non-finite check on every written :class:`memkit.Chunk`, which waits for the device (a
-sync per write). memkit's own shape checks (``check_shape`` and friends) always run: they
-read only shapes, never values.
+**Checks at the doors, trust inside.** memkit validates a user's data once, where it enters:
+the public ``read``/``write`` of the memories, ``MemoryAttention.forward``, the backbone's
+``forward``/``write``, :func:`memkit.attend` and the attached layers' ``attend``. What memkit
+then hands from one of its own functions to another is trusted: a public entry point called
+from inside another one (a layer reading its memory, a composition reading its members, the
+backbone calling its layers) skips its jaxtyping check and its explicit checks, and the
+:class:`memkit.Query`, :class:`memkit.Chunk` and :class:`memkit.Context` records memkit builds
+itself are not validated again. A memory still checks the *state* it is handed at every read
+and write (the state is the user's: it travels between calls), once per state object (the
+check is cached), except inside a composition, which checks its members' states itself.
 
-Inside ``torch.compile`` the check is skipped: jaxtyping and dynamo do not mix, and a
+Two switches, both on by default:
+
+* ``MEMKIT_CHECKS`` / :func:`set_checks`: **every** check at once, the jaxtyping checks, memkit's
+  explicit checks and the non-finite check on written chunks. Off, memkit trusts every input
+  (a bad one fails wherever torch notices, with torch's message): for long generation jobs
+  whose shapes are known to be right.
+* ``MEMKIT_TYPECHECK`` / :func:`set_typecheck`: the jaxtyping/beartype checks of public entry
+  points alone (and the non-finite check, which waits for the device: a sync per write). Off,
+  memkit's explicit checks still run and still name the dimension (they read only shapes,
+  never values); the ``memkit`` command switches it off for its long jobs.
+
+Inside ``torch.compile`` every check is skipped: jaxtyping and dynamo do not mix, and a
 compiled graph has already been checked on its first eager call.
 """
 
+import contextlib
 import functools
 import os
 import re
+import threading
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -33,6 +48,12 @@ __all__ = [
     "Tensor",
     "typecheck_enabled",
     "set_typecheck",
+    "checks_enabled",
+    "set_checks",
+    "checking",
+    "at_door",
+    "outside",
+    "trusted",
     "typechecked",
     "check_shape",
     "check_same_device",
@@ -40,15 +61,28 @@ __all__ = [
 ]
 
 _TYPECHECK: list[bool] = [os.environ.get("MEMKIT_TYPECHECK", "1") not in ("0", "false", "False", "")]
+_CHECKS: list[bool] = [os.environ.get("MEMKIT_CHECKS", "1") not in ("0", "false", "False", "")]
+
+
+class _Depth(threading.local):
+    """Per thread: how many memkit entry points are running (``calls``) and trusted scopes (``trust``)."""
+
+    calls = 0
+    trust = 0
+
+
+_DEPTH = _Depth()
 
 
 def typecheck_enabled() -> bool:
-    """Whether jaxtyping/beartype checks run at public entry points now."""
-    return _TYPECHECK[0]
+    """Whether jaxtyping/beartype checks run at public entry points now (both switches on)."""
+    return _TYPECHECK[0] and _CHECKS[0]
 
 
 def set_typecheck(enabled: bool) -> bool:
     """Switch jaxtyping/beartype checking on or off for the whole process; returns the old value.
+
+    memkit's explicit shape checks keep running (see :func:`set_checks` to switch off every check).
 
     Example:
         >>> from memkit.typing import set_typecheck
@@ -58,6 +92,61 @@ def set_typecheck(enabled: bool) -> bool:
     old = _TYPECHECK[0]
     _TYPECHECK[0] = bool(enabled)
     return old
+
+
+def checks_enabled() -> bool:
+    """Whether memkit checks its inputs at all (the ``MEMKIT_CHECKS`` switch)."""
+    return _CHECKS[0]
+
+
+def set_checks(enabled: bool) -> bool:
+    """The one switch for every check: jaxtyping, memkit's explicit checks, the non-finite check.
+
+    Returns the old value. Off, nothing is validated: a malformed input fails wherever torch
+    notices it, with torch's own message. The starting value comes from ``MEMKIT_CHECKS``
+    (``1``, the default: on; ``0``: off).
+
+    Example:
+        >>> import torch, memkit
+        >>> from memkit.typing import set_checks
+        >>> old = set_checks(False)      # trust every input: no check of any kind
+        >>> memkit.attend(torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)).shape
+        torch.Size([1, 2, 3, 8])
+        >>> _ = set_checks(old)
+    """
+    old = _CHECKS[0]
+    _CHECKS[0] = bool(enabled)
+    return old
+
+
+def checking() -> bool:
+    """Whether a memory checks the state it is handed now (on, not compiling, not in :func:`trusted`)."""
+    return _CHECKS[0] and not _DEPTH.trust and not torch.compiler.is_compiling()
+
+
+def at_door() -> bool:
+    """Whether the running entry point was called by the user (not by another memkit entry point).
+
+    An entry point wrapped by :func:`typechecked` checks its arguments explicitly only when
+    this is true: called from inside memkit, its inputs were checked where they entered.
+    Outside any entry point (a plain function called by the user) it is true as well.
+    """
+    return _CHECKS[0] and _DEPTH.calls <= 1 and not _DEPTH.trust and not torch.compiler.is_compiling()
+
+
+def outside() -> bool:
+    """Whether no memkit entry point is running: a record built now comes from the user and is checked."""
+    return _CHECKS[0] and not _DEPTH.calls and not _DEPTH.trust and not torch.compiler.is_compiling()
+
+
+@contextlib.contextmanager
+def trusted() -> Iterator[None]:
+    """Run memkit calls whose inputs were already checked (e.g. a composition's members) unchecked."""
+    _DEPTH.trust += 1
+    try:
+        yield
+    finally:
+        _DEPTH.trust -= 1
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -84,22 +173,33 @@ DIM_NAMES: dict[str, str] = {
 
 
 def typechecked(fn: F) -> F:
-    """Check ``fn``'s jaxtyping annotations with beartype, unless switched off.
+    """Mark ``fn`` a public entry point: check its jaxtyping annotations with beartype, unless switched off.
 
-    A mismatch raises :class:`memkit.ShapeError` (the jaxtyping report, which lists
-    every dimension it bound, is kept as the message and as ``__cause__``).
+    Only the outermost entry point checks (see the module docstring): called from inside
+    another one, ``fn`` runs unchecked, and :func:`at_door` tells its body so. A mismatch
+    raises :class:`memkit.ShapeError` (the jaxtyping report, which lists every dimension it
+    bound, is kept as the message and as ``__cause__``).
     """
     checked = jaxtyped(typechecker=_beartype())(fn)
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if torch.compiler.is_compiling() or not _TYPECHECK[0]:
+        if torch.compiler.is_compiling():
             return fn(*args, **kwargs)
+        depth = _DEPTH
+        outer = depth.calls
+        depth.calls = outer + 1
         try:
-            return checked(*args, **kwargs)
-        except TypeCheckError as err:
-            report = str(err)
-            headline = summarize_typecheck_error(report)
-            raise ShapeError(f"{headline}\n\n{report}" if headline else report) from err
+            # only the outermost entry point checks: an inner one gets what memkit already checked
+            if outer or depth.trust or not (_TYPECHECK[0] and _CHECKS[0]):
+                return fn(*args, **kwargs)
+            try:
+                return checked(*args, **kwargs)
+            except TypeCheckError as err:
+                report = str(err)
+                headline = summarize_typecheck_error(report)
+                raise ShapeError(f"{headline}\n\n{report}" if headline else report) from err
+        finally:
+            depth.calls = outer
 
     # torch.compile keeps one cache per code object: every wrapper sharing one would make
     # the 9th compiled entry point hit dynamo's recompile limit, so each gets its own copy

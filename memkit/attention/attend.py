@@ -5,7 +5,7 @@ from torch import Tensor
 from memkit.attention.backends import get_backend
 from memkit.errors import ShapeError
 from memkit.protocol import Context
-from memkit.typing import Float, check_floating, check_shape, typechecked
+from memkit.typing import Float, at_door, check_floating, check_shape, typechecked
 
 
 @typechecked
@@ -39,17 +39,31 @@ def attend(
         >>> memkit.attend(q, k, v).shape
         torch.Size([1, 2, 6, 8])
     """
+    if at_door():
+        check_attend_inputs(q, k, v, contexts)
+    return attend_parts(q, k, v, [(c.k, c.v, c.mask) for c in contexts if c.k.shape[2] > 0], backend)
+
+
+def attend_parts(
+    q: Tensor, k: Tensor, v: Tensor, parts: list[tuple[Tensor, Tensor, Tensor]], backend: str = "auto"
+) -> Tensor:
+    """:func:`attend` without checks, contexts given as ``(k, v, mask)`` triples with at least one slot each.
+
+    memkit's own layers call it with tensors already checked where they entered (and keys
+    already rotated), so nothing is validated or rebuilt here.
+    """
+    return get_backend(backend, q).fn(q, k, v, parts)
+
+
+def check_attend_inputs(q: Tensor, k: Tensor, v: Tensor, contexts: tuple[Context, ...]) -> None:
+    """The checks :func:`attend` runs at the door: shapes, heads, head_dim and device of every input."""
     check_floating("q", q)
     s = check_shape("q", q, "b h n d")
     check_shape("k", k, "b h n d", b=s["b"], h=s["h"], d=s["d"])
     check_shape("v", v, "b h n d", b=s["b"], h=s["h"], n=k.shape[2], d=s["d"])
-    parts = []
     for i, c in enumerate(contexts):
         if not isinstance(c, Context):
             raise ShapeError(f"contexts[{i}]: expected a memkit.Context, got {type(c).__name__}")
         check_shape(f"contexts[{i}].k", c.k, "b h m d", b=s["b"], h=s["h"], d=s["d"])
         if c.k.device != q.device:
             raise ShapeError(f"contexts[{i}]: expected tensors on {q.device}, got {c.k.device}")
-        if c.num_slots > 0:
-            parts.append((c.k, c.v, c.mask))
-    return get_backend(backend, q).fn(q, k, v, parts)

@@ -1,6 +1,5 @@
 """``MemoryAttention``: a self-attention layer that reads and writes a memory."""
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -8,12 +7,12 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from memkit.attention import attend
+from memkit.attention.attend import attend_parts, check_attend_inputs
 from memkit.errors import ShapeError
-from memkit.layers.rotary import apply_rotary
+from memkit.layers.rotary import apply_rotary, rotate_with, segment_rotary_table
 from memkit.memories.none import NoMemory
-from memkit.protocol import Chunk, Context, Memory, Query, token_positions
-from memkit.typing import Bool, Float, Int, check_floating, check_shape, typechecked
+from memkit.protocol import Chunk, Context, Memory, Query
+from memkit.typing import Bool, Float, Int, at_door, check_floating, check_shape, outside, typechecked
 
 #: ``rotate(x, positions) -> x``: rotary embedding of ``x (b h n d)`` at integer frame positions
 #: ``(b n)`` (shared by every head) or ``(b h n)``.
@@ -57,12 +56,14 @@ def attend_with_context(
         >>> attend_with_context(q, k, v, ctx, pos, rotate=apply_rotary).shape
         torch.Size([1, 2, 6, 8])
     """
+    if outside():  # called by the user (inside memkit, the caller checked what it hands over)
+        check_attend_inputs(q, k, v, (context,))
+    ck = context.k
     if rotate is not None:
-        q, k = rotate(q, positions), rotate(k, positions)
-        context = Context(
-            k=rotate(context.k, context.positions), v=context.v, mask=context.mask, positions=context.positions
-        )
-    return attend(q, k, v, context, backend=backend)
+        q, k, ck = rotate(q, positions), rotate(k, positions), rotate(ck, context.positions)
+    # the rotated keys go straight to the backend: no second Context is built (or checked)
+    parts = [(ck, context.v, context.mask)] if ck.shape[2] > 0 else []
+    return attend_parts(q, k, v, parts, backend)
 
 
 def clamp_context_positions(context: Context, frame_positions: Tensor, max_distance: int) -> Context:
@@ -79,9 +80,17 @@ def clamp_context_positions(context: Context, frame_positions: Tensor, max_dista
         >>> clamp_context_positions(ctx, torch.tensor([[40, 41]]), 8).positions.tolist()
         [[[32, 32, 38]]]
     """
+    return Context(
+        k=context.k,
+        v=context.v,
+        mask=context.mask,
+        positions=_clamped(context.positions, frame_positions, max_distance),
+    )
+
+
+def _clamped(positions: Tensor, frame_positions: Tensor, max_distance: int) -> Tensor:
     floor = frame_positions.long().min(dim=1).values - max_distance  # (b,)
-    positions = torch.maximum(context.positions, floor[:, None, None].to(context.positions.dtype))
-    return Context(k=context.k, v=context.v, mask=context.mask, positions=positions)
+    return torch.maximum(positions, floor[:, None, None].to(positions.dtype))
 
 
 class MemoryAttention(nn.Module):
@@ -185,16 +194,18 @@ class MemoryAttention(nn.Module):
         q, k, v = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
         return self.q_norm(q), self.k_norm(k), v
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, context: Context, positions: Tensor) -> Tensor:
-        out = attend_with_context(
-            q,
-            k,
-            v,
-            context,
-            positions,
-            rotate=functools.partial(apply_rotary, theta=self.rope_theta),
-            backend=self.backend,
-        )
+    def _attend(
+        self, q: Tensor, k: Tensor, v: Tensor, context: Context, frame_positions: Tensor, tokens_per_frame: int
+    ) -> Tensor:
+        # the segment's table is shared by every layer and step of the segment (see segment_rotary_table)
+        cos, sin = segment_rotary_table(frame_positions, tokens_per_frame, self.head_dim, self.rope_theta)
+        positions = context.positions
+        if self.max_distance is not None:
+            positions = _clamped(positions, frame_positions, self.max_distance)
+        parts = []
+        if context.k.shape[2] > 0:
+            parts.append((apply_rotary(context.k, positions, self.rope_theta), context.v, context.mask))
+        out = attend_parts(rotate_with(q, cos, sin), rotate_with(k, cos, sin), v, parts, self.backend)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
     def _check(self, x: Tensor, frame_positions: Tensor) -> int:
@@ -233,12 +244,11 @@ class MemoryAttention(nn.Module):
         self, x: Tensor, state: Any, frame_positions: Tensor, prompt: Tensor | None, prompt_mask: Tensor | None,
         *, write: bool,
     ) -> tuple[Tensor, Any]:  # fmt: skip
-        t = self._check(x, frame_positions)
+        # checked when the user calls the layer; inside a network, the network checked its own inputs
+        t = self._check(x, frame_positions) if at_door() else x.shape[1] // frame_positions.shape[1]
         q, k, v = self._project(x)
         context = self.memory.read(state, Query(q, frame_positions, t, prompt, prompt_mask))
-        if self.max_distance is not None:
-            context = clamp_context_positions(context, frame_positions, self.max_distance)
-        y = self._attend(q, k, v, context, token_positions(frame_positions, t))
+        y = self._attend(q, k, v, context, frame_positions, t)
         if not write:
             return y, state
         return y, self.memory.write(state, Chunk(k, v, x, frame_positions, t, prompt, prompt_mask))

@@ -5,6 +5,9 @@ so a key kept in memory is rotated at the frame where it was recorded and positi
 counting past the length a model was trained on.
 """
 
+import weakref
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -27,7 +30,48 @@ def apply_rotary(x: Tensor, positions: Tensor, theta: float = 10000.0, rotary_di
     if positions.ndim == 2:
         positions = positions[:, None, :]
     cos, sin = rotary_angles(positions, rd, theta)
+    return rotate_with(x, cos, sin)
+
+
+def rotate_with(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``x (b h n d)`` by a table from :func:`rotary_angles` over its first ``cos.shape[-1]`` channels.
+
+    Equals :func:`apply_rotary` at the table's positions (the same arithmetic, so the same bits).
+    """
+    rd = cos.shape[-1]
     rot, rest = x[..., :rd], x[..., rd:]
     x1, x2 = rot.float().chunk(2, dim=-1)
     rotated = rot.float() * cos + torch.cat([-x2, x1], dim=-1) * sin
     return torch.cat([rotated.to(x.dtype), rest], dim=-1)
+
+
+# the segment's own tokens sit at the same positions in every layer and at every denoising step
+# (a sampler hands the same frame_positions tensor to each call of the segment), so their table
+# is computed once and kept for as long as that tensor lives unchanged
+_SEGMENT_TABLE: list[Any] = [None]
+
+
+def segment_rotary_table(
+    frame_positions: Tensor, tokens_per_frame: int, dim: int, theta: float
+) -> tuple[Tensor, Tensor]:
+    """``cos, sin`` ``(b 1 n dim)`` for a segment's tokens at ``frame_positions (b f)``, frame-major.
+
+    Memoised on the ``frame_positions`` tensor itself (its identity and version counter), so
+    every layer and every denoising step of a segment share one table. The values are those
+    of :func:`rotary_angles` at the tokens' positions.
+    """
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
+        hit = _SEGMENT_TABLE[0]
+        if (
+            hit is not None
+            and hit[0]() is frame_positions
+            and hit[1] == (frame_positions._version, tokens_per_frame, dim, theta)
+        ):
+            return hit[2], hit[3]
+    positions = frame_positions.repeat_interleave(tokens_per_frame, dim=1)[:, None, :]
+    cos, sin = rotary_angles(positions, dim, theta)
+    if not compiling:
+        key = (frame_positions._version, tokens_per_frame, dim, theta)
+        _SEGMENT_TABLE[0] = (weakref.ref(frame_positions), key, cos, sin)
+    return cos, sin

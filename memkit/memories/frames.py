@@ -12,6 +12,7 @@ from torch import Tensor
 
 from memkit.errors import ShapeError, StateError
 from memkit.protocol import Chunk, Context, Query
+from memkit.typing import checking
 
 
 def split_frames(x: Tensor, tokens_per_frame: int) -> Tensor:
@@ -72,6 +73,8 @@ def _check_heads(
 
 def check_query(owner: str, query: Query, batch_size: int, heads: int, head_dim: int, device: torch.device) -> None:
     """Refuse a query whose batch, heads, head_dim or device does not match the memory/state."""
+    if not checking():  # switched off, or inside memkit where it was checked already
+        return
     if not isinstance(query, Query):
         raise ShapeError(f"{owner}.read: expected a memkit.Query, got {type(query).__name__}")
     _check_heads(f"{owner}.read", "query.q", query.q, batch_size, heads, head_dim, device)
@@ -87,6 +90,8 @@ def check_chunk(
     tokens_per_frame: int | None = None,
 ) -> None:
     """Refuse a chunk that does not fit the memory/state (and, if given, its frame size)."""
+    if not checking():  # switched off, or inside memkit where it was checked already
+        return
     if not isinstance(chunk, Chunk):
         raise ShapeError(f"{owner}.write: expected a memkit.Chunk, got {type(chunk).__name__}")
     _check_heads(f"{owner}.write", "chunk.k", chunk.k, batch_size, heads, head_dim, device)
@@ -99,6 +104,8 @@ def check_chunk(
 
 def check_state(owner: str, state: object, expected: type) -> None:
     """Refuse a state made by another kind of memory."""
+    if not checking():  # switched off, or inside memkit where it was checked already
+        return
     if not isinstance(state, expected):
         raise StateError(f"{owner}: expected a {expected.__name__}, got {type(state).__name__}")
 
