@@ -38,7 +38,7 @@ from memkit.integrations.diffusers_wan import (
     wan_rotary_freqs,
 )
 from memkit.integrations.layer_attend import AttentionAdapter, ExtraTokens, LayerAttend
-from memkit.integrations.layout import SegmentLayout
+from memkit.integrations.layout import SegmentLayout, block_causal_mask
 from memkit.integrations.selection import LayerMemories, LayerSelector
 from memkit.integrations.session import MemorySession
 
@@ -46,6 +46,7 @@ __all__ = [
     "attach",
     "MemorySession",
     "SegmentLayout",
+    "block_causal_mask",
     "LayerAttend",
     "ExtraTokens",
     "AttentionAdapter",

@@ -1,4 +1,10 @@
-"""Memory for diffusers' ``WanTransformer3DModel`` (Wan 2.1 / 2.2) self-attention.
+"""Memory for diffusers' ``WanTransformer3DModel`` (Wan 2.1 / 2.2) and Wan-derived models' self-attention.
+
+Wan-derived models (SkyReels-V2, the autoregressive diffusion-forcing one) are recognised
+by their structure (diffusers processors, Wan's rotary, Wan-style ``attn1``), not their
+class. A mask the host passes to ``attn1`` (SkyReels-V2's block-causal mask, one block of
+``num_frame_per_block`` frames attending to itself and earlier blocks) is followed for the
+segment's own tokens; memory slots, being earlier chunks, are visible to every query.
 
 :func:`attach_wan` installs a :class:`WanMemoryProcessor` on the chosen ``attn1`` layers
 with diffusers' own ``set_attn_processor`` and returns a :class:`memkit.MemorySession`.
@@ -40,15 +46,14 @@ from memkit.layers.memory_attention import Rotate
 __all__ = ["attach_wan", "WanMemoryProcessor", "WanSelfAttentionAdapter", "wan_rotary_freqs", "memkit_backend"]
 
 
-def _require_diffusers() -> tuple[type, type]:
+def _require_diffusers() -> None:
     try:
-        from diffusers.models.transformers.transformer_wan import WanAttention, WanTransformer3DModel
+        import diffusers  # noqa: F401
     except ImportError as err:
         raise ImportError(
             "memkit.integrations.diffusers_wan needs diffusers >= 0.36 with the Wan transformer: "
             "pip install 'memkit-video[diffusers]'"
         ) from err
-    return WanAttention, WanTransformer3DModel
 
 
 def wan_rotary_freqs(positions: Tensor, dim: int, theta: float = 10000.0) -> tuple[Tensor, Tensor]:
@@ -116,10 +121,10 @@ class WanSelfAttentionAdapter:
         rotary_emb: tuple[Tensor, Tensor] | None = None,
         **kwargs: Any,
     ) -> Tensor:
-        if encoder_hidden_states is not None or attention_mask is not None or kwargs:
+        if encoder_hidden_states is not None or kwargs:
             raise AttachError(
-                f"{attend.name}: memkit's Wan processor handles self-attention without a mask; it was called with "
-                "encoder_hidden_states, attention_mask or extra arguments"
+                f"{attend.name}: memkit's Wan processor handles self-attention; it was called with "
+                "encoder_hidden_states or extra arguments"
             )
         if getattr(attn, "fused_projections", False):
             query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
@@ -132,7 +137,9 @@ class WanSelfAttentionAdapter:
             frame_positions, tokens_per_frame = attend.layout(q)
             rotate = self.rotary(rotary_emb, frame_positions[:, 0], tokens_per_frame)
         backend = memkit_backend(getattr(getattr(attn, "processor", None), "_attention_backend", None))
-        out = attend(q, k, v, hidden=hidden_states, rotary=rotate, backend=backend)
+        # SkyReels-V2's diffusion forcing passes a block-causal (1 1 n n) mask: the segment follows it,
+        # memory slots (earlier chunks) stay visible to every query
+        out = attend(q, k, v, mask=attention_mask, hidden=hidden_states, rotary=rotate, backend=backend)
         out = out.transpose(1, 2).flatten(2, 3).type_as(q)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
@@ -327,7 +334,8 @@ def attach_wan(
     the finished chunk. Tokens per frame are inferred (``(H / p_h) (W / p_w)``).
 
     Args:
-        transformer: a ``diffusers.WanTransformer3DModel``.
+        transformer: a ``diffusers.WanTransformer3DModel`` or a Wan-derived model
+            (``SkyReelsV2Transformer3DModel``, recognised by structure).
         memory: a :class:`memkit.Memory`, a ``{layer name: memory}`` dict, or
             ``factory(name, attn) -> Memory`` (``attn.heads`` heads of
             ``attn.inner_dim // attn.heads`` channels).
@@ -357,9 +365,13 @@ def attach_wan(
         >>> out.shape, s.layer_names
         (torch.Size([1, 4, 2, 4, 4]), ('blocks.0.attn1',))
     """
-    _, wan_transformer = _require_diffusers()
-    if not isinstance(transformer, wan_transformer):
-        raise AttachError(f"attach_wan: expected a diffusers WanTransformer3DModel, got {type(transformer).__name__}")
+    _require_diffusers()
+    why_not = _not_wan_like(transformer)
+    if why_not is not None:
+        raise AttachError(
+            "attach_wan: expected a diffusers WanTransformer3DModel or a Wan-derived model "
+            f"(SkyReelsV2Transformer3DModel), got {type(transformer).__name__}: {why_not}"
+        )
     if layers is None:
         layers = list(memory) if isinstance(memory, Mapping) else _is_wan_self_attention
     chosen = selection.select_layers(transformer, layers)
@@ -385,6 +397,29 @@ def attach_wan(
     )
 
 
+#: What a Wan-style attention module has (WanAttention, SkyReelsV2Attention, ...): its processor
+#: is called as ``processor(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)``.
+_WAN_ATTENTION_PARTS = ("to_q", "to_k", "to_v", "to_out", "norm_q", "norm_k", "heads", "processor")
+
+
 def _is_wan_self_attention(name: str, module: nn.Module) -> bool:
-    wan_attention, _ = _require_diffusers()
-    return isinstance(module, wan_attention) and not getattr(module, "is_cross_attention", True)
+    """A Wan-style self-attention layer, recognised by its structure (not its class)."""
+    if not all(hasattr(module, part) for part in _WAN_ATTENTION_PARTS):
+        return False
+    return getattr(module, "is_cross_attention", None) is False
+
+
+def _not_wan_like(transformer: nn.Module) -> str | None:
+    """Why ``transformer`` is not a Wan-derived diffusers model, or ``None`` when it is.
+
+    Wan-derived: diffusers attention processors, Wan's rotary (``rope`` with a time part
+    ``t_dim``, handing ``(cos, sin)`` to its processors) and Wan-style self-attention layers.
+    """
+    if not isinstance(transformer, nn.Module) or not hasattr(transformer, "set_attn_processor"):
+        return "it has no diffusers attention processors (set_attn_processor)"
+    rope = getattr(transformer, "rope", None)
+    if rope is None or not isinstance(getattr(rope, "t_dim", None), int):
+        return "it has no Wan rotary embedding (.rope with a time part t_dim)"
+    if not any(_is_wan_self_attention(n, m) for n, m in transformer.named_modules()):
+        return "it has no Wan-style self-attention layer (to_q/to_k/to_v, norm_q/norm_k, not cross-attention)"
+    return None

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from memkit.errors import ShapeError
 
-__all__ = ["SegmentLayout", "as_frame_positions"]
+__all__ = ["SegmentLayout", "as_frame_positions", "block_causal_mask"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -83,3 +83,35 @@ def as_frame_positions(frame_positions: Tensor | Sequence[int]) -> Tensor:
             f"frame_positions: expected shape (f) or (b f) with at least one frame, got {tuple(frame_positions.shape)}"
         )
     return frame_positions.long()
+
+
+def block_causal_mask(frame_positions: Tensor, tokens_per_frame: int, frames_per_block: int) -> Tensor:
+    """The frame-level block-causal mask of a segment, from its frame positions: ``(b n n)`` bool.
+
+    Frame ``p`` belongs to block ``p // frames_per_block``; a token may attend to a token
+    of its own block or an earlier one (diffusion forcing, as SkyReels-V2 with
+    ``num_frame_per_block``). Built from stream positions, so a segment that starts
+    mid-block is masked as the whole clip would be. Pass it as ``attend(q, k, v, mask=...)``
+    in an adapter whose host builds no mask itself.
+
+    Args:
+        frame_positions: ``(b f)`` integer frame positions.
+        tokens_per_frame: ``t``; tokens are laid out frame-major (``n = f t``).
+        frames_per_block: frames per causal block.
+
+    Returns:
+        ``(b n n)``: row = query token, column = key token, True = may be attended.
+
+    Example:
+        >>> import torch
+        >>> from memkit.integrations.layout import block_causal_mask
+        >>> block_causal_mask(torch.tensor([[2, 3, 4, 5]]), 1, 2).int().tolist()
+        [[[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]]]
+    """
+    if frames_per_block < 1 or tokens_per_frame < 1:
+        raise ShapeError(
+            f"block_causal_mask: frames_per_block and tokens_per_frame should be >= 1, got {frames_per_block} "
+            f"and {tokens_per_frame}"
+        )
+    block = frame_positions.long().div(frames_per_block, rounding_mode="floor").repeat_interleave(tokens_per_frame, 1)
+    return block[:, None, :] <= block[:, :, None]
