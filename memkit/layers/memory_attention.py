@@ -179,6 +179,18 @@ class MemoryAttention(nn.Module):
             dtype = self.to_qkv.weight.dtype
         return self.memory.init_state(batch_size, device=device, dtype=dtype)
 
+    @property
+    def has_memory(self) -> bool:
+        """Whether the layer carries a memory (anything but :class:`memkit.NoMemory`): only those write.
+
+        Example:
+            >>> import memkit
+            >>> fifo = memkit.FIFOMemory(4, 8, 2)
+            >>> memkit.MemoryAttention(32, 4).has_memory, memkit.MemoryAttention(32, 4, fifo).has_memory
+            (False, True)
+        """
+        return not isinstance(self.memory, NoMemory)
+
     def extra_repr(self) -> str:
         parts = [f"dim={self.dim}, heads={self.heads}, head_dim={self.head_dim}"]
         if self.backend != "auto":
@@ -252,6 +264,32 @@ class MemoryAttention(nn.Module):
         if not write:
             return y, state
         return y, self.memory.write(state, Chunk(k, v, x, frame_positions, t, prompt, prompt_mask))
+
+    def step(
+        self,
+        x: Tensor,
+        state: Any,
+        frame_positions: Tensor,
+        prompt: Tensor | None = None,
+        prompt_mask: Tensor | None = None,
+        *,
+        write: bool = False,
+    ) -> tuple[Tensor, Any]:
+        """One call for a host's block: ``(y, state)``, the state written when ``write`` is true.
+
+        The same as ``(forward(...), state)`` or :meth:`forward_and_write`, in one return
+        shape, so a host's loop over its blocks needs no branch on the pass it runs. Shapes
+        as in :meth:`forward`; no ``typechecked`` annotations (a host checks its own inputs).
+
+        Example:
+            >>> import torch, memkit
+            >>> attn = memkit.MemoryAttention(32, 4, memory=memkit.FIFOMemory(4, 8, 2, frames=2))
+            >>> state = attn.init_state(1)
+            >>> y, state = attn.step(torch.randn(1, 4, 32), state, torch.tensor([[0, 1]]), write=True)
+            >>> y.shape, int(state.win_valid.sum())
+            (torch.Size([1, 4, 32]), 2)
+        """
+        return self._step(x, state, frame_positions, prompt, prompt_mask, write=write)
 
     @typechecked
     def forward_and_write(

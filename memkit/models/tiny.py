@@ -95,11 +95,7 @@ class TinySegmentModel(nn.Module):
         h = self.inp(x) + self.spatial.repeat(f, 1)
         new_states = []
         for block, state in zip(self._blocks(), states, strict=True):
-            normed = block.norm1(h)
-            if write:
-                a, state = block.attn.forward_and_write(normed, state, frame_positions, prompt, prompt_mask)
-            else:
-                a = block.attn(normed, state, frame_positions, prompt, prompt_mask)
+            a, state = block.attn.step(block.norm1(h), state, frame_positions, prompt, prompt_mask, write=write)
             new_states.append(state)
             h = h + a
             h = h + block.mlp(block.norm2(h))

@@ -9,6 +9,7 @@ configured memory, the others :class:`memkit.NoMemory`. The MALT life cycle:
   (``t = 0``, or a small noise level in training) and returns the next states.
 """
 
+import dataclasses
 import json
 import math
 import warnings
@@ -23,7 +24,6 @@ from torch import Tensor, nn
 
 from memkit.errors import CheckpointError, ShapeError
 from memkit.layers import MemoryAttention, init_memory_states
-from memkit.memories import NoMemory
 from memkit.memories.registry import build_from_spec
 from memkit.models.malt.config import MALTConfig, MemorySpec
 from memkit.protocol import Memory
@@ -106,6 +106,36 @@ class _CrossAttention(nn.Module):
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Stream:
+    """What flows from the embedding through the blocks to the head of one network call.
+
+    Attributes:
+        h: tokens ``(b n D)``.
+        cond: per-frame conditioning ``(b f D)`` (timestep, pooled prompt, action).
+        frame_positions: rotary positions ``(b f)`` (frame indices, or the camera's place).
+        mem_prompt, mem_mask: the projected prompt the memories retrieve by, ``(b p D)``, ``(b p)``.
+        cross_ctx: keys and mask of the prompt cross-attention (``prompt_mode="cross"``).
+    """
+
+    h: Tensor
+    cond: Tensor
+    frame_positions: Tensor
+    mem_prompt: Tensor | None
+    mem_mask: Tensor | None
+    cross_ctx: tuple[Tensor, Tensor] | None
+
+    def first(self, k: int) -> "_Stream":
+        """The first ``k`` items of the batch."""
+
+        def cut(x: Tensor | None) -> Tensor | None:
+            return None if x is None else x[:k]
+
+        cross = None if self.cross_ctx is None else (self.cross_ctx[0][:k], self.cross_ctx[1][:k])
+        h, cond, positions = self.h[:k], self.cond[:k], self.frame_positions[:k]
+        return _Stream(h, cond, positions, cut(self.mem_prompt), cut(self.mem_mask), cross)
+
+
 class MALTBlock(nn.Module):
     """adaLN-Zero transformer block: memory self-attention, optional prompt cross-attention, MLP.
 
@@ -151,10 +181,7 @@ class MALTBlock(nn.Module):
         mod = self.ada(cond).repeat_interleave(t, dim=1)  # (b n 6D)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
         x = _modulate(self.norm1(h), shift1, scale1)
-        if write:
-            a, state = self.attn.forward_and_write(x, state, frame_positions, mem_prompt, mem_prompt_mask)
-        else:
-            a = self.attn(x, state, frame_positions, mem_prompt, mem_prompt_mask)
+        a, state = self.attn.step(x, state, frame_positions, mem_prompt, mem_prompt_mask, write=write)
         h = h + gate1 * a
         if self.cross is not None and cross_ctx is not None:
             h = h + self.cross(self.norm_cross(h), *cross_ctx)
@@ -228,7 +255,7 @@ class MALTNetwork(nn.Module):
         self.out = nn.Linear(dim, c.patch_dim)
         self._init_weights()
         # the clean pass can stop after the last block that writes a memory
-        writers = [i for i, b in enumerate(self.block_list) if not isinstance(b.attn.memory, NoMemory)]
+        writers = [i for i, b in enumerate(self.block_list) if b.attn.has_memory]
         self.write_depth = max(writers) + 1 if writers else 0
 
     @staticmethod
@@ -308,7 +335,7 @@ class MALTNetwork(nn.Module):
         elif actions is not None:
             raise ShapeError("actions were given but the model has no action conditioning (action_dim = 0)")
 
-    def _run(
+    def _embed(
         self,
         x: Tensor,
         t: Tensor,
@@ -318,11 +345,8 @@ class MALTNetwork(nn.Module):
         prompt_mask: Tensor | None,
         actions: Tensor | None,
         drop_prompt: Tensor | None,
-        write: bool,
-        keep: int | None = None,
-    ) -> tuple[Tensor | None, tuple[Any, ...]]:
-        # keep = k: the batch is [k items to denoise; items to write]; blocks up to the last
-        # memory block run on all of it with writes, the rest on the first k only
+    ) -> "_Stream":
+        """Tokens and conditioning of a segment: what the blocks take (inputs checked here, once)."""
         c = self.config
         if at_door():  # the network is the door: its blocks and layers trust what it hands them
             self._check_inputs(x, frame_positions, prompt, actions)
@@ -371,41 +395,38 @@ class MALTNetwork(nn.Module):
                 if prompt is not None:
                     kmask = torch.cat([kmask, mask & use[:, None]], dim=1)
                 cross_ctx = (keys, kmask)
+        return _Stream(h, cond, frame_positions, mem_prompt, mem_mask, cross_ctx)
 
-        depth = self.write_depth if write and keep is None else c.depth
-        new_states = list(states)
-        for i, block in enumerate(self.block_list[:depth]):
-            if keep is not None and i == self.write_depth:
-                h, cond, frame_positions = h[:keep], cond[:keep], frame_positions[:keep]
-                mem_prompt = None if mem_prompt is None else mem_prompt[:keep]
-                mem_mask = None if mem_mask is None else mem_mask[:keep]
-                cross_ctx = None if cross_ctx is None else (cross_ctx[0][:keep], cross_ctx[1][:keep])
-                write = False
-            writes = write and not isinstance(block.attn.memory, NoMemory)
+    def _blocks(
+        self, s: "_Stream", states: tuple[Any, ...], blocks: range, *, write: bool
+    ) -> tuple["_Stream", tuple[Any, ...]]:
+        """Run ``blocks`` (indices) on the stream; with ``write``, their memories write the segment."""
+        h, new_states = s.h, list(states)
+        for i in blocks:
+            block = self.block_list[i]
             h, new_states[i] = block(
                 h,
-                cond,
+                s.cond,
                 states[i],
-                frame_positions,
-                write=writes,
-                mem_prompt=mem_prompt,
-                mem_prompt_mask=mem_mask,
-                cross_ctx=cross_ctx,
+                s.frame_positions,
+                write=write and block.attn.has_memory,
+                mem_prompt=s.mem_prompt,
+                mem_prompt_mask=s.mem_mask,
+                cross_ctx=s.cross_ctx,
             )
-        if keep is not None:
-            if self.write_depth == c.depth:
-                h, cond = h[:keep], cond[:keep]
-        elif write:
-            return None, tuple(new_states)
-        shift, scale = self.ada_out(cond).repeat_interleave(c.tokens_per_frame, dim=1).chunk(2, dim=-1)
-        out = self.out(_modulate(self.norm_out(h), shift, scale))
+        return dataclasses.replace(s, h=h), tuple(new_states)
+
+    def _head(self, s: "_Stream", x: Tensor, t: Tensor) -> Tensor:
+        """The velocity from the last block's tokens (the head's ``x0`` turned into a velocity)."""
+        c = self.config
+        shift, scale = self.ada_out(s.cond).repeat_interleave(c.tokens_per_frame, dim=1).chunk(2, dim=-1)
+        out = self.out(_modulate(self.norm_out(s.h), shift, scale))
         pred = unpatchify(out, c.patch_size, c.tubelet, c.channels, c.height, c.width)
         if c.prediction == "x0":
             # the head predicts the clean segment; callers always get the velocity it implies
-            n = pred.shape[0]
-            tt = t[:n].to(pred.dtype).clamp_min(_X0_MIN_T).reshape(-1, 1, 1, 1, 1)
-            pred = (x[:n] - pred) / tt
-        return pred, tuple(new_states)
+            tt = t.to(pred.dtype).clamp_min(_X0_MIN_T).reshape(-1, 1, 1, 1, 1)
+            pred = (x - pred) / tt
+        return pred
 
     @typechecked
     def forward(
@@ -425,9 +446,9 @@ class MALTNetwork(nn.Module):
         ``prompt=None`` (or ``drop_prompt`` True for an item) gives the unconditional
         prediction used by classifier-free guidance.
         """
-        out, _ = self._run(x, t, states, frame_positions, prompt, prompt_mask, actions, drop_prompt, write=False)
-        assert out is not None
-        return out
+        stream = self._embed(x, t, states, frame_positions, prompt, prompt_mask, actions, drop_prompt)
+        stream, _ = self._blocks(stream, states, range(self.config.depth), write=False)
+        return self._head(stream, x, t)
 
     @typechecked
     def write(
@@ -448,7 +469,8 @@ class MALTNetwork(nn.Module):
         """
         if t is None:
             t = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
-        _, new = self._run(x, t, states, frame_positions, prompt, prompt_mask, actions, None, write=True)
+        stream = self._embed(x, t, states, frame_positions, prompt, prompt_mask, actions, None)
+        _, new = self._blocks(stream, states, range(self.write_depth), write=True)
         return new
 
     def denoise_and_write(
@@ -480,7 +502,7 @@ class MALTNetwork(nn.Module):
         drop = None
         if drop_prompt is not None:
             drop = torch.cat([drop_prompt, torch.zeros_like(drop_prompt)])
-        out, new = self._run(
+        stream = self._embed(
             torch.cat([x, clean]),
             torch.cat([t, t_clean]),
             doubled,
@@ -489,11 +511,11 @@ class MALTNetwork(nn.Module):
             both(prompt_mask),
             both(actions),
             drop,
-            write=True,
-            keep=b,
         )
-        assert out is not None
-        return out, map_tensors(lambda s: s[b:], new)
+        # blocks up to the last memory block run on both halves and write; the rest on x's half only
+        stream, new = self._blocks(stream, doubled, range(self.write_depth), write=True)
+        stream, _ = self._blocks(stream.first(b), new, range(self.write_depth, self.config.depth), write=False)
+        return self._head(stream, x, t), map_tensors(lambda s: s[b:], new)
 
     # ----------------------------------------------------------------- memory swap, save, load
     def with_memory(
