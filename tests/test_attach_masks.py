@@ -176,3 +176,22 @@ def test_joint_attention_refuses_a_per_query_segment_mask() -> None:
         s.set_segment([0, 1])
         with pytest.raises(memkit.AttachError, match="key padding mask"):
             host(q, q, q, torch.ones(1, 6, 6, dtype=torch.bool), text)
+
+
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+@settings(max_examples=15, deadline=None)
+@given(b=st.integers(1, 2), n=st.integers(1, 5), m=st.integers(0, 4), seed=st.integers(0, 2**16))
+def test_memkit_attend_takes_the_mask_too(backend: str, b: int, n: int, m: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, 2, n, 8, generator=g) for _ in range(3))
+    ctx = memkit.Context(
+        torch.randn(b, 2, m, 8, generator=g), torch.randn(b, 2, m, 8, generator=g),
+        torch.rand(b, 2, m, generator=g) < 0.6, torch.zeros(b, 2, m, dtype=torch.long),
+    )  # fmt: skip
+    mask = torch.rand(b, 1, n, n, generator=g) < 0.5
+    got = memkit.attend(q, k, v, ctx, mask=mask, backend=backend)
+    keys, values = torch.cat([ctx.k, k], 2).double(), torch.cat([ctx.v, v], 2).double()
+    full = torch.cat([ctx.mask[:, :, None, :].expand(b, 2, n, m), mask.expand(b, 2, n, n)], dim=3)
+    scores = (q.double() @ keys.transpose(-1, -2) / math.sqrt(8)).masked_fill(~full, float("-inf"))
+    want = torch.nan_to_num(torch.softmax(scores, dim=-1)) @ values
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-4)

@@ -1,8 +1,10 @@
 """``attend``: the one seam through which memory enters attention."""
 
+import torch
 from torch import Tensor
 
 from memkit.attention.backends import get_backend
+from memkit.attention.masked import attend_masked
 from memkit.errors import ShapeError
 from memkit.protocol import Context
 from memkit.typing import Float, at_door, check_floating, check_shape, typechecked
@@ -14,6 +16,7 @@ def attend(
     k: Float[Tensor, "b h n2 d"],
     v: Float[Tensor, "b h n2 d"],
     *contexts: Context,
+    mask: Tensor | None = None,
     backend: str = "auto",
 ) -> Float[Tensor, "b h n d"]:
     """Attend queries over their own keys and every context's valid slots.
@@ -27,6 +30,11 @@ def attend(
         k: the segment's own keys ``(b h n2 d)``; always valid.
         v: the segment's own values ``(b h n2 d)``.
         *contexts: :class:`Context` objects from memories, ``(b h m d)`` each.
+        mask: the host's own boolean mask over the segment's keys, broadcastable to
+            ``(b h n n2)`` as ``scaled_dot_product_attention``'s ``attn_mask`` (True = may
+            be attended): key padding as ``(b 1 1 n2)``, a block-causal mask as ``(n n2)``.
+            Context slots are the past: every query sees every valid slot. A query that
+            sees no key at all gets a zero output. ``None``: every segment key is valid.
         backend: ``"auto"`` (the :func:`memkit.attention_backend` choice, else the runnable
             backend of highest priority), ``"math"``, ``"sdpa"`` or ``"xformers"``.
 
@@ -38,9 +46,20 @@ def attend(
         >>> q = k = v = torch.randn(1, 2, 6, 8)
         >>> memkit.attend(q, k, v).shape
         torch.Size([1, 2, 6, 8])
+        >>> causal = torch.ones(6, 6, dtype=torch.bool).tril()
+        >>> out = memkit.attend(q, k, v, mask=causal)
+        >>> torch.allclose(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True), atol=1e-6)
+        True
     """
     if at_door():
         check_attend_inputs(q, k, v, contexts)
+    if mask is not None:
+        sources = [
+            (torch.where(c.mask[..., None], c.k, 0), torch.where(c.mask[..., None], c.v, 0), c.mask[:, :, None, :])
+            for c in contexts
+            if c.k.shape[2] > 0
+        ]
+        return attend_masked(q, [*sources, (k, v, mask)], backend=backend)
     return attend_parts(q, k, v, [(c.k, c.v, c.mask) for c in contexts if c.k.shape[2] > 0], backend)
 
 
