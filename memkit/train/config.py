@@ -70,6 +70,11 @@ class TrainConfig:
         seed: initialisation and noise seed.
         log_every: steps between progress-bar updates (every step goes to the JSONL log).
         checkpoint_every: steps between checkpoints (and one at the end).
+        init_from: start from another checkpoint's weights: a folder with ``config.json`` and
+            ``model.safetensors``, or a bundled one by name (``"demo-sparse_kv"``). Every
+            parameter whose name and shape match is copied (its EMA weights); the others (a new
+            memory's) keep their fresh initialisation. Only at step 0: a resumed run ignores it.
+            ``None`` = train from scratch.
 
     Example:
         >>> cfg = TrainConfig.preset("tiny")
@@ -98,6 +103,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 500
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):

@@ -324,6 +324,37 @@ def load_training(
     return int(meta["step"]), ema
 
 
+def init_weights_from(net: MALTNetwork, source: str | Path, *, trust_remote_code: bool = False) -> int:
+    """Copy into ``net`` every tensor of another checkpoint whose name and shape match; returns how many.
+
+    ``source``: a checkpoint folder, or the name of a bundled one (``"demo-sparse_kv"``, in
+    ``memkit/assets``). A backbone trained with one memory starts a model with another this
+    way: the shared weights (patchify, blocks, attention projections) are copied, the new
+    memory's parameters keep their initialisation.
+
+    Example:
+        >>> from memkit.models.malt import MALTConfig, MALTNetwork
+        >>> cfg = MALTConfig.preset("tiny", memory="fifo")
+        >>> a, b = MALTNetwork(cfg), MALTNetwork(cfg)
+        >>> import tempfile; folder = tempfile.mkdtemp(); a.save_pretrained(folder)
+        >>> init_weights_from(b, folder) == len(b.state_dict())
+        True
+    """
+    folder = Path(source)
+    if not folder.is_dir():
+        from importlib import resources
+
+        bundled = Path(str(resources.files("memkit") / "assets" / str(source)))
+        if not bundled.is_dir():
+            raise CheckpointError(f"init_from: {source} is neither a checkpoint folder nor a bundled checkpoint")
+        folder = bundled
+    src = MALTNetwork.from_pretrained(folder, trust_remote_code=trust_remote_code).state_dict()
+    own = net.state_dict()
+    take = {k: v for k, v in src.items() if k in own and own[k].shape == v.shape}
+    net.load_state_dict({**own, **take})
+    return len(take)
+
+
 def _clip_seeds(config: TrainConfig, step: int, rank: int, world: int) -> list[int]:
     b = config.batch_size
     base = (step * world + rank) * b
@@ -371,6 +402,11 @@ def train(
         dist.barrier()
     if resume and (out / _TRAIN_DIR / "state.json").is_file():
         step, ema = load_training(out, net, opt, dev)
+    elif config.init_from is not None:
+        copied = init_weights_from(net, config.init_from, trust_remote_code=trust_remote_code)
+        ema = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        if rank == 0 and progress:
+            print(f"init_from {config.init_from}: copied {copied} of {len(ema)} tensors")
     flow = FlowMatching(time_sampling=config.time_sampling)
     module: nn.Module = UnrolledLoss(
         net,
