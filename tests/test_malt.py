@@ -207,3 +207,57 @@ def test_x0_prediction_returns_the_velocity_of_its_clean_estimate() -> None:
     torch.testing.assert_close(one_step, net_v(x, torch.ones(2), states, pos), atol=1e-5, rtol=1e-5)
     with pytest.raises(memkit.errors.MemkitError, match="prediction must be"):
         MALTConfig.preset("tiny", prediction="eps")
+
+
+def test_generation_can_write_memory_at_a_small_noise_level() -> None:
+    from memkit.models.malt import EulerSampler, MALTConfig, MALTNetwork, stream
+
+    torch.manual_seed(0)
+    net = MALTNetwork(MALTConfig.preset("tiny", memory="fifo")).eval()
+    sampler = EulerSampler(steps=2, write_noise=0.2)
+    seg = next(stream(net, 1, sampler=sampler, seed=3))
+    # by hand: the sampling noise, then the write noise, from the same generator
+    g = torch.Generator().manual_seed(3)
+    c = net.config
+    shape = (1, c.frames_per_segment, c.channels, c.height, c.width)
+    states, pos = net.init_states(1), net.segment_positions(0, 1)
+    with torch.no_grad():
+        x = sampler.sample(net, torch.randn(shape, generator=g), states, pos)
+        t_w = torch.full((1,), 0.2)
+        expected = net.write(sampler.flow.interpolate(x, torch.randn(shape, generator=g), t_w), states, pos, t=t_w)
+        clean = net.write(x, states, pos)
+    assert torch.equal(seg.latents, x)
+    leaves = torch.utils._pytree.tree_leaves
+    assert all(torch.equal(a, b) for a, b in zip(leaves(seg.states), leaves(expected), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(leaves(seg.states), leaves(clean), strict=True))
+    with pytest.raises(ValueError, match="write_noise must lie in"):
+        EulerSampler(write_noise=1.0)
+
+
+def test_layer_text_keys_reach_each_prompt_bank_as_that_layers_cross_attention_keys() -> None:
+    from memkit.errors import ConfigError
+    from memkit.models.malt import MALTConfig, MALTNetwork
+
+    cfg = MALTConfig.preset("tiny", memory="prompt_bank", prompt_dim=6, prompt_mode="cross", memory_text_keys="layer")
+    torch.manual_seed(0)
+    net = MALTNetwork(cfg).eval()
+    seen: dict[int, torch.Tensor] = {}
+    for i, block in enumerate(net.blocks):
+        mem = block.attn.memory
+        original = mem.read
+
+        def spy(state, query, i=i, original=original):  # type: ignore[no-untyped-def]
+            seen[i] = query.prompt
+            return original(state, query)
+
+        mem.read = spy  # type: ignore[method-assign]
+    prompt = torch.randn(1, 5, 6)
+    x = torch.randn(1, cfg.frames_per_segment, cfg.channels, cfg.height, cfg.width)
+    with torch.no_grad():
+        net(x, torch.full((1,), 0.5), net.init_states(1), net.segment_positions(0, 1), prompt=prompt)
+        tokens = net.prompt_proj(prompt)
+        for i, block in enumerate(net.blocks):
+            torch.testing.assert_close(seen[i], block.cross.to_kv(tokens)[..., : cfg.dim])
+    assert not torch.allclose(seen[0], seen[1])  # each layer scores with its own keys
+    with pytest.raises(ConfigError, match="needs prompt_mode='cross'"):
+        MALTConfig.preset("tiny", prompt_dim=6, memory_text_keys="layer")

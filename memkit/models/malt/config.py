@@ -73,6 +73,10 @@ class MALTConfig:
         prompt_dim: size of prompt token embeddings (0 = no prompt).
         prompt_mode: ``"adaln"`` (mean-pooled prompt joins the timestep conditioning) or
             ``"cross"`` (cross-attention to the prompt tokens in every block).
+        memory_text_keys: what a memory that reads the prompt (a prompt bank) gets as
+            ``Query.prompt`` / ``Chunk.prompt``: ``"shared"``, the network's projected prompt
+            tokens, the same at every layer; or ``"layer"``, each block's own cross-attention
+            text keys (MemFlow scores its bank with these; needs ``prompt_mode="cross"``).
         memory: a :class:`MemorySpec`.
         backend: attention backend for :func:`memkit.attend`.
         memory_max_distance: memory keys older than this many frames before the segment are
@@ -117,6 +121,7 @@ class MALTConfig:
     action_frequencies: int = 0
     prompt_dim: int = 0
     prompt_mode: str = "adaln"
+    memory_text_keys: str = "shared"
     memory: MemorySpec = dataclasses.field(default_factory=MemorySpec)
     backend: str = "auto"
     prediction: str = "velocity"
@@ -161,6 +166,12 @@ class MALTConfig:
             raise ConfigError(f"prediction must be 'velocity' or 'x0', got {self.prediction!r}")
         if self.prompt_mode not in ("adaln", "cross"):
             raise ConfigError(f"prompt_mode must be 'adaln' or 'cross', got {self.prompt_mode!r}")
+        if self.memory_text_keys not in ("shared", "layer"):
+            raise ConfigError(f"memory_text_keys must be 'shared' or 'layer', got {self.memory_text_keys!r}")
+        if self.memory_text_keys == "layer" and self.prompt_mode != "cross":
+            raise ConfigError(
+                "memory_text_keys='layer' takes each block's cross-attention text keys: it needs prompt_mode='cross'"
+            )
         if self.positions not in ("time", "pose"):
             raise ConfigError(f"positions must be 'time' or 'pose', got {self.positions!r}")
         if self.positions == "pose" and self.action_dim < 4:

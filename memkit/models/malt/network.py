@@ -157,6 +157,7 @@ class MALTBlock(nn.Module):
             max_distance=config.memory_max_distance,
         )
         self.cross: _CrossAttention | None = None
+        self.layer_text_keys = config.memory_text_keys == "layer"
         if config.prompt_dim and config.prompt_mode == "cross":
             self.norm_cross = nn.LayerNorm(dim, eps=1e-6)
             self.cross = _CrossAttention(dim, config.heads)
@@ -181,6 +182,9 @@ class MALTBlock(nn.Module):
         mod = self.ada(cond).repeat_interleave(t, dim=1)  # (b n 6D)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
         x = _modulate(self.norm1(h), shift1, scale1)
+        if self.layer_text_keys and self.cross is not None and mem_prompt is not None:
+            # this block's own text keys (the key half of its cross-attention projection), as MemFlow scores its bank
+            mem_prompt = self.cross.to_kv(mem_prompt)[..., : mem_prompt.shape[-1]]
         a, state = self.attn.step(x, state, frame_positions, mem_prompt, mem_prompt_mask, write=write)
         h = h + gate1 * a
         if self.cross is not None and cross_ctx is not None:

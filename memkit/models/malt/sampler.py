@@ -33,6 +33,11 @@ class EulerSampler:
         cfg_scale: classifier-free guidance on the prompt; ``v = v_u + s (v_c - v_u)``.
             Ignored (one call per step) when it is 1 or there is no prompt.
         flow: the :class:`FlowMatching` path.
+        write_noise: noise level ``t_w`` of the clean pass that writes the memory after each
+            segment: the segment is noised to ``(1 - t_w) x + t_w eps`` and run at time ``t_w``.
+            ``0`` (default) writes the clean segment, as MALT describes; a small level matches
+            training, whose clean passes run at ``t_w ~ U[0, write_noise]`` (MemFlow's and
+            LongLive's configs call it ``context_noise``, 0 in their releases).
 
     Example:
         >>> import torch
@@ -47,10 +52,13 @@ class EulerSampler:
     steps: int = 8
     cfg_scale: float = 1.0
     flow: FlowMatching = dataclasses.field(default_factory=FlowMatching)
+    write_noise: float = 0.0
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError(f"steps must be at least 1, got {self.steps}")
+        if not 0.0 <= self.write_noise < 1.0:
+            raise ValueError(f"write_noise must lie in [0, 1), got {self.write_noise}")
 
     @torch.no_grad()
     def sample(
@@ -210,7 +218,12 @@ def stream(
             else:
                 noise = torch.randn(shape, generator=generator, device=generator.device).to(device=device, dtype=dtype)
                 x = sampler.sample(net, noise, states, pos, prompt=p, prompt_mask=pm, actions=act)
-            states = net.write(x, states, pos, prompt=p, prompt_mask=pm, actions=act)
+            written, t_w = x, None
+            if sampler.write_noise > 0:  # drawn only then: the default keeps every seed's video unchanged
+                eps = torch.randn(shape, generator=generator, device=generator.device).to(device=device, dtype=dtype)
+                t_w = torch.full((x.shape[0],), sampler.write_noise, device=device, dtype=dtype)
+                written = sampler.flow.interpolate(x, eps, t_w)
+            states = net.write(written, states, pos, t=t_w, prompt=p, prompt_mask=pm, actions=act)
         yield Segment(index, x, states, j >= n_ctx, time.perf_counter() - started)
 
 
