@@ -265,21 +265,22 @@ class MemoryAttention(nn.Module):
             return y, state
         return y, self.memory.write(state, Chunk(k, v, x, frame_positions, t, prompt, prompt_mask))
 
+    @typechecked
     def step(
         self,
-        x: Tensor,
+        x: Float[Tensor, "b n D"],
         state: Any,
-        frame_positions: Tensor,
-        prompt: Tensor | None = None,
-        prompt_mask: Tensor | None = None,
+        frame_positions: Int[Tensor, "b f"],
+        prompt: Float[Tensor, "b p e"] | None = None,
+        prompt_mask: Bool[Tensor, "b p"] | None = None,
         *,
         write: bool = False,
-    ) -> tuple[Tensor, Any]:
+    ) -> tuple[Float[Tensor, "b n D"], Any]:
         """One call for a host's block: ``(y, state)``, the state written when ``write`` is true.
 
         The same as ``(forward(...), state)`` or :meth:`forward_and_write`, in one return
         shape, so a host's loop over its blocks needs no branch on the pass it runs. Shapes
-        as in :meth:`forward`; no ``typechecked`` annotations (a host checks its own inputs).
+        as in :meth:`forward`.
 
         Example:
             >>> import torch, memkit
