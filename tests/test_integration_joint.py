@@ -203,3 +203,37 @@ def test_cogvideox_with_an_absolute_position_embedding_is_refused_with_the_reaso
     )  # fmt: skip
     with pytest.raises(AttachError, match="adds a position embedding to its input"):
         attach_cogvideox(cog2b, memkit.NoMemory())
+
+
+def test_cogvideox_1_5_with_temporal_patches_is_exact_too() -> None:
+    """CogVideoX 1.5 patches 2 latent frames into one: one frame position per patched frame."""
+    from diffusers import CogVideoXTransformer3DModel
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+    from memkit.integrations import attach_cogvideox
+
+    torch.manual_seed(0)
+    cog = CogVideoXTransformer3DModel(
+        num_attention_heads=HEADS, attention_head_dim=HEAD_DIM, in_channels=CHANNELS, out_channels=CHANNELS,
+        time_embed_dim=8, text_embed_dim=TEXT_DIM, num_layers=1, sample_width=SIDE * 8, sample_height=SIDE * 8,
+        sample_frames=9, max_text_seq_length=TEXT_LEN, use_rotary_positional_embeddings=True, patch_size_t=2,
+    ).eval()  # fmt: skip
+    grid = SIDE // 2
+
+    def run(fn, x: Tensor) -> Tensor:  # type: ignore[no-untyped-def]
+        # CogVideoXPipeline's 1.5 table: grid_type="slice", one row per patched frame
+        rotary = get_3d_rotary_pos_embed(HEAD_DIM, None, (grid, grid), x.shape[1] // 2, grid_type="slice",
+                                         max_size=(grid, grid))  # fmt: skip
+        with torch.no_grad():
+            return fn(x, COG_TEXT, torch.tensor([500]), image_rotary_emb=rotary).sample
+
+    a, b = (torch.randn(1, 4, CHANNELS, SIDE, SIDE, generator=gen(s)) for s in (1, 2))  # 4 latent = 2 patched frames
+    stock, clip = run(cog, a), run(cog, torch.cat([a, b], dim=1))
+    with attach_cogvideox(cog, fifo(FRAMES), frame_origin="stream") as session:
+        session.set_segment([0, 1])
+        first = run(cog, a)  # empty memory: stock
+        run(session.commit, a)
+        session.set_segment([2, 3])
+        got = run(cog, b)
+    torch.testing.assert_close(first, stock, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, clip[:, 4:], atol=2e-5, rtol=1e-4)

@@ -304,7 +304,8 @@ def attach_cogvideox(
     """Give memory to the joint attention (``transformer_blocks.*.attn1``) of a CogVideoX transformer.
 
     Use it as :func:`memkit.attach`: ``session.set_segment(frame_positions=...)`` with one
-    position per latent frame, the transformer as usual (with the pipeline's
+    position per latent frame (CogVideoX 1.5: per ``patch_size_t`` latent frames, as its
+    rotary table counts them), the transformer as usual (with the pipeline's
     ``image_rotary_emb`` for the chunk's frames), ``session.commit(...)`` with the clean
     latents. Needs rotary position embeddings (CogVideoX 5B, 1.5): CogVideoX-2B adds a
     position embedding to its input, outside attention, so memory frames cannot be
