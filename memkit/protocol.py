@@ -65,6 +65,14 @@ def _check_layout(owner: str, frame_positions: Tensor, tokens_per_frame: int, ba
         )
 
 
+def _check_meta(owner: str, meta: Tensor | None, frame_positions: Tensor) -> None:
+    if meta is None:
+        return
+    check_floating(f"{owner}.frame_meta", meta)
+    b, f = frame_positions.shape
+    check_shape(f"{owner}.frame_meta", meta, "b f c", b=b, f=f)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Query:
     """What a memory may look at when it is read (once per denoising step).
@@ -76,6 +84,9 @@ class Query:
         tokens_per_frame: tokens in one frame.
         prompt: the segment's prompt embedding ``(b p e)``, if the host has one.
         prompt_mask: ``(b p)`` bool, True for real prompt tokens, False for padding.
+        frame_meta: per-frame metadata ``(b f c)`` the host supplies, if any: a camera pose, a
+            time stamp, any vector describing each frame. Memories that retrieve by it
+            (:class:`memkit.PoseRetrievalMemory`) need it; every other memory ignores it.
     """
 
     q: Float[Tensor, "b h n d"]
@@ -83,6 +94,7 @@ class Query:
     tokens_per_frame: int
     prompt: Float[Tensor, "b p e"] | None = None
     prompt_mask: Bool[Tensor, "b p"] | None = None
+    frame_meta: Float[Tensor, "b f c"] | None = None
 
     def __post_init__(self) -> None:
         if not outside():  # built by memkit from tensors already checked at the door
@@ -91,6 +103,7 @@ class Query:
         s = check_shape("query.q", self.q, "b h n d")
         _check_layout("query", self.frame_positions, self.tokens_per_frame, s["b"], s["n"])
         _check_prompt("query", self.prompt, self.prompt_mask, s["b"])
+        _check_meta("query", self.frame_meta, self.frame_positions)
 
     @property
     def batch_size(self) -> int:
@@ -114,6 +127,8 @@ class Chunk:
             prompt (:class:`memkit.PromptBankMemory`) lets it decide, so a frame that matters
             only after the switch is not dropped before the new prompt is seen.
         next_prompt_mask: ``(b p')`` bool, True for real tokens of ``next_prompt``.
+        frame_meta: per-frame metadata ``(b f c)`` (a camera pose...), stored by the memories
+            that retrieve by it and ignored by the others (see :attr:`Query.frame_meta`).
     """
 
     k: Float[Tensor, "b h n d"]
@@ -125,6 +140,7 @@ class Chunk:
     prompt_mask: Bool[Tensor, "b p"] | None = None
     next_prompt: Float[Tensor, "b p2 e2"] | None = None
     next_prompt_mask: Bool[Tensor, "b p2"] | None = None
+    frame_meta: Float[Tensor, "b f c"] | None = None
 
     def __post_init__(self) -> None:
         if outside():  # built by the user; one built by memkit holds tensors already checked
@@ -133,7 +149,7 @@ class Chunk:
             # a NaN written once is read by every later segment: refuse it at the door, wherever the chunk
             # was built (a model's own keys can go non-finite). Reading the answer back waits for the
             # device (a sync per write), so it follows the checking switches
-            for name in ("k", "v", "hidden", "prompt", "next_prompt"):
+            for name in ("k", "v", "hidden", "prompt", "next_prompt", "frame_meta"):
                 x = getattr(self, name)
                 if x is not None and not bool(torch.isfinite(x).all()):
                     bad = int((~torch.isfinite(x)).sum())
@@ -152,6 +168,7 @@ class Chunk:
         _check_layout("chunk", self.frame_positions, self.tokens_per_frame, s["b"], s["n"])
         _check_prompt("chunk", self.prompt, self.prompt_mask, s["b"])
         _check_prompt("chunk", self.next_prompt, self.next_prompt_mask, s["b"], "next_prompt")
+        _check_meta("chunk", self.frame_meta, self.frame_positions)
 
     @property
     def num_frames(self) -> int:

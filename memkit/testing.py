@@ -79,7 +79,7 @@ PROPERTIES: tuple[str, ...] = (
 
 # arguments that set what a memory's queries and chunks look like: changing one of them makes
 # another memory that cannot read this memory's queries, so it says nothing about states
-_INTERFACE_ARGS = ("heads", "head_dim", "tokens_per_frame", "dim", "prompt_dim")
+_INTERFACE_ARGS = ("heads", "head_dim", "tokens_per_frame", "dim", "prompt_dim", "meta_dim")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +92,7 @@ class _Config:
     model_dim: int
     prompt_dim: int | None
     prompt_tokens: int
+    meta_dim: int | None
     device: torch.device
     dtype: torch.dtype
     state_dtype: torch.dtype | None
@@ -122,6 +123,7 @@ def check_memory(
     model_dim: int | None = None,
     prompt_dim: int | None = None,
     prompt_tokens: int = 3,
+    meta_dim: int | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
     state_dtype: torch.dtype | None = None,
@@ -154,6 +156,8 @@ def check_memory(
         prompt_dim: when given, queries and chunks carry a prompt ``(b p e)`` with
             ``e = prompt_dim`` and a padding mask (for prompt-reading memories).
         prompt_tokens: ``p``.
+        meta_dim: when given, queries and chunks carry per-frame metadata ``(b f c)`` with
+            ``c = meta_dim`` (for memories that retrieve by it, e.g. a camera pose).
         device: where the state and inputs live (CPU by default).
         dtype: dtype of queries, keys, values, hidden states and prompts.
         state_dtype: passed to ``init_state`` (None: the memory's default).
@@ -195,6 +199,7 @@ def check_memory(
         model_dim=model_dim if model_dim is not None else heads * head_dim,
         prompt_dim=prompt_dim,
         prompt_tokens=prompt_tokens,
+        meta_dim=meta_dim,
         device=torch.device(device) if device is not None else torch.device("cpu"),
         dtype=dtype,
         state_dtype=state_dtype,
@@ -296,9 +301,12 @@ class _Stream:
             prompt_mask[:, 0] = True  # at least one real token per stream
             prompt_mask = prompt_mask.to(cfg.device)
         positions = (self.starts[item] + s * f + torch.arange(f))[None].to(cfg.device)
-        query = Query(randn(1, h, n, d), positions, t, prompt, prompt_mask)
+        meta = randn(1, f, cfg.meta_dim) if cfg.meta_dim is not None else None
+        query = Query(randn(1, h, n, d), positions, t, prompt, prompt_mask, frame_meta=meta)
         k = torch.ones(1, h, n, d, device=cfg.device, dtype=cfg.dtype) if self.tied else randn(1, h, n, d)
-        chunk = Chunk(k, randn(1, h, n, d), randn(1, n, cfg.model_dim), positions, t, prompt, prompt_mask)
+        chunk = Chunk(
+            k, randn(1, h, n, d), randn(1, n, cfg.model_dim), positions, t, prompt, prompt_mask, frame_meta=meta
+        )
         return query, chunk
 
 

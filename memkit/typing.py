@@ -169,6 +169,7 @@ DIM_NAMES: dict[str, str] = {
     "C": "capacity",
     "A": "always-returned frames",
     "P": "bank candidates",
+    "c": "metadata channels",
 }
 
 

@@ -303,3 +303,76 @@ def test_quantized_builds_from_a_config() -> None:
     assert repr(mem) == "quantized(FIFOMemory(heads=2, head_dim=8, tokens_per_frame=4, frames=2))"
     with pytest.raises(ValueError, match="kwargs.memory should be the wrapped memory's spec"):
         build_from_spec("quantized", {"memory": "fifo"}, geometry)
+
+
+# ---------------------------------------------------------------------------- PoseRetrievalMemory
+def _pose_chunk(frames: list[int], poses: list[list[float]], seed: int) -> memkit.Chunk:
+    c = _chunk(frames, seed)
+    return memkit.Chunk(c.k, c.v, c.hidden, c.frame_positions, T, frame_meta=torch.tensor([poses]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    poses=st.lists(st.lists(st.integers(-20, 20), min_size=2, max_size=2), min_size=1, max_size=12),
+    here=st.lists(st.integers(-20, 20), min_size=2, max_size=2),
+    capacity=st.integers(1, 8),
+    top_k=st.integers(1, 8),
+    metric=st.sampled_from(["l2", "cosine"]),
+)
+def test_pose_retrieval_equals_a_sorted_list(poses, here, capacity, top_k, metric) -> None:
+    """Reference: keep the newest C frames; sort them by (similarity, newness); read the first K."""
+    top_k = min(top_k, capacity)
+    mem = memkit.PoseRetrievalMemory(H, D, T, meta_dim=2, capacity=capacity, top_k=top_k, metric=metric)
+    state, kept = mem.init_state(1), []
+    for i, pose in enumerate(poses):
+        state = mem.write(state, _pose_chunk([i], [[float(x) for x in pose]], i))
+        kept = [*kept, (i, torch.tensor(pose, dtype=torch.float32))][-capacity:]
+    want = torch.tensor(here, dtype=torch.float32)
+
+    def similarity(p: torch.Tensor) -> float:
+        if metric == "l2":
+            return -float((p - want).square().sum())
+        return float(torch.nn.functional.cosine_similarity(p[None], want[None]))
+
+    best = sorted(kept, key=lambda e: (similarity(e[1]), e[0]), reverse=True)[:top_k]
+    query = memkit.Query(torch.randn(1, H, T, D), torch.tensor([[99]]), T, frame_meta=want[None, None])
+    ctx = mem.read(state, query)
+    assert ctx.positions[0, 0, ::T][ctx.mask[0, 0, ::T]].tolist() == [i for i, _ in best]
+
+
+def test_pose_retrieval_protocol() -> None:
+    check_memory(
+        lambda: memkit.PoseRetrievalMemory(2, 8, 4, meta_dim=3, capacity=4, top_k=2),
+        heads=2,
+        head_dim=8,
+        tokens_per_frame=4,
+        frames_per_segment=2,
+        examples=12,
+        meta_dim=3,
+    )
+
+
+def test_pose_retrieval_without_poses_says_what_the_host_must_pass() -> None:
+    mem = memkit.PoseRetrievalMemory(H, D, T, meta_dim=2, capacity=4, top_k=2)
+    with pytest.raises(
+        memkit.ShapeError, match=r"chunk.frame_meta is None; .* must pass frame_meta \(b f c\) with c = 2"
+    ):
+        mem.write(mem.init_state(1), _chunk([0], 0))
+    with pytest.raises(memkit.ShapeError, match=r"query.frame_meta is None"):
+        mem.read(mem.init_state(1), _query(0))
+    with pytest.raises(memkit.ShapeError, match=r"dimension c \(metadata channels\) of frame_meta should be 2, got 3"):
+        mem.write(mem.init_state(1), _pose_chunk([0], [[0.0, 1.0, 2.0]], 0))
+    with pytest.raises(memkit.ShapeError, match=r"chunk.frame_meta"):  # one metadata row per frame
+        _pose_chunk([0, 1], [[0.0, 1.0]], 0)
+
+
+def test_memories_that_do_not_use_frame_meta_ignore_it() -> None:
+    """The same stream with and without poses gives the same context for a memory that never looks at them."""
+    mem = memkit.SparseKVMemory(H, D, T, capacity=4, top_k=2)
+    a, b = mem.init_state(1), mem.init_state(1)
+    for i in range(6):
+        a = mem.write(a, _chunk([i], i))
+        b = mem.write(b, _pose_chunk([i], [[float(i), 0.0]], i))
+    q = _query(6)
+    with_meta = memkit.Query(q.q, q.frame_positions, T, frame_meta=torch.zeros(1, 1, 2))
+    assert torch.equal(mem.read(a, q).k, mem.read(b, with_meta).k)

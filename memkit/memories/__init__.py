@@ -5,6 +5,7 @@ from memkit.memories.compressed_window import CompressedWindowMemory, Compressed
 from memkit.memories.memflow import MemFlowMemory, MemFlowState
 from memkit.memories.none import NoMemory, NoState
 from memkit.memories.packed_history import PackedHistoryMemory, PackedHistoryState
+from memkit.memories.pose_retrieval import PoseRetrievalMemory, PoseRetrievalState
 from memkit.memories.prompt_bank import PromptBankMemory, PromptBankState
 from memkit.memories.quantized import QuantizedMemory, QuantizedState, quantized
 from memkit.memories.recurrent import RecurrentMemory, RecurrentState
@@ -38,6 +39,8 @@ __all__ = [
     "PackedHistoryMemory",
     "PackedHistoryState",
     "QuantizedMemory",
+    "PoseRetrievalMemory",
+    "PoseRetrievalState",
     "QuantizedState",
     "quantized",
 ]
