@@ -376,3 +376,32 @@ def test_memories_that_do_not_use_frame_meta_ignore_it() -> None:
     q = _query(6)
     with_meta = memkit.Query(q.q, q.frame_positions, T, frame_meta=torch.zeros(1, 1, 2))
     assert torch.equal(mem.read(a, q).k, mem.read(b, with_meta).k)
+
+
+def test_malt_backbone_hands_the_camera_pose_to_pose_retrieval() -> None:
+    """With positions='pose' the backbone passes each frame's pose as frame_meta; the memory stores it and
+    reads back the frame taken where the camera now is. Without poses the memory says what is missing."""
+    from memkit.models.malt import MALTConfig, MALTNetwork
+
+    spec = {"name": "pose_retrieval", "kwargs": {"meta_dim": 1, "capacity": 8, "top_k": 1}}
+    net = MALTNetwork(MALTConfig.preset("tiny", memory=spec, action_dim=4, positions="pose")).eval()
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randn(1, 2, 3, 8, 8, generator=g)
+    states = net.init_states(1)
+    for i, place in enumerate((0.1, 0.5, 0.9)):
+        acts = torch.rand(1, 2, 4, generator=g)
+        acts[..., -1] = place
+        states = net.write(clean, states, net.segment_positions(i, 1), actions=acts)
+    layer = next(i for i, b in enumerate(net.block_list) if b.attn.has_memory)
+    stored = states[layer].meta[0, :, 0]
+    f = net.config.token_frames  # every token-frame of a segment is stored with its pose
+    assert torch.allclose(stored[states[layer].valid[0]], torch.tensor([0.1, 0.5, 0.9]).repeat_interleave(f))
+    c = net.config
+    query = memkit.Query(torch.randn(1, c.heads, c.tokens_per_frame * f, c.dim // c.heads), torch.arange(f)[None],
+                         c.tokens_per_frame, frame_meta=torch.full((1, f, 1), 0.52))  # fmt: skip
+    ctx = net.block_list[layer].attn.memory.read(states[layer], query)
+    assert ctx.positions[0, 0, 0].item() == net.pose_positions(torch.full((1, 2, 4), 0.5))[0, 0].item()
+
+    timed = MALTNetwork(MALTConfig.preset("tiny", memory=spec, action_dim=4))
+    with pytest.raises(memkit.ShapeError, match="query.frame_meta is None"):  # the clean pass reads first
+        timed.write(clean, timed.init_states(1), timed.segment_positions(0, 1), actions=torch.rand(1, 2, 4))

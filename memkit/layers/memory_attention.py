@@ -247,23 +247,30 @@ class MemoryAttention(nn.Module):
         frame_positions: Int[Tensor, "b f"],
         prompt: Float[Tensor, "b p e"] | None = None,
         prompt_mask: Bool[Tensor, "b p"] | None = None,
+        frame_meta: Float[Tensor, "b f c"] | None = None,
     ) -> Float[Tensor, "b n D"]:
-        """Attend over the segment and its memory; the state is only read."""
-        y, _ = self._step(x, state, frame_positions, prompt, prompt_mask, write=False)
+        """Attend over the segment and its memory; the state is only read.
+
+        ``frame_meta (b f c)``: per-frame metadata (a camera pose) handed to the memory in
+        :attr:`memkit.Query.frame_meta` / :attr:`memkit.Chunk.frame_meta`, for memories that
+        retrieve by it (:class:`memkit.PoseRetrievalMemory`); others ignore it.
+        """
+        y, _ = self._step(x, state, frame_positions, prompt, prompt_mask, write=False, frame_meta=frame_meta)
         return y
 
     def _step(
         self, x: Tensor, state: Any, frame_positions: Tensor, prompt: Tensor | None, prompt_mask: Tensor | None,
-        *, write: bool,
+        *, write: bool, frame_meta: Tensor | None = None,
     ) -> tuple[Tensor, Any]:  # fmt: skip
         # checked when the user calls the layer; inside a network, the network checked its own inputs
         t = self._check(x, frame_positions) if at_door() else x.shape[1] // frame_positions.shape[1]
         q, k, v = self._project(x)
-        context = self.memory.read(state, Query(q, frame_positions, t, prompt, prompt_mask))
+        context = self.memory.read(state, Query(q, frame_positions, t, prompt, prompt_mask, frame_meta=frame_meta))
         y = self._attend(q, k, v, context, frame_positions, t)
         if not write:
             return y, state
-        return y, self.memory.write(state, Chunk(k, v, x, frame_positions, t, prompt, prompt_mask))
+        chunk = Chunk(k, v, x, frame_positions, t, prompt, prompt_mask, frame_meta=frame_meta)
+        return y, self.memory.write(state, chunk)
 
     @typechecked
     def step(
@@ -275,6 +282,7 @@ class MemoryAttention(nn.Module):
         prompt_mask: Bool[Tensor, "b p"] | None = None,
         *,
         write: bool = False,
+        frame_meta: Float[Tensor, "b f c"] | None = None,
     ) -> tuple[Float[Tensor, "b n D"], Any]:
         """One call for a host's block: ``(y, state)``, the state written when ``write`` is true.
 
@@ -290,7 +298,7 @@ class MemoryAttention(nn.Module):
             >>> y.shape, int(state.win_valid.sum())
             (torch.Size([1, 4, 32]), 2)
         """
-        return self._step(x, state, frame_positions, prompt, prompt_mask, write=write)
+        return self._step(x, state, frame_positions, prompt, prompt_mask, write=write, frame_meta=frame_meta)
 
     @typechecked
     def forward_and_write(
@@ -300,10 +308,11 @@ class MemoryAttention(nn.Module):
         frame_positions: Int[Tensor, "b f"],
         prompt: Float[Tensor, "b p e"] | None = None,
         prompt_mask: Bool[Tensor, "b p"] | None = None,
+        frame_meta: Float[Tensor, "b f c"] | None = None,
     ) -> tuple[Float[Tensor, "b n D"], Any]:
         """The clean pass of a finished segment: read the memory as ``forward`` does, then
         write the segment (its pre-rotary keys, values and the layer input) into it."""
-        return self._step(x, state, frame_positions, prompt, prompt_mask, write=True)
+        return self._step(x, state, frame_positions, prompt, prompt_mask, write=True, frame_meta=frame_meta)
 
 
 def memory_layers(model: nn.Module) -> list[MemoryAttention]:

@@ -116,6 +116,8 @@ class _Stream:
         frame_positions: rotary positions ``(b f)`` (frame indices, or the camera's place).
         mem_prompt, mem_mask: the projected prompt the memories retrieve by, ``(b p D)``, ``(b p)``.
         cross_ctx: keys and mask of the prompt cross-attention (``prompt_mode="cross"``).
+        frame_meta: per-frame metadata for the memories ``(b f 1)``: the camera pose when
+            ``positions="pose"`` (what :class:`memkit.PoseRetrievalMemory` retrieves by), else None.
     """
 
     h: Tensor
@@ -124,6 +126,7 @@ class _Stream:
     mem_prompt: Tensor | None
     mem_mask: Tensor | None
     cross_ctx: tuple[Tensor, Tensor] | None
+    frame_meta: Tensor | None = None
 
     def first(self, k: int) -> "_Stream":
         """The first ``k`` items of the batch."""
@@ -133,7 +136,7 @@ class _Stream:
 
         cross = None if self.cross_ctx is None else (self.cross_ctx[0][:k], self.cross_ctx[1][:k])
         h, cond, positions = self.h[:k], self.cond[:k], self.frame_positions[:k]
-        return _Stream(h, cond, positions, cut(self.mem_prompt), cut(self.mem_mask), cross)
+        return _Stream(h, cond, positions, cut(self.mem_prompt), cut(self.mem_mask), cross, cut(self.frame_meta))
 
 
 class MALTBlock(nn.Module):
@@ -177,6 +180,7 @@ class MALTBlock(nn.Module):
         mem_prompt: Tensor | None,
         mem_prompt_mask: Tensor | None,
         cross_ctx: tuple[Tensor, Tensor] | None,
+        frame_meta: Tensor | None = None,
     ) -> tuple[Tensor, Any]:
         t = h.shape[1] // frame_positions.shape[1]
         mod = self.ada(cond).repeat_interleave(t, dim=1)  # (b n 6D)
@@ -185,7 +189,9 @@ class MALTBlock(nn.Module):
         if self.layer_text_keys and self.cross is not None and mem_prompt is not None:
             # this block's own text keys (the key half of its cross-attention projection), as MemFlow scores its bank
             mem_prompt = self.cross.to_kv(mem_prompt)[..., : mem_prompt.shape[-1]]
-        a, state = self.attn.step(x, state, frame_positions, mem_prompt, mem_prompt_mask, write=write)
+        a, state = self.attn.step(
+            x, state, frame_positions, mem_prompt, mem_prompt_mask, write=write, frame_meta=frame_meta
+        )
         h = h + gate1 * a
         if self.cross is not None and cross_ctx is not None:
             h = h + self.cross(self.norm_cross(h), *cross_ctx)
@@ -354,8 +360,10 @@ class MALTNetwork(nn.Module):
         c = self.config
         if at_door():  # the network is the door: its blocks and layers trust what it hands them
             self._check_inputs(x, frame_positions, prompt, actions)
+        frame_meta = None
         if c.positions == "pose" and actions is not None:
             frame_positions = self.pose_positions(actions)
+            frame_meta = actions[:, :: c.tubelet, -1:].float()  # the pose, for memories that retrieve by it
         if len(states) != c.depth:
             raise ShapeError(f"states: expected one state per block ({c.depth}), got {len(states)}")
         b, f = x.shape[0], c.token_frames
@@ -399,7 +407,7 @@ class MALTNetwork(nn.Module):
                 if prompt is not None:
                     kmask = torch.cat([kmask, mask & use[:, None]], dim=1)
                 cross_ctx = (keys, kmask)
-        return _Stream(h, cond, frame_positions, mem_prompt, mem_mask, cross_ctx)
+        return _Stream(h, cond, frame_positions, mem_prompt, mem_mask, cross_ctx, frame_meta)
 
     def _blocks(
         self, s: "_Stream", states: tuple[Any, ...], blocks: range, *, write: bool
@@ -417,6 +425,7 @@ class MALTNetwork(nn.Module):
                 mem_prompt=s.mem_prompt,
                 mem_prompt_mask=s.mem_mask,
                 cross_ctx=s.cross_ctx,
+                frame_meta=s.frame_meta,
             )
         return dataclasses.replace(s, h=h), tuple(new_states)
 
