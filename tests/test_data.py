@@ -33,7 +33,7 @@ from memkit.data import (
     scene_clip,
     scene_sequence,
 )
-from memkit.data import revisit as revisit_module
+from memkit.data import canvas as canvas_module
 from memkit.errors import DataError
 
 seeds = st.integers(0, 2**31 - 1)
@@ -218,7 +218,7 @@ def test_photos_load_offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setattr(socket, "create_connection", no_network)
-    revisit_module._load_photo_cached.cache_clear()
+    canvas_module._load_photo_cached.cache_clear()
     for name in PHOTOS:
         photo = load_photo(name)
         assert photo.ndim == 3 and photo.shape[2] == 3 and min(photo.shape[:2]) >= 150, name
@@ -245,13 +245,13 @@ def test_photo_canvas_offsets_and_revisit_clip_from_a_photo() -> None:
 
 
 def test_photos_without_scikit_image_say_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    revisit_module._load_photo_cached.cache_clear()
+    canvas_module._load_photo_cached.cache_clear()
     monkeypatch.setitem(sys.modules, "skimage", None)
     monkeypatch.setitem(sys.modules, "skimage.data", None)
     with pytest.raises(DataError, match=r"need scikit-image.*pip install 'memkit-video\[video\]'"):
         load_photo("coffee")
     monkeypatch.undo()
-    revisit_module._load_photo_cached.cache_clear()
+    canvas_module._load_photo_cached.cache_clear()
 
 
 # --------------------------------------------------------------------------- scenes world

@@ -1,7 +1,8 @@
 """Data for training and testing memories: synthetic worlds and a loader for your own latents.
 
 * the ``revisit`` world (:mod:`memkit.data.revisit`): a camera pans over a wide canvas and
-  comes back; returning frames must match what was shown before;
+  comes back; returning frames must match what was shown before (its canvases, camera and
+  rendering in :mod:`memkit.data.canvas`, :mod:`memkit.data.camera`, :mod:`memkit.data.render`);
 * the ``scenes`` world (:mod:`memkit.data.scenes`): prompts switch between scenes and a
   scene's content must come back with its prompt;
 * :class:`WorldDataset`: either world as a ``torch.utils.data.Dataset``;

@@ -16,7 +16,9 @@ import torch
 from torch import Tensor
 
 from memkit.data._common import FrameSize, check_int, check_seed, child_seed, frame_hw, random_prompt
-from memkit.data.revisit import camera_actions, make_canvas, render
+from memkit.data.camera import camera_actions
+from memkit.data.canvas import make_canvas
+from memkit.data.render import render
 from memkit.errors import DataError
 
 __all__ = ["scene_sequence", "SceneClip", "scene_clip", "SceneWorld"]
