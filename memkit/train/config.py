@@ -241,4 +241,8 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "demo-sparse_kv": _demo({"name": "sparse_kv", "kwargs": {"capacity": 16, "top_k": 4}}),
     "demo-recurrent": _demo({"name": "recurrent", "kwargs": {"slots": 32}}),
     "demo-fifo": _demo({"name": "fifo", "kwargs": {"frames": 3}}),
+    # MALT's memory as far as the paper establishes it (docs/memories/recurrent.md): each memory
+    # layer attends to the previous clean segment's keys/values, computed by the same network
+    # (Transformer-XL recurrence), trained with stop-gradient across segments
+    "demo-malt": _demo({"name": "fifo", "kwargs": {"frames": 1}}, truncate_segments=1),
 }
