@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 import memkit
 from benchmarks.common import Section, interleave, ratio_stats, rolling_median
-from benchmarks.roster import Entry, Geometry
+from benchmarks.markdown import fmt, image, notes, skipped, table, value_range
+from benchmarks.roster import FULL_HISTORY, Entry, Geometry
 
 
 @dataclasses.dataclass
@@ -414,3 +415,95 @@ def backbone_cost(entries: list[Entry], cfg: Any, st: StreamSettings) -> Section
         del host
         gc.collect()
     return sec
+
+
+# --------------------------------------------------------------------------- report
+
+
+def cost_plots(
+    results: dict[str, Any], save: Callable[[Any, str], None], plt: Any, color: Callable[[str], Any]
+) -> None:
+    """The two cost plots (time per segment and state bytes against length), one per level."""
+    for key, title in (("cost_layer", "one memory layer"), ("cost_backbone", "whole backbone")):
+        series = results["sections"].get(key, {}).get("series", {})
+        if not series:
+            continue
+        fig, (ax_t, ax_b) = plt.subplots(1, 2, figsize=(11, 4.2))
+        for name, s in series.items():
+            style = "--" if name == FULL_HISTORY else "-"
+            ax_t.plot(s["segment"], s["ms_smooth"], style, color=color(name), label=name, lw=1.2)
+            nz = [(x, y) for x, y in zip(s["segment"], s["state_bytes"], strict=True) if y > 0]
+            if nz:
+                ax_b.plot([x for x, _ in nz], [y for _, y in nz], style, color=color(name), lw=1.6)
+        ax_t.set(xscale="log", yscale="log", xlabel="segment", ylabel="ms per segment (rolling median of 9)")
+        ax_t.set_title(f"Time per segment: {title}")
+        ax_b.set(xscale="log", yscale="log", xlabel="segment", ylabel="state bytes")
+        ax_b.set_title("State size (NoMemory: 0 bytes, not drawn)")
+        ax_t.legend(loc="upper left", fontsize=7)
+        save(fig, f"{key}.png")
+
+
+def render_cost(
+    add: Callable[[str], None], sec: dict[str, Any] | None, key: str, plots: list[str], image_dir: str, title: str
+) -> None:
+    if skipped(add, sec, title):
+        return
+    assert sec is not None
+    cfg = sec["config"]
+    st = cfg["stream"]
+    add(f"## {title}\n")
+    add(f"Level: {cfg['level']}. A segment: {cfg['segment']}. Segments 1 to {st['segments']}.\n")
+    image(add, plots, f"{key}.png", image_dir, title)
+    figs = sec["figures"]
+    mems = list(sec["series"])
+    points = sorted({f["params"]["segment"] for f in figs if f["name"] == "ms_per_segment"})
+    show = [p for p in points if p in (1, 4, 16, 64, 256, 1024, st["reference"]) or p == points[-1]]
+    rows = []
+    for mem in mems:
+
+        def get(name: str, mem: str = mem, **p: Any) -> dict[str, Any] | None:
+            return next(
+                (
+                    f
+                    for f in figs
+                    if f["name"] == name
+                    and f["params"].get("memory") == mem
+                    and all(f["params"].get(k) == v for k, v in p.items())
+                ),
+                None,
+            )
+
+        ms = [fmt((get("ms_per_segment", segment=p) or {}).get("value")) for p in show]
+        ratio = get("ratio_last_vs_ref")
+        stream_ratio = get("stream_ratio_last_vs_ref")
+        first, last = get("state_bytes_first"), get("state_bytes_last")
+        distinct = get("state_bytes_distinct")
+        capped = sec["series"][mem].get("capped_at")
+        rows.append(
+            [
+                mem + (f" (stopped at {capped})" if capped else ""),
+                *ms,
+                value_range(ratio),
+                value_range(stream_ratio),
+                fmt(int(first["value"]) if first else None),
+                fmt(int(last["value"]) if last else None),
+                "yes" if distinct and distinct["value"] == 1 else "**no**",
+            ]
+        )
+    headers = [
+        "memory",
+        *[f"ms @ {p}" for p in show],
+        f"replay ratio last/{st['reference']}",
+        "stream ratio",
+        "state bytes @ 1",
+        "state bytes @ last",
+        "constant",
+    ]
+    add(table(headers, rows) + "\n")
+    add(
+        f"ms @ N: rolling median of 9 segments around segment N, as streamed. Replay ratio: the segments "
+        f"around the last one and around segment {st['reference']} re-run from kept states, taking turns "
+        f"({st['window']}-segment windows, {st['replay_rounds']} pass(es) each); this is the figure the target uses. "
+        "Stream ratio: the same from the stream itself (not interleaved, so load changes show).\n"
+    )
+    notes(add, sec)

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import ROOT, Section, checkpoint_folders
+from benchmarks.markdown import fmt, image, notes, skipped, table
 
 #: The bucket the targets are judged at (a run shorter than that judges its longest bucket).
 TARGET_MULTIPLE = 4
@@ -689,10 +690,8 @@ def length_plots(sec: dict[str, Any] | None, save: Callable[[Any, str], None], p
 
 def render_length(add: Callable[[str], None], sec: dict[str, Any] | None, plots: list[str], image_dir: str) -> None:
     """The section of the benchmarks page."""
-    from benchmarks.report import _fmt, _image, _notes, _skipped, _table
-
     title = "4c. Quality along length and revisit lag"
-    if _skipped(add, sec, title):
+    if skipped(add, sec, title):
         return
     assert sec is not None
     cfg = sec["config"]
@@ -724,8 +723,8 @@ def render_length(add: Callable[[str], None], sec: dict[str, Any] | None, plots:
         verdict = {"holds": "holds", "falls short": "**falls short**", "not measured": "not measured"}[t["status"]]
         asks = f"{t['op']} {t['threshold']:.0%}" if t["unit"] == "fraction" else f"{t['op']} {t['threshold']:+g} dB"
         rows.append([t["what"], t["canvases"], asks, value, verdict, (f or {}).get("detail") or t["why"] or "-"])
-    add(_table(["target", "canvases", "asks", "measured", "verdict", "from"], rows) + "\n")
-    _image(add, plots, "length_psnr_per_byte.png", image_dir, f"PSNR at {at} vs state bytes")
+    add(table(["target", "canvases", "asks", "measured", "verdict", "from"], rows) + "\n")
+    image(add, plots, "length_psnr_per_byte.png", image_dir, f"PSNR at {at} vs state bytes")
 
     def get(name: str, m: dict[str, Any], **p: Any) -> dict[str, Any] | None:
         return next(
@@ -741,7 +740,7 @@ def render_length(add: Callable[[str], None], sec: dict[str, Any] | None, plots:
         )
 
     def val(f: dict[str, Any] | None, unit: str = "") -> str:
-        return "-" if f is None else _fmt(float(f["value"]), unit)
+        return "-" if f is None else fmt(float(f["value"]), unit)
 
     mems = []
     greys: list[Any] = []
@@ -769,7 +768,7 @@ def render_length(add: Callable[[str], None], sec: dict[str, Any] | None, plots:
         )
     photo_cols = [f"PSNR {b} photos" for b in photo_buckets]
     add(
-        _table(
+        table(
             [
                 "memory",
                 "weights",
@@ -789,8 +788,8 @@ def render_length(add: Callable[[str], None], sec: dict[str, Any] | None, plots:
         "nearest context frame shows their place (chance: 1/P). ms / frame: wall time per generated frame for the "
         f"whole batch of {cfg['clips_per_memory']} clips, on this run's threads.\n"
     )
-    _image(add, plots, "length_psnr_by_length.png", image_dir, "PSNR along length")
-    _image(add, plots, "length_psnr_by_lag.png", image_dir, "PSNR along revisit lag")
+    image(add, plots, "length_psnr_by_length.png", image_dir, "PSNR along length")
+    image(add, plots, "length_psnr_by_lag.png", image_dir, "PSNR along revisit lag")
     lags = cfg["lag_buckets"]
     rows = []
     for m in mems:
@@ -801,14 +800,14 @@ def render_length(add: Callable[[str], None], sec: dict[str, Any] | None, plots:
                 m["label"],
                 m["weights"],
                 held,
-                *[_fmt(got[lab]) if lab in got else "-" for lab in lags],
+                *[fmt(got[lab]) if lab in got else "-" for lab in lags],
                 val(get("psnr_within_window", m)),
                 val(get("psnr_beyond_window", m)),
             ]
         )
     frames = {lab: n for lab, _, n in mems[0]["by_lag"]} if mems else {}
     add(
-        _table(
+        table(
             [
                 "memory",
                 "weights",
@@ -834,8 +833,8 @@ def render_length(add: Callable[[str], None], sec: dict[str, Any] | None, plots:
         cells = []
         for fam in families:
             p, r = get("psnr_family", m, family=fam), get("recall_family", m, family=fam)
-            cells.append(val(p) + ("" if r is None else f" ({_fmt(float(r['value']), 'fraction')})"))
+            cells.append(val(p) + ("" if r is None else f" ({fmt(float(r['value']), 'fraction')})"))
         rows.append([m["label"], m["weights"], *cells])
     add(f"**Per path family at {at}** (PSNR dB, place recall in parentheses; both canvas kinds)\n")
-    add(_table(["memory", "weights", *families], rows) + "\n")
-    _notes(add, sec)
+    add(table(["memory", "weights", *families], rows) + "\n")
+    notes(add, sec)

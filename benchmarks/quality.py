@@ -24,6 +24,7 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from tqdm import tqdm
 
 import memkit
 from benchmarks.common import ROOT, Section, checkpoint_folders
+from benchmarks.markdown import fmt, notes, skipped, table
 from benchmarks.roster import roster
 
 
@@ -329,3 +331,45 @@ def _geometry(cfg: Any) -> Any:
 
     capacity = int(cfg.memory.kwargs.get("capacity", 16)) if cfg.memory.name == "sparse_kv" else 16
     return backbone_geometry(cfg, capacity)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def render_quality(add: Callable[[str], None], sec: dict[str, Any] | None, ret: dict[str, Any] | None) -> None:
+    title = "4. Quality with the trained backbone"
+    if not skipped(add, sec, title):
+        assert sec is not None
+        add(f"## {title}\n")
+        figs = sec["figures"]
+        rows = []
+        for f in figs:
+            if f["name"] in ("psnr_revisited", "psnr_returning_scene"):
+                allg = next((x for x in figs if x["name"] == "psnr_all_generated" and x["params"] == f["params"]), None)
+                rows.append(
+                    [
+                        f["params"]["checkpoint"],
+                        f["params"]["memory"],
+                        f["name"].replace("psnr_", ""),
+                        fmt(f["value"]),
+                        fmt(allg["value"]) if allg else "-",
+                    ]
+                )
+        add(table(["checkpoint", "memory", "frames", "PSNR dB", "PSNR dB, all generated"], rows) + "\n")
+        notes(add, sec)
+    title = "4b. PromptBank retrieval precision"
+    if not skipped(add, ret, title):
+        assert ret is not None
+        add(f"## {title}\n")
+        cfg = ret["config"]
+        add(
+            f"Memory level, scenes world: {cfg['world']}; {cfg['memory']}. Keys: {cfg['keys']}. Evaluated: "
+            f"{cfg['evaluated']}.\n"
+        )
+        rows = []
+        for name in ("precision_at_r", "precision_all", "available"):
+            f = next((x for x in ret["figures"] if x["name"] == name), None)
+            if f:
+                rows.append([name, fmt(f["value"], "fraction"), str(f.get("n", "-")), cfg[name]])
+        add(table(["figure", "value", "reads or frames", "meaning"], rows) + "\n")
+        notes(add, ret)

@@ -1,46 +1,30 @@
 """From results to verdicts, plots and the Markdown page.
 
+Each section renders its own part of the page and draws its own plots (``render_*`` and
+``*_plot(s)`` in the section's module); this module judges the targets and assembles them.
+
 Targets are checked here and only here. A target that is missed is reported as missed
 (never dropped, never failing the run), with a short explanation written from a template
 keyed on the target's name; a target whose figure was not measured says so.
 """
 
 import math
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.roster import COMPOSED, FULL_HISTORY
+from benchmarks.cost import cost_plots, render_cost
+from benchmarks.length import length_plots, length_targets, render_length
+from benchmarks.markdown import STATUS, figures, find, fmt, fmt_load, overhead_host, primary_steps, table
+from benchmarks.overhead import overhead_plot, render_overhead
+from benchmarks.quality import render_quality
+from benchmarks.roster import COMPOSED
+from benchmarks.rss import render_rss
+from benchmarks.soak import render_soak
+from benchmarks.sparse import render_sparse, sparse_plot
 
 LIMIT_COST = 1.10
 
 # --------------------------------------------------------------------------- lookups
-
-
-def figures(results: dict[str, Any], section: str) -> list[dict[str, Any]]:
-    sec = results["sections"].get(section)
-    return list(sec["figures"]) if sec else []
-
-
-def find(results: dict[str, Any], section: str, name: str, **params: Any) -> dict[str, Any] | None:
-    for f in figures(results, section):
-        if f["name"] == name and all(f["params"].get(k) == v for k, v in params.items()):
-            return f
-    return None
-
-
-def primary_steps(results: dict[str, Any]) -> int | None:
-    sec = results["sections"].get("overhead")
-    if not sec or not sec.get("config", {}).get("settings"):
-        return None
-    return int(sec["config"]["settings"]["steps"][0])
-
-
-def overhead_host(results: dict[str, Any]) -> str:
-    for f in figures(results, "overhead"):
-        if f["params"].get("host") in ("backbone", "tiny"):
-            return str(f["params"]["host"])
-    return "backbone"
 
 
 # --------------------------------------------------------------------------- targets
@@ -253,8 +237,6 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 missing=_missing(results, "retrieval", "PromptBank"),
             )
         )
-    from benchmarks.length import length_targets  # the length section judges its own targets (issue 11)
-
     out.extend(length_targets(results))
     return out
 
@@ -294,99 +276,14 @@ def make_plots(results: dict[str, Any], directory: Path) -> list[str]:
     def color(name: str) -> Any:
         return palette[order.index(name) % len(palette)] if name in order else "k"
 
-    for key, title in (("cost_layer", "one memory layer"), ("cost_backbone", "whole backbone")):
-        series = results["sections"].get(key, {}).get("series", {})
-        if not series:
-            continue
-        fig, (ax_t, ax_b) = plt.subplots(1, 2, figsize=(11, 4.2))
-        for name, s in series.items():
-            style = "--" if name == FULL_HISTORY else "-"
-            ax_t.plot(s["segment"], s["ms_smooth"], style, color=color(name), label=name, lw=1.2)
-            nz = [(x, y) for x, y in zip(s["segment"], s["state_bytes"], strict=True) if y > 0]
-            if nz:
-                ax_b.plot([x for x, _ in nz], [y for _, y in nz], style, color=color(name), lw=1.6)
-        ax_t.set(xscale="log", yscale="log", xlabel="segment", ylabel="ms per segment (rolling median of 9)")
-        ax_t.set_title(f"Time per segment: {title}")
-        ax_b.set(xscale="log", yscale="log", xlabel="segment", ylabel="state bytes")
-        ax_b.set_title("State size (NoMemory: 0 bytes, not drawn)")
-        ax_t.legend(loc="upper left", fontsize=7)
-        save(fig, f"{key}.png")
-
-    host, steps = overhead_host(results), primary_steps(results)
-    rows = [
-        f
-        for f in figures(results, "overhead")
-        if f["name"] == "ratio_vs_NoMemory" and f["params"].get("host") == host and f["params"].get("steps") == steps
-    ]
-    if rows:
-        fig, ax = plt.subplots(figsize=(7.5, 3.8))
-        names = [r["params"]["memory"] for r in rows]
-        vals = [r["value"] for r in rows]
-        lo = [r["value"] - r.get("min", r["value"]) for r in rows]
-        hi = [r.get("max", r["value"]) - r["value"] for r in rows]
-        ax.barh(names, vals, xerr=[lo, hi], color="#5c6bc0", capsize=3)
-        ax.axvline(1.0, color="k", lw=0.8)
-        ax.axvline(1.12, color="#e53935", ls="--", lw=1, label="target 1.12 (PromptBank+SparseKV)")
-        ax.axvline(1.10, color="#fb8c00", ls=":", lw=1, label="target 1.10 (Recurrent)")
-        ax.set_xlabel("per-segment time / NoMemory (bars: min-max over rounds)")
-        ax.set_title(f"Overhead over NoMemory ({host}, {steps} steps per segment)", fontsize=10)
-        ax.invert_yaxis()
-        ax.legend(fontsize=7)
-        save(fig, "overhead.png")
-
-    sp = [f for f in figures(results, "sparse") if f["name"] == "speedup"]
-    if sp:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for k in sorted({f["params"]["top_k"] for f in sp}):
-            pts = sorted((f["params"]["capacity"], f["value"]) for f in sp if f["params"]["top_k"] == k)
-            ax.plot([c for c, _ in pts], [v for _, v in pts], "o-", label=f"k = {k}")
-        ax.axhline(8.0, color="#e53935", ls="--", lw=1, label="target 8x (at capacity 256, k = 8)")
-        ax.set(xscale="log", yscale="log", xlabel="capacity (frames in the ring)", ylabel="dense time / sparse time")
-        ax.set_title("SparseKV read + attend vs dense attention")
-        ax.legend(fontsize=7)
-        save(fig, "sparse.png")
-    from benchmarks.length import length_plots
-
+    cost_plots(results, save, plt, color)
+    overhead_plot(results, save, plt)
+    sparse_plot(results, save, plt)
     length_plots(results["sections"].get("length"), save, plt)
     return written
 
 
 # --------------------------------------------------------------------------- Markdown
-
-
-def _fmt(x: Any, unit: str = "") -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, float):
-        if unit == "fraction":
-            return f"{x:.0%}"
-        if abs(x) >= 1000:
-            return f"{x:,.0f}"
-        if abs(x) >= 100:
-            return f"{x:.0f}"
-        if abs(x) >= 10:
-            return f"{x:.1f}"
-        return f"{x:.2f}"
-    if isinstance(x, int):
-        return f"{x:,}"
-    return str(x)
-
-
-def _range(f: dict[str, Any] | None, unit: str = "") -> str:
-    if f is None:
-        return "-"
-    if "min" in f:
-        return f"{_fmt(f['value'], unit)} ({_fmt(f['min'], unit)}-{_fmt(f['max'], unit)})"
-    return _fmt(f["value"], unit)
-
-
-def _table(headers: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-STATUS = {"holds": "holds", "falls short": "**falls short**", "not measured": "not measured"}
 
 
 def render_page(
@@ -408,8 +305,8 @@ def render_page(
         f"`{m['platform']}`, {m['cpu_count']} CPUs ({m['cpus_usable']} usable), torch {m['torch']}, "
         f"**{results['settings']['threads']} thread(s)** (`torch.set_num_threads`), float32, batch 1, shape "
         f"checking {'on' if m['typecheck'] else 'off'}, memkit {m['memkit']} ({m.get('git_commit') or 'no git'}). "
-        f"Load average at the start: {_fmt_load(m.get('load_average_start'))}; at the end: "
-        f"{_fmt_load(results.get('load_average_end'))}.\n"
+        f"Load average at the start: {fmt_load(m.get('load_average_start'))}; at the end: "
+        f"{fmt_load(results.get('load_average_end'))}.\n"
     )
     merged = results.get("merged_into")
     if merged:
@@ -437,7 +334,7 @@ def render_page(
         for t in targets
         if not t["name"].startswith("state bytes constant")
     ]
-    add(_table(["target", "asks", "measured", "verdict"], rows) + "\n")
+    add(table(["target", "asks", "measured", "verdict"], rows) + "\n")
     const = [t for t in targets if t["name"].startswith("state bytes constant")]
     if const:
         ok = [t for t in const if t["status"] == "holds"]
@@ -469,10 +366,10 @@ def render_page(
         "baseline lives in `benchmarks/` (it breaks memkit's fixed-shape rule on purpose). Sizes below are "
         "for the layer geometry; each level builds them for its own geometry.\n"
     )
-    add(_table(["memory", "configuration", "bounded", "available"], roster_rows) + "\n")
+    add(table(["memory", "configuration", "bounded", "available"], roster_rows) + "\n")
 
-    _cost_section(add, secs.get("cost_layer"), "cost_layer", plots, image_dir, "1. Cost vs video length: one layer")
-    _cost_section(
+    render_cost(add, secs.get("cost_layer"), "cost_layer", plots, image_dir, "1. Cost vs video length: one layer")
+    render_cost(
         add,
         secs.get("cost_backbone"),
         "cost_backbone",
@@ -480,14 +377,12 @@ def render_page(
         image_dir,
         "1b. Cost vs video length: the whole backbone",
     )
-    _overhead_section(add, secs.get("overhead"), results, plots, image_dir)
-    _sparse_section(add, secs.get("sparse"), secs.get("attend_efficiency"), plots, image_dir)
-    _quality_section(add, secs.get("quality"), secs.get("retrieval"))
-    from benchmarks.length import render_length
-
+    render_overhead(add, secs.get("overhead"), results, plots, image_dir)
+    render_sparse(add, secs.get("sparse"), secs.get("attend_efficiency"), plots, image_dir)
+    render_quality(add, secs.get("quality"), secs.get("retrieval"))
     render_length(add, secs.get("length"), plots, image_dir)
-    _rss_section(add, secs.get("rss"))
-    _soak_section(add, soak)
+    render_rss(add, secs.get("rss"))
+    render_soak(add, soak)
     add("## Reproduce\n")
     add(
         "```bash\n"
@@ -504,10 +399,6 @@ def render_page(
     return "\n".join(out).rstrip() + "\n"
 
 
-def _fmt_load(x: Any) -> str:
-    return "n/a" if not x else " / ".join(f"{v:.1f}" for v in x)
-
-
 def _fmt_target_value(t: dict[str, Any]) -> str:
     if t["value"] is None:
         return "-"
@@ -518,318 +409,10 @@ def _fmt_target_value(t: dict[str, Any]) -> str:
         "length_recurrent_recall_pauses",
     )
     unit = "fraction" if t["key"] in fractions else ""
-    v = _fmt(t["value"], unit)
+    v = fmt(t["value"], unit)
     if t.get("min") is not None:
-        v += f" ({_fmt(t['min'], unit)}-{_fmt(t['max'], unit)})"
+        v += f" ({fmt(t['min'], unit)}-{fmt(t['max'], unit)})"
     return v
-
-
-def _notes(add: Callable[[str], None], sec: dict[str, Any] | None) -> None:
-    if sec and sec.get("notes"):
-        add("Notes:\n")
-        for n in sec["notes"]:
-            add(f"- {n}")
-        add("")
-
-
-def _skipped(add: Callable[[str], None], sec: dict[str, Any] | None, title: str) -> bool:
-    if sec is None or sec.get("status") == "skipped":
-        add(f"## {title}\n")
-        reason = "; ".join(sec.get("notes", [])) if sec else "this section did not run"
-        add(f"Not measured: {reason}.\n")
-        return True
-    return False
-
-
-def _image(add: Callable[[str], None], plots: list[str], name: str, image_dir: str, alt: str) -> None:
-    if name in plots:
-        add(f"![{alt}]({image_dir}/{name})\n")
-
-
-def _cost_section(
-    add: Callable[[str], None], sec: dict[str, Any] | None, key: str, plots: list[str], image_dir: str, title: str
-) -> None:
-    if _skipped(add, sec, title):
-        return
-    assert sec is not None
-    cfg = sec["config"]
-    st = cfg["stream"]
-    add(f"## {title}\n")
-    add(f"Level: {cfg['level']}. A segment: {cfg['segment']}. Segments 1 to {st['segments']}.\n")
-    _image(add, plots, f"{key}.png", image_dir, title)
-    figs = sec["figures"]
-    mems = list(sec["series"])
-    points = sorted({f["params"]["segment"] for f in figs if f["name"] == "ms_per_segment"})
-    show = [p for p in points if p in (1, 4, 16, 64, 256, 1024, st["reference"]) or p == points[-1]]
-    rows = []
-    for mem in mems:
-
-        def get(name: str, mem: str = mem, **p: Any) -> dict[str, Any] | None:
-            return next(
-                (
-                    f
-                    for f in figs
-                    if f["name"] == name
-                    and f["params"].get("memory") == mem
-                    and all(f["params"].get(k) == v for k, v in p.items())
-                ),
-                None,
-            )
-
-        ms = [_fmt((get("ms_per_segment", segment=p) or {}).get("value")) for p in show]
-        ratio = get("ratio_last_vs_ref")
-        stream_ratio = get("stream_ratio_last_vs_ref")
-        first, last = get("state_bytes_first"), get("state_bytes_last")
-        distinct = get("state_bytes_distinct")
-        capped = sec["series"][mem].get("capped_at")
-        rows.append(
-            [
-                mem + (f" (stopped at {capped})" if capped else ""),
-                *ms,
-                _range(ratio),
-                _range(stream_ratio),
-                _fmt(int(first["value"]) if first else None),
-                _fmt(int(last["value"]) if last else None),
-                "yes" if distinct and distinct["value"] == 1 else "**no**",
-            ]
-        )
-    headers = [
-        "memory",
-        *[f"ms @ {p}" for p in show],
-        f"replay ratio last/{st['reference']}",
-        "stream ratio",
-        "state bytes @ 1",
-        "state bytes @ last",
-        "constant",
-    ]
-    add(_table(headers, rows) + "\n")
-    add(
-        f"ms @ N: rolling median of 9 segments around segment N, as streamed. Replay ratio: the segments "
-        f"around the last one and around segment {st['reference']} re-run from kept states, taking turns "
-        f"({st['window']}-segment windows, {st['replay_rounds']} pass(es) each); this is the figure the target uses. "
-        "Stream ratio: the same from the stream itself (not interleaved, so load changes show).\n"
-    )
-    _notes(add, sec)
-
-
-def _overhead_section(
-    add: Callable[[str], None], sec: dict[str, Any] | None, results: dict[str, Any], plots: list[str], image_dir: str
-) -> None:
-    title = "2. Overhead vs memory-free baselines"
-    if _skipped(add, sec, title):
-        return
-    assert sec is not None
-    add(f"## {title}\n")
-    cfg = sec["config"]
-    add(f"Host: {cfg['host']}. A segment: {cfg['segment']}. Matched: {cfg['matched']}.\n")
-    _image(add, plots, "overhead.png", image_dir, "overhead vs NoMemory")
-    figs = sec["figures"]
-    combos = []
-    for f in figs:
-        key = (f["params"].get("host"), f["params"].get("steps"))
-        if key not in combos:
-            combos.append(key)
-    for host, steps in combos:
-        mems = [
-            f["params"]["memory"]
-            for f in figs
-            if f["name"] == "ms_per_segment" and f["params"].get("host") == host and f["params"].get("steps") == steps
-        ]
-
-        def get(name: str, mem: str, host: Any = host, steps: Any = steps) -> dict[str, Any] | None:
-            return next(
-                (
-                    f
-                    for f in figs
-                    if f["name"] == name
-                    and f["params"].get("memory") == mem
-                    and f["params"].get("host") == host
-                    and f["params"].get("steps") == steps
-                ),
-                None,
-            )
-
-        rows = []
-        for mem in mems:
-            ms = get("ms_per_segment", mem)
-            rn = get("ratio_vs_NoMemory", mem)
-            rs = get("ratio_vs_SinkWindowMemory", mem)
-            rl = get("ratio_vs_LongLive", mem)
-            fps_drop = f"{1 - 1 / rn['value']:.1%}" if rn else "-"
-            vs = [_range(rn) if rn else "1", _range(rs) if rs else "-", _range(rl) if rl else "-"]
-            rows.append([mem, _range(ms), *vs, fps_drop])
-        label = {"backbone": "backbone", "tiny": "TinySegmentModel host", "layer": "one MemoryAttention"}.get(
-            str(host), str(host)
-        )
-        add(f"**{label}, {steps} denoising steps per segment**\n")
-        header = ["memory", "ms per segment", "x NoMemory", "x SinkWindow", "x LongLive", "FPS drop vs NoMemory"]
-        add(_table(header, rows) + "\n")
-    ref = sec.get("series", {}).get("memflow_time_ratio", {})
-    if ref:
-        add(
-            "For reference, MemFlow on an H100 (Table 3): 23.5 FPS without memory, 20.3 with the frame sink, "
-            f"18.7 with NAM+SMA, i.e. time ratios {ref['NAM+SMA vs frame sink']:.3f} over the sink and "
-            f'{ref["NAM+SMA vs no memory"]:.3f} over no memory (the paper\'s "7.9% slower" is the FPS drop '
-            "against the sink; compare the MemFlow NAM+SMA row's x LongLive). Its no-memory model still keeps "
-            "a local KV window, so it is closer to memkit's FIFOMemory than to NoMemory.\n"
-        )
-    _notes(add, sec)
-
-
-def _sparse_section(
-    add: Callable[[str], None],
-    sec: dict[str, Any] | None,
-    eff: dict[str, Any] | None,
-    plots: list[str],
-    image_dir: str,
-) -> None:
-    title = "3. Sparse vs dense attention over the memory"
-    if not _skipped(add, sec, title):
-        assert sec is not None
-        add(f"## {title}\n")
-        cfg = sec["config"]
-        s = cfg["settings"]
-        add(
-            f"Sparse: {cfg['sparse']}. Dense: {cfg['dense']}. Rotary {cfg['rotary']}. {s['heads']} heads of "
-            f"{s['head_dim']}, {s['tokens_per_frame']} tokens per frame, {cfg['queries_per_segment']} queries "
-            "(one segment), a full ring of random keys.\n"
-        )
-        _image(add, plots, "sparse.png", image_dir, "sparse speed-up")
-        figs = sec["figures"]
-        caps = sorted({f["params"]["capacity"] for f in figs})
-        ks = sorted({f["params"]["top_k"] for f in figs})
-        rows = []
-        for c in caps:
-            dense = next((f for f in figs if f["name"] == "dense_ms" and f["params"]["capacity"] == c), None)
-            row = [str(c), _fmt(dense["value"]) if dense else "-"]
-            for k in ks:
-                f = next(
-                    (f for f in figs if f["name"] == "speedup" and f["params"] == {"capacity": c, "top_k": k}), None
-                )
-                row.append(f"{_fmt(f['value'])}x" if f else "-")
-            rows.append(row)
-        add(_table(["capacity", "dense ms", *[f"k = {k}" for k in ks]], rows) + "\n")
-        _notes(add, sec)
-    title = "3b. Attention efficiency"
-    if not _skipped(add, eff, title):
-        assert eff is not None
-        add(f"## {title}\n")
-        add(f"FLOPs: {eff['config']['flops']}. Peak: {eff['config']['peak']}.\n")
-        figs = eff["figures"]
-        peak = next((f for f in figs if f["name"] == "matmul_peak_gflops"), None)
-        rows = []
-        for f in figs:
-            if f["name"] == "attend_gflops":
-                e = next(x for x in figs if x["name"] == "attend_efficiency" and x["params"] == f["params"])
-                rows.append(
-                    [
-                        str(f["params"]["queries"]),
-                        str(f["params"]["keys"]),
-                        _fmt(f["value"]),
-                        _fmt(e["value"], "fraction"),
-                    ]
-                )
-        add(f"Matmul peak this run: {_fmt(peak['value']) if peak else '-'} GFLOP/s.\n")
-        add(_table(["queries", "keys", "GFLOP/s", "of peak"], rows) + "\n")
-
-
-def _quality_section(add: Callable[[str], None], sec: dict[str, Any] | None, ret: dict[str, Any] | None) -> None:
-    title = "4. Quality with the trained backbone"
-    if not _skipped(add, sec, title):
-        assert sec is not None
-        add(f"## {title}\n")
-        figs = sec["figures"]
-        rows = []
-        for f in figs:
-            if f["name"] in ("psnr_revisited", "psnr_returning_scene"):
-                allg = next((x for x in figs if x["name"] == "psnr_all_generated" and x["params"] == f["params"]), None)
-                rows.append(
-                    [
-                        f["params"]["checkpoint"],
-                        f["params"]["memory"],
-                        f["name"].replace("psnr_", ""),
-                        _fmt(f["value"]),
-                        _fmt(allg["value"]) if allg else "-",
-                    ]
-                )
-        add(_table(["checkpoint", "memory", "frames", "PSNR dB", "PSNR dB, all generated"], rows) + "\n")
-        _notes(add, sec)
-    title = "4b. PromptBank retrieval precision"
-    if not _skipped(add, ret, title):
-        assert ret is not None
-        add(f"## {title}\n")
-        cfg = ret["config"]
-        add(
-            f"Memory level, scenes world: {cfg['world']}; {cfg['memory']}. Keys: {cfg['keys']}. Evaluated: "
-            f"{cfg['evaluated']}.\n"
-        )
-        rows = []
-        for name in ("precision_at_r", "precision_all", "available"):
-            f = next((x for x in ret["figures"] if x["name"] == name), None)
-            if f:
-                rows.append([name, _fmt(f["value"], "fraction"), str(f.get("n", "-")), cfg[name]])
-        add(_table(["figure", "value", "reads or frames", "meaning"], rows) + "\n")
-        _notes(add, ret)
-
-
-def _rss_section(add: Callable[[str], None], sec: dict[str, Any] | None) -> None:
-    title = "5. Resident memory over a long stream"
-    if _skipped(add, sec, title):
-        return
-    assert sec is not None
-    add(f"## {title}\n")
-    c = sec["config"]
-    if "how" in c:
-        add(
-            f"Each memory streams through the backbone (`{c['model']}` size, {c['steps']} denoising step(s) per "
-            f"segment, up to {c['segments']} segments or {c['budget_s']:.0f} s) in a fresh process, so no other "
-            f"measurement's allocations are resident. RSS start: {c['rss_start']}; end: {c['rss_end']}.\n"
-        )
-    figs = sec["figures"]
-    rows = []
-    for f in figs:
-        if f["name"] == "rss_start":
-            p = f["params"]
-
-            def get(name: str, p: dict[str, Any] = p) -> str:
-                x = next((x for x in figs if x["name"] == name and x["params"] == p), None)
-                return _fmt(x["value"]) if x else "-"
-
-            rows.append(
-                [p["memory"], f"{p['from_segment']} -> {p['to_segment']}", _fmt(f["value"]), get("rss_end"),
-                 get("rss_growth"), get("peak_rss"), get("state_mb_end")]
-            )  # fmt: skip
-    headers = ["memory", "segments", "RSS start MiB", "RSS end MiB", "growth MiB", "peak MiB", "state MiB at end"]
-    add(_table(headers, rows) + "\n")
-    _notes(add, sec)
-
-
-def _soak_section(add: Callable[[str], None], soak: dict[str, Any] | None) -> None:
-    add("## 6. Soak: thousands of segments per memory\n")
-    if not soak:
-        add("Not in this report: run `python -m benchmarks.soak --out benchmarks/results/soak.json`.\n")
-        return
-    add(
-        f"`python -m benchmarks.soak` ({soak['date']}): {soak['model']}; {soak['segment']}. Checks: no NaN/Inf in "
-        f"any output or state, the same state bytes after every segment, resident memory less than "
-        f"{soak['rss_limit']:.0%} above its level after warm-up. Verdict: "
-        f"**{'every check holds' if soak['ok'] else 'some checks fail'}**.\n"
-    )
-    rows = []
-    for name, r in soak["memories"].items():
-        failed = [k for k, ok in r["checks"].items() if not ok]
-        rows.append(
-            [name, f"{r['segments']:,}", _fmt(r["ms_per_segment"]), f"{r['state_bytes']:,}",
-             _fmt(r["rss_after_warmup_mib"]), f"{r['rss_growth']:.2%}",
-             f"{r.get('state_absmax_after_warmup', 0):.3g} -> {r.get('state_absmax_end', 0):.3g}",
-             "ok" if not failed else ", ".join(failed)]
-        )  # fmt: skip
-    headers = ["memory", "segments", "ms/segment", "state bytes", "RSS after warm-up MiB", "RSS growth",
-               "max abs value in the state, warm-up -> end", "checks"]  # fmt: skip
-    add(_table(headers, rows) + "\n")
-    for name, why in soak.get("skipped", {}).items():
-        add(f"- {name} skipped: {why}")
-    add("")
 
 
 def summary_lines(targets: list[dict[str, Any]]) -> list[str]:

@@ -12,10 +12,12 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import benchmarks  # noqa: F401  (switches shape checking off before memkit is imported)
 from benchmarks.common import ROOT, Section
+from benchmarks.markdown import fmt, notes, skipped, table
 
 MB = 1024.0 * 1024.0
 
@@ -145,3 +147,38 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# --------------------------------------------------------------------------- report
+
+
+def render_rss(add: Callable[[str], None], sec: dict[str, Any] | None) -> None:
+    title = "5. Resident memory over a long stream"
+    if skipped(add, sec, title):
+        return
+    assert sec is not None
+    add(f"## {title}\n")
+    c = sec["config"]
+    if "how" in c:
+        add(
+            f"Each memory streams through the backbone (`{c['model']}` size, {c['steps']} denoising step(s) per "
+            f"segment, up to {c['segments']} segments or {c['budget_s']:.0f} s) in a fresh process, so no other "
+            f"measurement's allocations are resident. RSS start: {c['rss_start']}; end: {c['rss_end']}.\n"
+        )
+    figs = sec["figures"]
+    rows = []
+    for f in figs:
+        if f["name"] == "rss_start":
+            p = f["params"]
+
+            def get(name: str, p: dict[str, Any] = p) -> str:
+                x = next((x for x in figs if x["name"] == name and x["params"] == p), None)
+                return fmt(x["value"]) if x else "-"
+
+            rows.append(
+                [p["memory"], f"{p['from_segment']} -> {p['to_segment']}", fmt(f["value"]), get("rss_end"),
+                 get("rss_growth"), get("peak_rss"), get("state_mb_end")]
+            )  # fmt: skip
+    headers = ["memory", "segments", "RSS start MiB", "RSS end MiB", "growth MiB", "peak MiB", "state MiB at end"]
+    add(table(headers, rows) + "\n")
+    notes(add, sec)

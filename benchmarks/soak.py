@@ -21,6 +21,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,7 +29,9 @@ from tqdm import tqdm
 
 import benchmarks  # noqa: F401  (switches shape checking off before memkit is imported)
 import memkit
+from benchmarks import markdown
 from benchmarks.common import machine, now_iso, rss_bytes
+from benchmarks.markdown import fmt
 from benchmarks.roster import Geometry, roster
 from memkit.models.tiny import TinySegmentModel
 
@@ -192,3 +195,34 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# --------------------------------------------------------------------------- report
+
+
+def render_soak(add: Callable[[str], None], soak: dict[str, Any] | None) -> None:
+    add("## 6. Soak: thousands of segments per memory\n")
+    if not soak:
+        add("Not in this report: run `python -m benchmarks.soak --out benchmarks/results/soak.json`.\n")
+        return
+    add(
+        f"`python -m benchmarks.soak` ({soak['date']}): {soak['model']}; {soak['segment']}. Checks: no NaN/Inf in "
+        f"any output or state, the same state bytes after every segment, resident memory less than "
+        f"{soak['rss_limit']:.0%} above its level after warm-up. Verdict: "
+        f"**{'every check holds' if soak['ok'] else 'some checks fail'}**.\n"
+    )
+    rows = []
+    for name, r in soak["memories"].items():
+        failed = [k for k, ok in r["checks"].items() if not ok]
+        rows.append(
+            [name, f"{r['segments']:,}", fmt(r["ms_per_segment"]), f"{r['state_bytes']:,}",
+             fmt(r["rss_after_warmup_mib"]), f"{r['rss_growth']:.2%}",
+             f"{r.get('state_absmax_after_warmup', 0):.3g} -> {r.get('state_absmax_end', 0):.3g}",
+             "ok" if not failed else ", ".join(failed)]
+        )  # fmt: skip
+    headers = ["memory", "segments", "ms/segment", "state bytes", "RSS after warm-up MiB", "RSS growth",
+               "max abs value in the state, warm-up -> end", "checks"]  # fmt: skip
+    add(markdown.table(headers, rows) + "\n")
+    for name, why in soak.get("skipped", {}).items():
+        add(f"- {name} skipped: {why}")
+    add("")

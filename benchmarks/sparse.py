@@ -16,6 +16,7 @@ best of ``torch.mm`` on square matrices of a few sizes.
 """
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from tqdm import tqdm
 
 import memkit
 from benchmarks.common import Section, interleave, ratio_stats, stats
+from benchmarks.markdown import figures, fmt, image, notes, skipped, table
 from memkit.memories.frames import frames_to_context
 
 
@@ -155,3 +157,78 @@ def attend_efficiency(st: SparseSettings) -> Section:
         sec.add("attend_gflops", gflops, "GFLOP/s", params=p)
         sec.add("attend_efficiency", gflops / peak, "fraction", params=p, note="attend GFLOP/s / matmul peak")
     return sec
+
+
+# --------------------------------------------------------------------------- report
+
+
+def sparse_plot(results: dict[str, Any], save: Callable[[Any, str], None], plt: Any) -> None:
+    """The sparse speed-up against capacity, one line per top-k."""
+    sp = [f for f in figures(results, "sparse") if f["name"] == "speedup"]
+    if sp:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for k in sorted({f["params"]["top_k"] for f in sp}):
+            pts = sorted((f["params"]["capacity"], f["value"]) for f in sp if f["params"]["top_k"] == k)
+            ax.plot([c for c, _ in pts], [v for _, v in pts], "o-", label=f"k = {k}")
+        ax.axhline(8.0, color="#e53935", ls="--", lw=1, label="target 8x (at capacity 256, k = 8)")
+        ax.set(xscale="log", yscale="log", xlabel="capacity (frames in the ring)", ylabel="dense time / sparse time")
+        ax.set_title("SparseKV read + attend vs dense attention")
+        ax.legend(fontsize=7)
+        save(fig, "sparse.png")
+
+
+def render_sparse(
+    add: Callable[[str], None],
+    sec: dict[str, Any] | None,
+    eff: dict[str, Any] | None,
+    plots: list[str],
+    image_dir: str,
+) -> None:
+    title = "3. Sparse vs dense attention over the memory"
+    if not skipped(add, sec, title):
+        assert sec is not None
+        add(f"## {title}\n")
+        cfg = sec["config"]
+        s = cfg["settings"]
+        add(
+            f"Sparse: {cfg['sparse']}. Dense: {cfg['dense']}. Rotary {cfg['rotary']}. {s['heads']} heads of "
+            f"{s['head_dim']}, {s['tokens_per_frame']} tokens per frame, {cfg['queries_per_segment']} queries "
+            "(one segment), a full ring of random keys.\n"
+        )
+        image(add, plots, "sparse.png", image_dir, "sparse speed-up")
+        figs = sec["figures"]
+        caps = sorted({f["params"]["capacity"] for f in figs})
+        ks = sorted({f["params"]["top_k"] for f in figs})
+        rows = []
+        for c in caps:
+            dense = next((f for f in figs if f["name"] == "dense_ms" and f["params"]["capacity"] == c), None)
+            row = [str(c), fmt(dense["value"]) if dense else "-"]
+            for k in ks:
+                f = next(
+                    (f for f in figs if f["name"] == "speedup" and f["params"] == {"capacity": c, "top_k": k}), None
+                )
+                row.append(f"{fmt(f['value'])}x" if f else "-")
+            rows.append(row)
+        add(table(["capacity", "dense ms", *[f"k = {k}" for k in ks]], rows) + "\n")
+        notes(add, sec)
+    title = "3b. Attention efficiency"
+    if not skipped(add, eff, title):
+        assert eff is not None
+        add(f"## {title}\n")
+        add(f"FLOPs: {eff['config']['flops']}. Peak: {eff['config']['peak']}.\n")
+        figs = eff["figures"]
+        peak = next((f for f in figs if f["name"] == "matmul_peak_gflops"), None)
+        rows = []
+        for f in figs:
+            if f["name"] == "attend_gflops":
+                e = next(x for x in figs if x["name"] == "attend_efficiency" and x["params"] == f["params"])
+                rows.append(
+                    [
+                        str(f["params"]["queries"]),
+                        str(f["params"]["keys"]),
+                        fmt(f["value"]),
+                        fmt(e["value"], "fraction"),
+                    ]
+                )
+        add(f"Matmul peak this run: {fmt(peak['value']) if peak else '-'} GFLOP/s.\n")
+        add(table(["queries", "keys", "GFLOP/s", "of peak"], rows) + "\n")
