@@ -30,7 +30,7 @@ from memkit.memories import (
     compose,
     quantized,
 )
-from memkit.protocol import Chunk, Context, Memory, Query
+from memkit.protocol import Chunk, Context, Memory, Query, ReadLayout, ReadPlan, plan_read, read_planned
 from memkit.state import MemoryState, map_tensors, memory_state, state_nbytes
 
 __version__ = "0.1.0"
@@ -40,6 +40,10 @@ __all__ = [
     "Query",
     "Chunk",
     "Context",
+    "ReadLayout",
+    "ReadPlan",
+    "plan_read",
+    "read_planned",
     "MemoryState",
     "memory_state",
     "map_tensors",

@@ -15,7 +15,7 @@ position they were recorded at, however long ago.
 """
 
 import dataclasses
-from typing import Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -33,7 +33,19 @@ from memkit.typing import (
     typecheck_enabled,
 )
 
-__all__ = ["Query", "Chunk", "Context", "Memory", "empty_context", "token_positions"]
+__all__ = [
+    "Query",
+    "Chunk",
+    "Context",
+    "Memory",
+    "ReadLayout",
+    "ReadPlan",
+    "plan_read",
+    "read_dynamic",
+    "read_planned",
+    "empty_context",
+    "token_positions",
+]
 
 StateT = TypeVar("StateT")
 
@@ -108,6 +120,11 @@ class Query:
     @property
     def batch_size(self) -> int:
         return int(self.q.shape[0])
+
+    @property
+    def layout(self) -> "ReadLayout":
+        """What the query shares with every other query of its segment (all but ``q``)."""
+        return ReadLayout(self.frame_positions, self.tokens_per_frame, self.prompt, self.prompt_mask, self.frame_meta)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -223,6 +240,110 @@ class Context:
             mask=torch.cat([c.mask for c in contexts], dim=2),
             positions=torch.cat([c.positions for c in contexts], dim=2),
         )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ReadLayout:
+    """A segment's layout: what every denoising step's :class:`Query` of that segment shares.
+
+    A memory prepares a :class:`ReadPlan` from a state and a layout once per segment (see
+    :func:`plan_read`); only the queries ``q`` change from step to step.
+
+    Attributes:
+        frame_positions: ``(b f)``, ``f >= 1``.
+        tokens_per_frame: tokens in one frame.
+        prompt: ``(b p e)`` or None.
+        prompt_mask: ``(b p)`` bool or None.
+        frame_meta: ``(b f c)`` per-frame metadata or None (see :attr:`Query.frame_meta`).
+
+    Example:
+        >>> import torch, memkit
+        >>> memkit.ReadLayout(torch.tensor([[3, 4]]), tokens_per_frame=8).batch_size
+        1
+    """
+
+    frame_positions: Int[Tensor, "b f"]
+    tokens_per_frame: int
+    prompt: Float[Tensor, "b p e"] | None = None
+    prompt_mask: Bool[Tensor, "b p"] | None = None
+    frame_meta: Float[Tensor, "b f c"] | None = None
+
+    def __post_init__(self) -> None:
+        if not outside():
+            return
+        _check_meta("layout", self.frame_meta, self.frame_positions)
+        check_integer("layout.frame_positions", self.frame_positions)
+        f = check_shape("layout.frame_positions", self.frame_positions, "b f")
+        _check_layout("layout", self.frame_positions, self.tokens_per_frame, f["b"], f["f"] * self.tokens_per_frame)
+        _check_prompt("layout", self.prompt, self.prompt_mask, f["b"])
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.frame_positions.shape[0])
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ReadPlan:
+    """What a memory prepared for the reads of one segment (every denoising step reads through it).
+
+    The context a read returns is the concatenation of ``parts`` in order: a
+    :class:`Context` is prepared once per segment (it does not depend on the step's
+    queries: a frame sink, a window, a prompt-chosen bank); ``None`` marks a part computed
+    at each step from the queries (``read_dynamic``, e.g. SparseKV's top-k routing).
+    An attention layer rotates the prepared parts' keys once per segment.
+
+    Attributes:
+        parts: prepared contexts and ``None`` placeholders, in the order a read concatenates them.
+        state: the state the plan was made from (a memory without a ``plan`` method reads it).
+        extra: anything else the memory's ``read_dynamic`` needs (memory-specific).
+    """
+
+    parts: tuple[Context | None, ...]
+    state: Any = None
+    extra: Any = None
+
+
+def plan_read(memory: Any, state: Any, layout: ReadLayout) -> ReadPlan:
+    """The plan of ``memory``'s reads from ``state`` for one segment laid out as ``layout``.
+
+    A memory may implement ``plan(state, layout) -> ReadPlan`` and
+    ``read_dynamic(plan, query) -> tuple[Context, ...]`` (one context per ``None`` part);
+    for one that does not, the plan reads ``state`` in full at every step. Either way
+    ``read_planned(memory, plan_read(memory, state, query.layout), query)`` equals
+    ``memory.read(state, query)`` for every query of the segment.
+
+    Example:
+        >>> import torch, memkit
+        >>> mem = memkit.SinkWindowMemory(2, 8, 4, sink_frames=1, window_frames=2)
+        >>> state = mem.init_state(1)
+        >>> query = memkit.Query(torch.randn(1, 2, 8, 8), torch.tensor([[0, 1]]), 4)
+        >>> plan = memkit.plan_read(mem, state, query.layout)      # once per segment
+        >>> torch.equal(memkit.read_planned(mem, plan, query).k, mem.read(state, query).k)   # each step
+        True
+    """
+    make = getattr(memory, "plan", None)
+    if make is None:
+        return ReadPlan(parts=(None,), state=state)
+    plan: ReadPlan = make(state, layout)
+    return plan
+
+
+def read_dynamic(memory: Any, plan: ReadPlan, query: Query) -> tuple[Context, ...]:
+    """The contexts of ``plan``'s ``None`` parts for ``query`` (in order)."""
+    fn = getattr(memory, "read_dynamic", None)
+    if fn is None:
+        return (memory.read(plan.state, query),)
+    parts: tuple[Context, ...] = fn(plan, query)
+    return parts
+
+
+def read_planned(memory: Any, plan: ReadPlan, query: Query) -> Context:
+    """What ``memory.read(plan.state, query)`` returns, read through ``plan`` (see :func:`plan_read`)."""
+    dynamic = iter(read_dynamic(memory, plan, query) if any(p is None for p in plan.parts) else ())
+    parts = [p if p is not None else next(dynamic) for p in plan.parts]
+    if not parts:
+        return empty_context(query)
+    return Context.concat(parts)
 
 
 def empty_context(query: Query, dtype: torch.dtype | None = None) -> Context:

@@ -1,6 +1,7 @@
 """Layers: the attention layer that carries a memory, and rotary embeddings."""
 
 from memkit.layers.memory_attention import (
+    LayerPlan,
     MemoryAttention,
     Rotate,
     attend_with_context,
@@ -12,6 +13,7 @@ from memkit.layers.rotary import apply_rotary, rotary_angles
 
 __all__ = [
     "MemoryAttention",
+    "LayerPlan",
     "attend_with_context",
     "clamp_context_positions",
     "Rotate",

@@ -1,5 +1,6 @@
 """``MemoryAttention``: a self-attention layer that reads and writes a memory."""
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -11,7 +12,7 @@ from memkit.attention.attend import attend_parts, check_attend_inputs
 from memkit.errors import ShapeError
 from memkit.layers.rotary import apply_rotary, rotate_with, segment_rotary_table
 from memkit.memories.none import NoMemory
-from memkit.protocol import Chunk, Context, Memory, Query
+from memkit.protocol import Chunk, Context, Memory, Query, ReadLayout, ReadPlan, plan_read, read_dynamic
 from memkit.typing import Bool, Float, Int, at_door, check_floating, check_shape, outside, typechecked
 
 #: ``rotate(x, positions) -> x``: rotary embedding of ``x (b h n d)`` at integer frame positions
@@ -91,6 +92,28 @@ def clamp_context_positions(context: Context, frame_positions: Tensor, max_dista
 def _clamped(positions: Tensor, frame_positions: Tensor, max_distance: int) -> Tensor:
     floor = frame_positions.long().min(dim=1).values - max_distance  # (b,)
     return torch.maximum(positions, floor[:, None, None].to(positions.dtype))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LayerPlan:
+    """One segment's reads of a :class:`MemoryAttention`, prepared once (see :meth:`MemoryAttention.plan`).
+
+    Pass it to the layer in place of the state at every denoising step of that segment: the
+    memory's prepared parts are already rotated at their positions, so a step only computes
+    what depends on its queries. Writing through a plan writes ``state``.
+
+    Attributes:
+        state: the memory state the plan was made from.
+        plan: the memory's :class:`memkit.ReadPlan`.
+        parts: per part of ``plan``, ``(rotated k, v, mask)`` when prepared, ``None`` when read at each step.
+        frame_positions: the segment's ``(b f)``; ``tokens_per_frame``: its ``t``.
+    """
+
+    state: Any
+    plan: ReadPlan
+    parts: tuple[tuple[Tensor, Tensor, Tensor] | None, ...]
+    frame_positions: Tensor
+    tokens_per_frame: int
 
 
 class MemoryAttention(nn.Module):
@@ -206,19 +229,57 @@ class MemoryAttention(nn.Module):
         q, k, v = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
         return self.q_norm(q), self.k_norm(k), v
 
-    def _attend(
-        self, q: Tensor, k: Tensor, v: Tensor, context: Context, frame_positions: Tensor, tokens_per_frame: int
-    ) -> Tensor:
-        # the segment's table is shared by every layer and step of the segment (see segment_rotary_table)
-        cos, sin = segment_rotary_table(frame_positions, tokens_per_frame, self.head_dim, self.rope_theta)
+    def _rotated(self, context: Context, frame_positions: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+        """``(k rotated at its positions, v, mask)`` of a memory's context; None when it has no slot."""
+        if context.k.shape[2] == 0:
+            return None
         positions = context.positions
         if self.max_distance is not None:
             positions = _clamped(positions, frame_positions, self.max_distance)
-        parts = []
-        if context.k.shape[2] > 0:
-            parts.append((apply_rotary(context.k, positions, self.rope_theta), context.v, context.mask))
+        return apply_rotary(context.k, positions, self.rope_theta), context.v, context.mask
+
+    def _attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        parts: list[tuple[Tensor, Tensor, Tensor]],
+        frame_positions: Tensor,
+        tokens_per_frame: int,
+    ) -> Tensor:
+        # the segment's table is shared by every layer and step of the segment (see segment_rotary_table)
+        cos, sin = segment_rotary_table(frame_positions, tokens_per_frame, self.head_dim, self.rope_theta)
         out = attend_parts(rotate_with(q, cos, sin), rotate_with(k, cos, sin), v, parts, self.backend)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+
+    @typechecked
+    def plan(
+        self,
+        state: Any,
+        frame_positions: Int[Tensor, "b f"],
+        tokens_per_frame: int,
+        prompt: Float[Tensor, "b p e"] | None = None,
+        prompt_mask: Bool[Tensor, "b p"] | None = None,
+        frame_meta: Float[Tensor, "b f c"] | None = None,
+    ) -> LayerPlan:
+        """Prepare one segment's reads: what no step's queries change, read and rotated once.
+
+        Pass the result in place of ``state`` to :meth:`forward` (or ``forward_and_write``) at
+        every denoising step of the segment, with the same ``frame_positions`` and prompt; the
+        outputs equal those of reading ``state`` at each step, bit for bit.
+
+        Example:
+            >>> import torch, memkit
+            >>> attn = memkit.MemoryAttention(32, 4, memory=memkit.SinkWindowMemory(4, 8, 2, window_frames=2))
+            >>> state, pos, x = attn.init_state(1), torch.tensor([[0, 1, 2]]), torch.randn(1, 6, 32)
+            >>> plan = attn.plan(state, pos, tokens_per_frame=2)         # once per segment
+            >>> torch.equal(attn(x, plan, pos), attn(x, state, pos))    # each step reads through it
+            True
+        """
+        layout = ReadLayout(frame_positions, tokens_per_frame, prompt, prompt_mask, frame_meta)
+        plan = plan_read(self.memory, state, layout)
+        parts = tuple(None if p is None else self._rotated(p, frame_positions) for p in plan.parts)
+        return LayerPlan(state, plan, parts, frame_positions, tokens_per_frame)
 
     def _check(self, x: Tensor, frame_positions: Tensor) -> int:
         check_floating("x", x)
@@ -265,8 +326,23 @@ class MemoryAttention(nn.Module):
         # checked when the user calls the layer; inside a network, the network checked its own inputs
         t = self._check(x, frame_positions) if at_door() else x.shape[1] // frame_positions.shape[1]
         q, k, v = self._project(x)
-        context = self.memory.read(state, Query(q, frame_positions, t, prompt, prompt_mask, frame_meta=frame_meta))
-        y = self._attend(q, k, v, context, frame_positions, t)
+        query = Query(q, frame_positions, t, prompt, prompt_mask, frame_meta=frame_meta)
+        if isinstance(state, LayerPlan):
+            # prepared parts as they are; the others read (and rotated) for this step's queries
+            plan, state = state, state.state
+            dynamic = iter(
+                read_dynamic(self.memory, plan.plan, query) if any(p is None for p in plan.plan.parts) else ()
+            )
+            parts = [
+                p if p is not None else self._rotated(next(dynamic), frame_positions)
+                for p, mp in zip(plan.parts, plan.plan.parts, strict=True)
+                if p is not None or mp is None
+            ]
+            ready = [p for p in parts if p is not None]
+        else:
+            rotated = self._rotated(self.memory.read(state, query), frame_positions)
+            ready = [] if rotated is None else [rotated]
+        y = self._attend(q, k, v, ready, frame_positions, t)
         if not write:
             return y, state
         chunk = Chunk(k, v, x, frame_positions, t, prompt, prompt_mask, frame_meta=frame_meta)

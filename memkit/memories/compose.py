@@ -7,7 +7,7 @@ from torch import nn
 
 from memkit.errors import StateError
 from memkit.memories.frames import check_state
-from memkit.protocol import Chunk, Context, Memory, Query
+from memkit.protocol import Chunk, Context, Memory, Query, ReadLayout, ReadPlan, plan_read, read_dynamic
 from memkit.state import MemoryState, check_init_args, check_state_matches, memory_state
 from memkit.typing import typechecked
 
@@ -112,6 +112,21 @@ class ComposeMemory(nn.Module):
         """Every member's context, concatenated along the slot dimension ``m``: ``(b h sum(m_i) d)``."""
         self._check("read", state)
         return Context.concat([m.read(s, query) for m, s in zip(self.memories, state.states, strict=True)])
+
+    @typechecked
+    def plan(self, state: ComposeState, layout: ReadLayout) -> ReadPlan:
+        """Every member's plan; the parts in member order (what ``read`` concatenates)."""
+        self._check("plan", state)
+        plans = tuple(plan_read(m, s, layout) for m, s in zip(self.memories, state.states, strict=True))
+        return ReadPlan(parts=tuple(p for plan in plans for p in plan.parts), state=state, extra=plans)
+
+    def read_dynamic(self, plan: ReadPlan, query: Query) -> tuple[Context, ...]:
+        return tuple(
+            c
+            for m, p in zip(self.memories, plan.extra, strict=True)
+            if any(part is None for part in p.parts)
+            for c in read_dynamic(m, p, query)
+        )
 
     @typechecked
     def write(self, state: ComposeState, chunk: Chunk) -> ComposeState:

@@ -11,7 +11,7 @@ from einops import rearrange
 from torch import Tensor
 
 from memkit.errors import ShapeError, StateError
-from memkit.protocol import Chunk, Context, Query
+from memkit.protocol import Chunk, Context, Query, ReadLayout
 from memkit.typing import checking
 
 
@@ -78,6 +78,21 @@ def check_query(owner: str, query: Query, batch_size: int, heads: int, head_dim:
     if not isinstance(query, Query):
         raise ShapeError(f"{owner}.read: expected a memkit.Query, got {type(query).__name__}")
     _check_heads(f"{owner}.read", "query.q", query.q, batch_size, heads, head_dim, device)
+
+
+def check_layout(owner: str, layout: ReadLayout, batch_size: int, device: torch.device) -> None:
+    """Refuse a segment layout whose batch or device does not match the state (at ``plan``)."""
+    if not checking():
+        return
+    if not isinstance(layout, ReadLayout):
+        raise ShapeError(f"{owner}.plan: expected a memkit.ReadLayout, got {type(layout).__name__}")
+    if layout.batch_size != batch_size:
+        raise ShapeError(
+            f"{owner}.plan: dimension b (batch) of layout.frame_positions should be {batch_size} (the state's), "
+            f"got {layout.batch_size}"
+        )
+    if layout.frame_positions.device != device:
+        raise ShapeError(f"{owner}.plan: layout is on {layout.frame_positions.device} but the state is on {device}")
 
 
 def check_chunk(

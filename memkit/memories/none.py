@@ -4,7 +4,7 @@ import torch
 
 from memkit.memories.frames import check_state
 from memkit.memories.registry import register_memory
-from memkit.protocol import Chunk, Context, Query, empty_context
+from memkit.protocol import Chunk, Context, Query, ReadLayout, ReadPlan, empty_context
 from memkit.state import MemoryState, check_init_args, memory_state
 
 
@@ -37,6 +37,14 @@ class NoMemory:
     def read(self, state: NoState, query: Query) -> Context:
         check_state("NoMemory.read", state, NoState)  # an empty state: nothing else can differ
         return empty_context(query)
+
+    def plan(self, state: NoState, layout: ReadLayout) -> ReadPlan:
+        """Nothing to prepare: every read is empty (see :func:`memkit.plan_read`)."""
+        check_state("NoMemory.plan", state, NoState)
+        return ReadPlan(parts=(), state=state)
+
+    def read_dynamic(self, plan: ReadPlan, query: Query) -> tuple[Context, ...]:
+        return ()
 
     def write(self, state: NoState, chunk: Chunk) -> NoState:
         check_state("NoMemory.write", state, NoState)

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from memkit.errors import ShapeError
 from memkit.memories.frames import (
     check_chunk,
+    check_layout,
     check_query,
     check_state,
     frames_to_context,
@@ -19,7 +20,7 @@ from memkit.memories.frames import (
     top_k_frames,
 )
 from memkit.memories.registry import register_memory
-from memkit.protocol import Chunk, Context, Query
+from memkit.protocol import Chunk, Context, Query, ReadLayout, ReadPlan
 from memkit.state import MemoryState, check_init_args, check_state_matches, memory_state
 from memkit.typing import Bool, Float, typechecked
 
@@ -320,6 +321,18 @@ class PromptBankMemory(nn.Module):
         check_query(self._name, query, state.batch_size, self.heads, self.head_dim, state.k.device)
         self._check_prompt("read", query.prompt)
         return frames_to_context(*self.select(state, query.prompt, query.prompt_mask))
+
+    @typechecked
+    def plan(self, state: PromptBankState, layout: ReadLayout) -> ReadPlan:
+        """The prompt's choice of frames, made once per segment (the prompt is fixed within one)."""
+        check_state(f"{self._name}.plan", state, PromptBankState)
+        check_state_matches(f"{self._name}.plan", state, self)
+        check_layout(self._name, layout, state.batch_size, state.k.device)
+        self._check_prompt("plan", layout.prompt, "layout.prompt")
+        return ReadPlan(parts=(frames_to_context(*self.select(state, layout.prompt, layout.prompt_mask)),), state=state)
+
+    def read_dynamic(self, plan: ReadPlan, query: Query) -> tuple[Context, ...]:
+        return ()
 
     def _prototype(self, chunk: Chunk, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
         """The finished segment's prototype: ``k, v (b h 1 t d)``, ``pos (b 1)``."""

@@ -15,9 +15,9 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from memkit.errors import StateError
-from memkit.memories.frames import check_chunk, check_query, check_state
+from memkit.memories.frames import check_chunk, check_layout, check_query, check_state
 from memkit.memories.registry import register_memory
-from memkit.protocol import Chunk, Context, Query
+from memkit.protocol import Chunk, Context, Query, ReadLayout, ReadPlan
 from memkit.state import MemoryState, check_init_args, check_state_matches, memory_state
 from memkit.typing import Float, check_shape, typechecked
 
@@ -292,7 +292,20 @@ class RecurrentMemory(nn.Module):
         """The latent as ``M`` keys/values ``(b h M d)``, all valid, one frame before the query's first frame."""
         self._check_state(f"{self._name}.read", state)
         check_query(self._name, query, state.batch_size, self.heads, self.head_dim, state.latent.device)
-        b = state.batch_size
+        return self._context(state, query.frame_positions)
+
+    @typechecked
+    def plan(self, state: RecurrentState, layout: ReadLayout) -> ReadPlan:
+        """The whole read, prepared once per segment: it depends on the segment's positions only."""
+        self._check_state(f"{self._name}.plan", state)
+        check_layout(self._name, layout, state.batch_size, state.latent.device)
+        return ReadPlan(parts=(self._context(state, layout.frame_positions),), state=state)
+
+    def read_dynamic(self, plan: ReadPlan, query: Query) -> tuple[Context, ...]:
+        return ()
+
+    def _context(self, state: RecurrentState, frame_positions: Tensor) -> Context:
+        b = int(state.latent.shape[0])
         shape = (b, self.heads, self.slots)
         if state.slot_pos is not None and state.slot_mass is not None:
             return Context(
@@ -301,7 +314,7 @@ class RecurrentMemory(nn.Module):
                 mask=(state.slot_mass > 0)[:, None, :].expand(shape),
                 positions=state.slot_pos.round().long()[:, None, :].expand(shape),
             )
-        before = query.frame_positions.long().min(dim=1).values - 1  # (b,)
+        before = frame_positions.long().min(dim=1).values - 1  # (b,)
         return Context(
             k=state.read_k,
             v=state.read_v,

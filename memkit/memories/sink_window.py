@@ -7,6 +7,7 @@ from torch import Tensor
 
 from memkit.memories.frames import (
     check_chunk,
+    check_layout,
     check_query,
     check_state,
     frames_to_context,
@@ -17,7 +18,7 @@ from memkit.memories.frames import (
     split_frames,
 )
 from memkit.memories.registry import register_memory
-from memkit.protocol import Chunk, Context, Query
+from memkit.protocol import Chunk, Context, Query, ReadLayout, ReadPlan
 from memkit.state import MemoryState, check_init_args, check_state_matches, memory_state
 from memkit.typing import typechecked
 
@@ -131,6 +132,20 @@ class SinkWindowMemory:
         check_state(f"{self._name}.read", state, SinkWindowState)
         check_state_matches(f"{self._name}.read", state, self)
         check_query(self._name, query, state.batch_size, self.heads, self.head_dim, state.win_k.device)
+        return self._context(state)
+
+    @typechecked
+    def plan(self, state: SinkWindowState, layout: ReadLayout) -> ReadPlan:
+        """The whole read, prepared once per segment: it does not depend on the queries."""
+        check_state(f"{self._name}.plan", state, SinkWindowState)
+        check_state_matches(f"{self._name}.plan", state, self)
+        check_layout(self._name, layout, state.batch_size, state.win_k.device)
+        return ReadPlan(parts=(self._context(state),), state=state)
+
+    def read_dynamic(self, plan: ReadPlan, query: Query) -> tuple[Context, ...]:
+        return ()
+
+    def _context(self, state: SinkWindowState) -> Context:
         return frames_to_context(
             torch.cat([state.sink_k, state.win_k], dim=2),
             torch.cat([state.sink_v, state.win_v], dim=2),

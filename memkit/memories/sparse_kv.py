@@ -8,6 +8,7 @@ from torch import Tensor
 
 from memkit.memories.frames import (
     check_chunk,
+    check_layout,
     check_query,
     check_state,
     frames_to_context,
@@ -20,7 +21,7 @@ from memkit.memories.frames import (
     top_k_frames,
 )
 from memkit.memories.registry import register_memory
-from memkit.protocol import Chunk, Context, Query
+from memkit.protocol import Chunk, Context, Query, ReadLayout, ReadPlan
 from memkit.state import MemoryState, check_init_args, check_state_matches, memory_state
 from memkit.typing import typechecked
 
@@ -178,23 +179,48 @@ class SparseKVMemory:
         check_state(f"{self._name}.read", state, SparseKVState)
         check_state_matches(f"{self._name}.read", state, self)
         check_query(self._name, query, state.batch_size, self.heads, self.head_dim, state.k.device)
-        b, h, c, t, _ = state.k.shape
-        routed = query.q.float().mean(dim=2)  # (b h d)
-        scores = torch.einsum("bhcd,bhd->bhc", state.desc.float(), routed)
+        selected = self._select(state, self._candidates(state), query.q)
+        if self.always_frames == 0:
+            return selected
+        sink = frames_to_context(state.sink_k, state.sink_v, state.sink_pos, state.sink_valid)
+        return Context.concat([sink, selected])
+
+    @typechecked
+    def plan(self, state: SparseKVState, layout: ReadLayout) -> ReadPlan:
+        """The sink prepared once per segment; the top-k choice waits for each step's queries."""
+        check_state(f"{self._name}.plan", state, SparseKVState)
+        check_state_matches(f"{self._name}.plan", state, self)
+        check_layout(self._name, layout, state.batch_size, state.k.device)
+        extra = self._candidates(state)
+        if self.always_frames == 0:
+            return ReadPlan(parts=(None,), state=state, extra=extra)
+        sink = frames_to_context(state.sink_k, state.sink_v, state.sink_pos, state.sink_valid)
+        return ReadPlan(parts=(sink, None), state=state, extra=extra)
+
+    def read_dynamic(self, plan: ReadPlan, query: Query) -> tuple[Context, ...]:
+        return (self._select(plan.state, plan.extra, query.q),)
+
+    def _candidates(self, state: SparseKVState) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """What routing needs that no query changes: descriptors, validity, recency, positions ``(b h C ...)``."""
+        b, h, c, _, _ = state.k.shape
         valid = state.valid[:, None, :].expand(b, h, c)
         priority = self._recency(state)[:, None, :].expand(b, h, c)
+        return state.desc.float(), valid, priority, state.pos[:, None, :].expand(b, h, c)
+
+    def _select(self, state: SparseKVState, candidates: tuple[Tensor, Tensor, Tensor, Tensor], q: Tensor) -> Context:
+        """Each head's top-k ring frames for queries ``q``: ``(b h K*t d)``."""
+        desc, valid, priority, positions = candidates
+        t, c = state.k.shape[3], state.k.shape[2]
+        routed = q.float().mean(dim=2)  # (b h d)
+        scores = torch.einsum("bhcd,bhd->bhc", desc, routed)
         index, ok = top_k_frames(scores, valid, priority, min(self.top_k, c))  # (b h K)
-        pos = state.pos[:, None, :].expand(b, h, c).gather(2, index)
-        selected = Context(
+        pos = positions.gather(2, index)
+        return Context(
             k=rearrange(gather_per_head(state.k, index), "b h f t d -> b h (f t) d"),
             v=rearrange(gather_per_head(state.v, index), "b h f t d -> b h (f t) d"),
             mask=ok.repeat_interleave(t, dim=2),
             positions=pos.repeat_interleave(t, dim=2),
         )
-        if self.always_frames == 0:
-            return selected
-        sink = frames_to_context(state.sink_k, state.sink_v, state.sink_pos, state.sink_valid)
-        return Context.concat([sink, selected])
 
     @typechecked
     def write(self, state: SparseKVState, chunk: Chunk) -> SparseKVState:

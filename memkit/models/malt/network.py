@@ -442,6 +442,57 @@ class MALTNetwork(nn.Module):
         return pred
 
     @typechecked
+    def plan_reads(
+        self,
+        states: tuple[Any, ...],
+        frame_positions: Int[Tensor, "b f"],
+        *,
+        prompt: Float[Tensor, "b p e"] | None = None,
+        prompt_mask: Bool[Tensor, "b p"] | None = None,
+        actions: Float[Tensor, "b F a"] | None = None,
+    ) -> tuple[Any, ...]:
+        """One segment's memory reads, prepared once: pass the result in place of ``states``.
+
+        Every block's :meth:`memkit.MemoryAttention.plan`: what no denoising step's queries
+        change (a window, a sink, the prompt's choice of bank frames, the rotation of stored
+        keys) is read once for the segment. ``forward`` with the plans equals ``forward`` with
+        ``states``, bit for bit, for the same ``frame_positions``, ``prompt`` and ``actions``;
+        :class:`EulerSampler` uses it. ``write`` through plans writes the states they hold.
+
+        Example:
+            >>> import torch
+            >>> from memkit.models.malt import MALTConfig, MALTNetwork
+            >>> net = MALTNetwork(MALTConfig.preset("tiny", memory={"name": "fifo", "kwargs": {"frames": 4}}))
+            >>> states, pos = net.init_states(1), net.segment_positions(1, 1)
+            >>> x, t = torch.randn(1, 2, 3, 8, 8), torch.ones(1)
+            >>> plans = net.plan_reads(states, pos)                  # once per segment
+            >>> torch.equal(net(x, t, plans, pos), net(x, t, states, pos))
+            True
+        """
+        c = self.config
+        if len(states) != c.depth:
+            raise ShapeError(f"states: expected one state per block ({c.depth}), got {len(states)}")
+        if at_door():
+            check_shape("frame_positions", frame_positions, "b f", f=c.token_frames)
+        frame_meta = None
+        if c.positions == "pose" and actions is not None:  # as _inputs does
+            frame_positions = self.pose_positions(actions)
+            frame_meta = actions[:, :: c.tubelet, -1:].float()
+        mem_prompt = mem_mask = None
+        if self.prompt_proj is not None and prompt is not None:
+            # what _run hands the memories: the projected prompt (the same arithmetic, so the same bits)
+            mem_prompt = self.prompt_proj(prompt.to(self.patch_in.weight.dtype))
+            mem_mask = (
+                prompt_mask
+                if prompt_mask is not None
+                else torch.ones(prompt.shape[:2], dtype=torch.bool, device=prompt.device)
+            )
+        return tuple(
+            block.attn.plan(state, frame_positions, c.tokens_per_frame, mem_prompt, mem_mask, frame_meta)
+            for block, state in zip(self.block_list, states, strict=True)
+        )
+
+    @typechecked
     def forward(
         self,
         x: Float[Tensor, "b F c H W"],

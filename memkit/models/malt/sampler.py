@@ -77,6 +77,10 @@ class EulerSampler:
         b = x.shape[0]
         times = torch.linspace(1.0, 0.0, self.steps + 1, dtype=torch.float64).tolist()
         guided = prompt is not None and self.cfg_scale != 1.0
+        # what no step's queries change is read once for the segment (outputs unchanged, bit for bit)
+        plan_reads = getattr(net, "plan_reads", None)  # any velocity model will do; a MALTNetwork plans
+        if plan_reads is not None:
+            states = plan_reads(states, frame_positions, prompt=prompt, prompt_mask=prompt_mask, actions=actions)
         for t, t_next in itertools.pairwise(times):
             tt = torch.full((b,), t, device=x.device, dtype=x.dtype)
             v = net(x, tt, states, frame_positions, prompt=prompt, prompt_mask=prompt_mask, actions=actions)
