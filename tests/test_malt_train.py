@@ -232,7 +232,8 @@ def test_truncated_backprop_always_trains_the_memory_write(truncate: int | None)
     assert writes and all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in writes)
 
 
-def test_truncate_one_cuts_the_gradient_after_one_write() -> None:
+@pytest.mark.parametrize("fused", [True, False])
+def test_truncate_one_cuts_the_gradient_after_one_write(fused: bool) -> None:
     from memkit.models.malt import FlowMatching
     from memkit.train import UnrolledLoss
 
@@ -247,6 +248,6 @@ def test_truncate_one_cuts_the_gradient_after_one_write() -> None:
     losses: list[torch.Tensor] = []
     original = flow.loss
     flow.loss = lambda v, x0, noise: losses.append(original(v, x0, noise)) or original(v, x0, noise)  # type: ignore[method-assign]
-    UnrolledLoss(net, flow, truncate_segments=1, write_noise=0.0)(video, actions, seed=0)
+    UnrolledLoss(net, flow, truncate_segments=1, write_noise=0.0, fused=fused)(video, actions, seed=0)
     (grad,) = torch.autograd.grad(losses[2], video)
     assert grad[0, 0].abs().sum() == 0 and grad[0, 1].abs().sum() > 0

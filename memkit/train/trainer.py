@@ -126,8 +126,10 @@ class UnrolledLoss(nn.Module):
                 # the cut goes before the write, not after it: cutting after would leave the next
                 # loss reading a detached state, and with K = 1 no write would ever get a gradient
                 cut = self.truncate_segments is not None and s > 0 and s % self.truncate_segments == 0
-                if self.fused and not cut:
-                    v, states = net.denoise_and_write(xt, t, xw, tw, states, pos, drop_prompt=drop, **cond)
+                if self.fused:
+                    v, states = net.denoise_and_write(
+                        xt, t, xw, tw, states, pos, drop_prompt=drop, detach_write=cut, **cond
+                    )
                 else:
                     v = net(xt, t, states, pos, drop_prompt=drop, **cond)
                     write_from = map_tensors(Tensor.detach, states) if cut else states

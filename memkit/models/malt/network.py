@@ -550,19 +550,22 @@ class MALTNetwork(nn.Module):
         prompt_mask: Tensor | None = None,
         actions: Tensor | None = None,
         drop_prompt: Tensor | None = None,
+        detach_write: bool = False,
     ) -> tuple[Tensor, tuple[Any, ...]]:
         """``forward(x, t, states)`` and ``write(clean, states, t=t_clean)`` in one batched pass.
 
         Both read the same states, so training runs them as one batch of ``2b`` (half the
         layer calls): returns the velocity of ``x`` and the states after writing ``clean``.
         Equals the two separate calls (up to floating-point summation order).
+        ``detach_write=True`` writes from ``states.detach()`` (truncated backprop cut before
+        this write) while the denoising half still reads the states with their gradient.
         """
         b = x.shape[0]
 
         def both(a: Tensor | None, other: Tensor | None = None) -> Tensor | None:
             return None if a is None else torch.cat([a, a if other is None else other])
 
-        doubled = map_tensors(lambda s: torch.cat([s, s]), states)
+        doubled = map_tensors(lambda s: torch.cat([s, s.detach() if detach_write else s]), states)
         drop = None
         if drop_prompt is not None:
             drop = torch.cat([drop_prompt, torch.zeros_like(drop_prompt)])
