@@ -22,7 +22,7 @@ from typing import Any
 
 import benchmarks  # noqa: F401  (switches shape checking off before memkit is imported)
 
-SECTIONS = ("cost_layer", "cost_backbone", "overhead", "sparse", "quality", "length")
+SECTIONS = ("cost_layer", "cost_backbone", "overhead", "sparse", "quality", "length", "swap")
 
 
 def plan(quick: bool) -> dict[str, Any]:
@@ -33,6 +33,7 @@ def plan(quick: bool) -> dict[str, Any]:
     from benchmarks.quality import QualitySettings
     from benchmarks.roster import Geometry
     from benchmarks.sparse import SparseSettings
+    from benchmarks.swap import SwapSettings
 
     if quick:
         return {
@@ -64,6 +65,7 @@ def plan(quick: bool) -> dict[str, Any]:
             ),
             "quality": QualitySettings(clips=2, segments=10, psnr_clips=1, sampler_steps=2),
             "length": LengthSettings(multiple=2, seeds=1, steps=2, quick_variants=True),
+            "swap": SwapSettings(multiple=2, seeds=1, steps=2, quick=True),
         }
     return {
         "layer_geometry": Geometry(
@@ -78,6 +80,7 @@ def plan(quick: bool) -> dict[str, Any]:
         "sparse": SparseSettings(),
         "quality": QualitySettings(),
         "length": LengthSettings(),
+        "swap": SwapSettings(),
     }
 
 
@@ -101,7 +104,7 @@ def _plain(x: Any) -> Any:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from benchmarks import cost, length, overhead, quality, rss, sparse
+    from benchmarks import cost, length, overhead, quality, rss, sparse, swap
     from benchmarks.common import ROOT, SCHEMA, Section, machine, now_iso
     from benchmarks.report import all_finite
     from benchmarks.roster import describe, roster
@@ -188,6 +191,8 @@ def run(args: argparse.Namespace) -> int:
         )
     if "length" in only:
         attempt("length", lambda: length.length_section(p["length"]))
+    if "swap" in only:
+        attempt("swap", lambda: swap.swap_section(p["swap"]))
 
     results["duration_s"] = round(time.time() - started, 1)
     results["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None

@@ -21,6 +21,7 @@ from benchmarks.roster import COMPOSED
 from benchmarks.rss import render_rss
 from benchmarks.soak import render_soak
 from benchmarks.sparse import render_sparse, sparse_plot
+from benchmarks.swap import render_swap
 
 LIMIT_COST = 1.10
 
@@ -381,6 +382,7 @@ def render_page(
     render_sparse(add, secs.get("sparse"), secs.get("attend_efficiency"), plots, image_dir)
     render_quality(add, secs.get("quality"), secs.get("retrieval"))
     render_length(add, secs.get("length"), plots, image_dir)
+    render_swap(add, secs.get("swap"))
     render_rss(add, secs.get("rss"))
     render_soak(add, soak)
     add("## Reproduce\n")

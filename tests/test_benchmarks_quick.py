@@ -27,6 +27,7 @@ SECTIONS = {
     "quality",
     "retrieval",
     "length",
+    "swap",
 }
 
 

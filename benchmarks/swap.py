@@ -1,0 +1,238 @@
+"""Interchangeability: a model trained with one memory, evaluated with another (issue 14).
+
+memkit's frame memories share one key/value format (keys before rotary, one position per
+frame), so a memory can be swapped into weights trained with another one
+(``MALTNetwork.with_memory``). This section measures whether that works: for each bundled
+checkpoint (the weights) and each memory swapped in at inference (no training), the PSNR of
+the frames it generates at 1x and 4x the trained length on the revisit world, and its place
+recall at 4x, on procedural canvases and on photographs no model trained on. The weights'
+own memory, NoMemory and a flat grey frame are the references on the same clips.
+"""
+
+import dataclasses
+import hashlib
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import Section
+from benchmarks.length import candidate_checkpoints
+
+CANVASES = ("procedural", "photos")
+
+
+@dataclasses.dataclass
+class SwapSettings:
+    """What the section measures: ``seeds`` clips per evaluation path family and canvas kind."""
+
+    multiple: int = 4
+    seeds: int = 1
+    steps: int = 8
+    quick: bool = False  # one checkpoint, two memories, procedural canvases only (a smoke run)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def eval_with(places: int, quick: bool) -> dict[str, dict[str, Any]]:
+    """Memories to swap in: ``{label: spec}`` (``places``: the sweep's frames, the sink of the sink memories)."""
+    specs: dict[str, dict[str, Any]] = {
+        "fifo 3": {"name": "fifo", "kwargs": {"frames": 3}},
+        f"sink_window {places}+4": {"name": "sink_window", "kwargs": {"sink_frames": places, "window_frames": 4}},
+    }
+    if quick:
+        return specs
+    specs.update(
+        {
+            "sparse_kv C16 k4": {"name": "sparse_kv", "kwargs": {"capacity": 16, "top_k": 4}},
+            f"sparse_kv C16 k4 A{places}": {
+                "name": "sparse_kv",
+                "kwargs": {"capacity": 16, "top_k": 4, "always_frames": places},
+            },
+            f"compressed_window {places}+4": {
+                "name": "compressed_window",
+                "kwargs": {"sink_frames": places, "window_frames": 4, "pool": "token"},
+            },
+            "compressed_window 0+4": {
+                "name": "compressed_window",
+                "kwargs": {"sink_frames": 0, "window_frames": 4, "pool": "token"},
+            },
+            "packed_history F8 L2": {
+                "name": "packed_history",
+                "kwargs": {"frames_per_level": 8, "levels": 2, "frame_shape": (4, 4)},
+            },
+            "pose_retrieval C40 k4": {"name": "pose_retrieval", "kwargs": {"meta_dim": 1, "capacity": 40, "top_k": 4}},
+            f"quantized sparse_kv C16 k4 A{places}": {
+                "name": "quantized",
+                "kwargs": {
+                    "memory": {"name": "sparse_kv", "kwargs": {"capacity": 16, "top_k": 4, "always_frames": places}}
+                },
+            },
+            "recurrent 32": {"name": "recurrent", "kwargs": {"slots": 32}},
+        }
+    )
+    return specs
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()[:12]
+
+
+def swap_section(st: SwapSettings) -> Section:
+    """Every bundled sweep-world checkpoint x every memory swapped in, at 1x and 4x the trained length."""
+    sec = Section("swap", "Interchangeability: trained with one memory, evaluated with another")
+    try:
+        from memkit.data import EVAL_PATHS, TEST_PHOTOS
+        from memkit.models.malt import MALTNetwork
+        from memkit.train import TrainConfig
+        from memkit.train.long_eval import evaluate_long, trained_length
+    except ImportError as err:  # pragma: no cover - the backbone ships with memkit
+        sec.skip(f"skipped: not available yet: the backbone or the long evaluation ({err})")
+        return sec
+    loaded = []
+    for path in candidate_checkpoints():
+        tc_path = path / "train_config.json"
+        if not tc_path.is_file():
+            continue
+        tc = TrainConfig.load(tc_path)
+        net = MALTNetwork.from_pretrained(path).eval()
+        if tc.data.kwargs.get("path") is None or net.config.frames_per_segment != 1:
+            sec.notes.append(f"skipped {path.name}: not trained on a sweep path family with one-frame segments")
+            continue
+        loaded.append((path, net, tc))
+    loaded.sort(key=lambda x: x[1].config.memory.name != "sparse_kv")
+    if st.quick:
+        loaded = loaded[:1]
+    if not loaded:
+        sec.skip("skipped: no bundled checkpoint trained on a sweep path family")
+        return sec
+    families = EVAL_PATHS[:1] if st.quick else EVAL_PATHS
+    seeds = tuple(100_000 + i for i in range(st.seeds))
+    checkpoints = []
+    for path, net, tc in loaded:
+        world = dict(tc.data.kwargs)
+        places = int(world.get("places", 8))
+        L = trained_length(tc)
+        specs = eval_with(places, st.quick)
+        if net.config.positions != "pose":
+            specs = {k: v for k, v in specs.items() if v["name"] != "pose_retrieval"}
+        variants = {k: {**v, "layers": net.config.memory.layers} for k, v in specs.items()}
+        own = net.config.memory.name
+        t0, cpu0 = time.time(), time.process_time()
+        for kind in ("procedural",) if st.quick else CANVASES:
+            sources = ("procedural",) if kind == "procedural" else TEST_PHOTOS
+            print(f"swap: {path.name} ({own}) on {kind}: {len(variants) + 3} memories", flush=True)
+            res = evaluate_long(
+                net,
+                name=f"{own} (as trained)",
+                trained_length=L,
+                world={**world, "sources": sources},
+                multiple=st.multiple,
+                families=families,
+                seeds=seeds,
+                steps=st.steps,
+                references=("none", "grey"),
+                variants=variants,
+            )
+            for label, r in res.items():
+                for bucket in (1, st.multiple):
+                    params = {"weights": path.name, "evaluated": label, "canvas": kind, "bucket": f"{bucket}x"}
+                    sec.add("psnr", _num(r.at(bucket)), "dB", params=params)
+                    if r.recall is not None:
+                        sec.add("recall", _num(r.at(bucket, "recall")), "fraction", params=params)
+                sec.add("state_bytes", r.state_bytes, "B", params={"weights": path.name, "evaluated": label})
+        checkpoints.append(
+            {
+                "weights": path.name,
+                "memory": own,
+                "sha256": _digest(path),
+                "trained_length": L,
+                "seconds": round(time.time() - t0, 1),
+                "cpu_seconds": round(time.process_time() - cpu0, 1),
+            }
+        )
+    sec.config = {
+        "checkpoints": checkpoints,
+        "multiple": st.multiple,
+        "families": list(families),
+        "clip_seeds": list(seeds),
+        "steps": st.steps,
+        "memories": {k: v for k, v in eval_with(8, st.quick).items()},
+    }
+    return sec
+
+
+def _num(x: float) -> float | None:
+    return None if x is None or not math.isfinite(x) else round(float(x), 3)
+
+
+def _get(sec: dict[str, Any], name: str, **params: Any) -> float | None:
+    for f in sec.get("figures", []):
+        if f["name"] == name and all(f["params"].get(k) == v for k, v in params.items()):
+            return f["value"]
+    return None
+
+
+def render_swap(add: Callable[[str], None], sec: dict[str, Any] | None) -> None:
+    """The interchangeability table: one row per memory swapped in, one column group per weights."""
+    add("## Interchangeability")
+    add("")
+    if not sec or sec.get("status") == "skipped":
+        add("Not measured in this run" + (f": {sec['notes'][-1]}" if sec and sec.get("notes") else "") + ".")
+        add("")
+        return
+    cfg = sec["config"]
+    m = cfg["multiple"]
+    add(
+        "Which memories can be swapped into a trained model at inference, without retraining "
+        "(`MALTNetwork.with_memory`)? Each bundled checkpoint (the weights) generates "
+        f"{m}x its trained length on the revisit world with each memory in turn; PSNR (dB) at 1x and "
+        f"{m}x the trained length, and place recall at {m}x, as procedural / photographs no model trained on. "
+        f"Clips: {len(cfg['clip_seeds'])} per evaluation path family ({', '.join(cfg['families'])}) and "
+        f"canvas kind; {cfg['steps']} Euler steps a frame."
+    )
+    add("")
+    weights = [c["weights"] for c in cfg["checkpoints"]]
+    labels: list[str] = []
+    for f in sec["figures"]:
+        if f["name"] == "psnr" and f["params"]["evaluated"] not in labels:
+            labels.append(f["params"]["evaluated"])
+    header = ["evaluated with"]
+    for w in weights:
+        header += [f"{w} weights: 1x", f"{m}x", f"recall {m}x"]
+    add("| " + " | ".join(header) + " |")
+    add("|" + "---|" * len(header))
+
+    def pair(name: str, w: str, label: str, bucket: str, digits: int) -> str:
+        vals = [_get(sec, name, weights=w, evaluated=label, canvas=c, bucket=bucket) for c in CANVASES]
+        if all(v is None for v in vals):
+            return "-"
+        return " / ".join("-" if v is None else (f"{v:.{digits}f}" if digits else f"{v:.0%}") for v in vals)
+
+    for label in labels:
+        row = [label]
+        for w in weights:
+            row += [
+                pair("psnr", w, label, "1x", 1),
+                pair("psnr", w, label, f"{m}x", 1),
+                pair("recall", w, label, f"{m}x", 0),
+            ]
+        add("| " + " | ".join(row) + " |")
+    add("")
+    add(
+        "Reading it: the frame memories (FIFO, sink + window, SparseKV, CompressedWindow, PackedHistory, "
+        "PoseRetrieval, their int8 forms) share one key/value format and no parameters, so any of them can be "
+        "swapped into weights trained with another and keeps working; what changes is which frames they hand "
+        "attention (a sink holding the context sweep, retrieval by pose). RecurrentMemory has parameters that "
+        "must be trained with the weights: swapped into weights trained without it, its fresh parameters "
+        "give noise, and weights trained with it lean on what its slots learned to hold."
+    )
+    for c in cfg["checkpoints"]:
+        add("")
+        add(
+            f"`{c['weights']}` (model.safetensors sha256 {c['sha256']}…, trained with {c['memory']}, "
+            f"L = {c['trained_length']}): measured in {c['seconds']:.0f} s."
+        )
+    add("")
