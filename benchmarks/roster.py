@@ -130,6 +130,33 @@ def roster(g: Geometry, *, full_history: bool = True) -> list[Entry]:
             memkit.SparseKVMemory(h, d, t, capacity=c, top_k=k_routed, always_frames=f),
         ),
     )
+    # issue 14's memories, at LongLive's budget where they have one (MemRoPE: sink + 2 averages + window)
+    add(
+        "CompressedWindowMemory",
+        ("CompressedWindowMemory",),
+        {"sink_frames": f, "window_frames": max(1, 2 * f - 2)},
+        lambda: memkit.CompressedWindowMemory(h, d, t, sink_frames=f, window_frames=max(1, 2 * f - 2)),
+    )
+    add(
+        "PackedHistoryMemory",
+        ("PackedHistoryMemory",),
+        {"frames_per_level": f, "levels": 3},
+        lambda: memkit.PackedHistoryMemory(h, d, t, frames_per_level=f, levels=3),
+    )
+    add(
+        "SparseKVMemory int8",
+        ("SparseKVMemory", "quantized"),
+        {"capacity": c, "top_k": 3 * f, "always_frames": f, "quantized": "int8"},
+        lambda: memkit.quantized(memkit.SparseKVMemory(h, d, t, capacity=c, top_k=3 * f, always_frames=f)),
+    )
+    entries.append(
+        Entry(
+            "PoseRetrievalMemory",
+            None,
+            {},
+            why="needs per-frame metadata (a camera pose) that the cost hosts do not pass; scored in the swap section",
+        )
+    )
     add(
         "RecurrentMemory",
         ("RecurrentMemory",),
