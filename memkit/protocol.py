@@ -206,12 +206,18 @@ class Context:
         mask: ``(b h m)`` bool, True where a slot holds something; invalid slots are
             never attended to (a context with no valid slot contributes nothing).
         positions: ``(b h m)`` integer frame position at which to rotate each key.
+        places: ``(b h m)`` integer place of each slot in the frame it was recorded in (its
+            token index there), ``-1`` for a slot with no place in a frame (a learned
+            summary slot); ``None`` (memories that store whole frames, frame-major): the
+            slot's index in this context, modulo tokens per frame. Used by 3-D rotary
+            embeddings (:class:`memkit.integrations.rotary.TableRotary`, Wan's).
     """
 
     k: Float[Tensor, "b h m d"]
     v: Float[Tensor, "b h m d"]
     mask: Bool[Tensor, "b h m"]
     positions: Int[Tensor, "b h m"]
+    places: Int[Tensor, "b h m"] | None = None
 
     def __post_init__(self) -> None:
         if not outside():  # built by memkit (a memory's read): its tensors are the memory's own
@@ -224,6 +230,9 @@ class Context:
         check_shape("context.v", self.v, "b h m d", b=s["b"], h=s["h"], m=s["m"], d=s["d"])
         check_shape("context.mask", self.mask, "b h m", b=s["b"], h=s["h"], m=s["m"])
         check_shape("context.positions", self.positions, "b h m", b=s["b"], h=s["h"], m=s["m"])
+        if self.places is not None:
+            check_integer("context.places", self.places)
+            check_shape("context.places", self.places, "b h m", b=s["b"], h=s["h"], m=s["m"])
 
     @property
     def num_slots(self) -> int:
@@ -234,11 +243,24 @@ class Context:
         """One context holding every slot of ``contexts`` (attention over it is the same)."""
         if len(contexts) == 1:
             return contexts[0]
+        places = None
+        if any(c.places is not None for c in contexts):
+            # each part keeps its own places: a part without them counts its slots from 0
+            places = torch.cat(
+                [
+                    c.places
+                    if c.places is not None
+                    else torch.arange(c.num_slots, device=c.k.device).expand(c.mask.shape)
+                    for c in contexts
+                ],
+                dim=2,
+            )
         return Context(
             k=torch.cat([c.k for c in contexts], dim=2),
             v=torch.cat([c.v for c in contexts], dim=2),
             mask=torch.cat([c.mask for c in contexts], dim=2),
             positions=torch.cat([c.positions for c in contexts], dim=2),
+            places=places,
         )
 
 

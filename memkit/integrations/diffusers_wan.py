@@ -151,22 +151,31 @@ class WanSelfAttentionAdapter:
             rotary_emb: the ``(cos, sin)`` Wan passes to its processors, ``(1 n 1 d)`` each.
             origin: ``(b,)`` frame index that counts as frame 0 (the segment's first frame).
             tokens_per_frame: ``t``; token ``j`` of a frame-major sequence sits at place
-                ``j % t`` of its frame (memory slots are whole frames, so the same holds).
+                ``j % t`` of its frame; memory slots sit at ``Context.places`` when the memory
+                gives them (``-1``: no place, turned along time only), else the same rule.
         """
         cos_all, sin_all = rotary_emb
         self._check_frame_size(cos_all, tokens_per_frame)
         t_dim, t = self.t_dim, tokens_per_frame
         spatial_cos, spatial_sin = cos_all[0, :t, 0, t_dim:], sin_all[0, :t, 0, t_dim:]
 
-        def rotate(x: Tensor, positions: Tensor) -> Tensor:
+        def rotate(x: Tensor, positions: Tensor, places: Tensor | None = None) -> Tensor:
             pos = positions[:, None] if positions.ndim == 2 else positions  # (b, 1 or h, n)
             cos_t, sin_t = wan_rotary_freqs(pos - origin[:, None, None], t_dim, self.theta)
-            place = torch.arange(x.shape[2], device=x.device) % t
             shape = (*cos_t.shape[:-1], -1)
-            cos = torch.cat([cos_t.to(cos_all.dtype), spatial_cos[place].expand(shape)], dim=-1)
-            sin = torch.cat([sin_t.to(sin_all.dtype), spatial_sin[place].expand(shape)], dim=-1)
+            if places is None:  # whole frames, frame-major
+                place = torch.arange(x.shape[2], device=x.device) % t
+                cos_s, sin_s = spatial_cos[place].expand(shape), spatial_sin[place].expand(shape)
+            else:  # Context.places; -1: a slot with no place in a frame turns along time only
+                none = (places < 0)[..., None]
+                safe = places.clamp(min=0) % t
+                cos_s = torch.where(none, 1.0, spatial_cos[safe]).to(cos_all.dtype)
+                sin_s = torch.where(none, 0.0, spatial_sin[safe]).to(sin_all.dtype)
+            cos = torch.cat([cos_t.to(cos_all.dtype), cos_s], dim=-1)
+            sin = torch.cat([sin_t.to(sin_all.dtype), sin_s], dim=-1)
             return _wan_rotate(x, cos, sin)
 
+        rotate.takes_places = True  # type: ignore[attr-defined]
         return rotate
 
     def _check_frame_size(self, cos_all: Tensor, t: int) -> None:

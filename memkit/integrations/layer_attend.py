@@ -46,11 +46,11 @@ def checked_rotary(rotate: Rotate | None, layer: str) -> Rotate | None:
         return None
     fn: Rotate = rotate
 
-    def checked(x: Tensor, positions: Tensor) -> Tensor:
+    def checked(x: Tensor, positions: Tensor, **places: Tensor) -> Tensor:
         memory = positions.ndim == 3
         what = "(b h m): memory keys, each head its own slots" if memory else "(b n): the segment's tokens"
         try:
-            out = fn(x, positions)
+            out = fn(x, positions, **places)
         except Exception as err:  # the user's code: say what it was given
             raise AttachError(
                 f"layer {layer!r}: the rotary function failed on x {'(b h m d)' if memory else '(b h n d)'} = "
@@ -67,6 +67,7 @@ def checked_rotary(rotate: Rotate | None, layer: str) -> Rotate | None:
             )
         return out
 
+    checked.takes_places = getattr(fn, "takes_places", False)  # type: ignore[attr-defined]
     return checked
 
 
@@ -214,10 +215,13 @@ class LayerAttend:
         state = session._state_for(layer, q)
         query = Query(q, fp, t, segment.prompt, segment.prompt_mask)
         context = layer.memory.read(state, query)
-        rotate = checked_rotary(rotary if rotary is not None else session.rotary, layer.name)
+        raw = rotary if rotary is not None else session.rotary
+        rotate = checked_rotary(raw, layer.name)
         backend = backend if backend is not None else session.backend
         extra_out = None
-        if mask is None and extra is None:
+        # a 3-D rotary that takes slot places gets them (Context.places) through the route below
+        with_places = context.places is not None and getattr(raw, "takes_places", False)
+        if mask is None and extra is None and not with_places:
             out = attend_with_context(q, k, v, context, token_positions(fp, t), rotate=rotate, backend=backend)
         else:
             out, extra_out = _attend_masked(
@@ -340,7 +344,11 @@ def _attend_masked(
     own = None if mask is None else segment_mask(mask.to(q.device), b, h, n)
     ck = context.k
     if rotate is not None:
-        q, k, ck = rotate(q, positions), rotate(k, positions), rotate(ck, context.positions)
+        q, k = rotate(q, positions), rotate(k, positions)
+        if context.places is not None and getattr(rotate, "takes_places", False):
+            ck = rotate(ck, context.positions, places=context.places)  # type: ignore[call-arg]
+        else:
+            ck = rotate(ck, context.positions)
     # an invalid slot contributes nothing, whatever it holds (as in memkit.attend)
     slots = context.mask[..., None]
     memory = (torch.where(slots, ck, 0), torch.where(slots, context.v, 0), context.mask[:, :, None, :])

@@ -28,10 +28,10 @@ Two frame origins (``frame_origin=``):
   equals the stock model on the clip [A, B] only with stream-absolute frames (the
   tests check it). Positions then grow past what the model saw in training.
 
-A memory slot's place in its frame is its index modulo ``tokens_per_frame``: true for
-memories that store whole frames (FIFO, SinkWindow, SparseKV, PromptBank); a memory whose
-slots are not frame tokens (RecurrentMemory's learned slots) still gets a consistent but
-arbitrary spatial rotation.
+Each memory slot's place in its frame comes from ``Context.places`` when the memory gives
+it (RecurrentMemory's learned slots have none, ``-1``: they are turned along time only),
+else it is the slot's index modulo ``tokens_per_frame`` (memories that store whole frames:
+FIFO, SinkWindow, SparseKV, PromptBank; ``Context.concat`` keeps each part's own count).
 """
 
 from collections.abc import Sequence
@@ -166,7 +166,10 @@ class TableRotary:
         dc, ds = delta.cos().float(), delta.sin().float()
         return cos * dc - sin * ds, sin * dc + cos * ds
 
-    def __call__(self, x: Tensor, positions: Tensor) -> Tensor:
+    #: memkit passes ``places=`` (``Context.places``) for memory keys to a rotary that says so
+    takes_places = True
+
+    def __call__(self, x: Tensor, positions: Tensor, places: Tensor | None = None) -> Tensor:
         dev = x.device
         # stream-absolute: the host's table starts at frame 0, the segment sits at `origin`
         shift = self.origin.to(dev) if self.frame_origin == "stream" else torch.zeros_like(self.origin, device=dev)
@@ -180,11 +183,23 @@ class TableRotary:
             cos, sin = self._turn(self.cos.to(dev), self.sin.to(dev), shift[:, None, None].expand(-1, 1, x.shape[2]))
             return rotate_pairs(x, cos, sin)
         # memory keys (b h m): the table's place in the first frame, turned by the frame distance
-        place = torch.arange(x.shape[2], device=dev) % self.tokens_per_frame
-        base_cos, base_sin = self.cos[:, place].to(dev), self.sin[:, place].to(dev)  # (1|h, m, p)
+        if places is None:  # whole frames, frame-major
+            place = torch.arange(x.shape[2], device=dev) % self.tokens_per_frame
+            base_cos, base_sin = self.cos[:, place].to(dev), self.sin[:, place].to(dev)  # (1|h, m, p)
+        else:
+            base_cos, base_sin = self._at_places(places.to(dev))  # (b, h, m, p)
         frames = positions - self.origin.to(dev)[:, None, None] + shift[:, None, None]
         cos, sin = self._turn(base_cos, base_sin, frames)
         return rotate_pairs(x, cos, sin)
+
+    def _at_places(self, places: Tensor) -> tuple[Tensor, Tensor]:
+        """The first frame's rotation at each slot's place ``(b h m)``; a slot with no place (-1) gets none."""
+        cos, sin = self.cos.to(places.device), self.sin.to(places.device)
+        heads = torch.arange(places.shape[1], device=places.device)[:, None] if cos.shape[0] > 1 else 0
+        safe = places.clamp(min=0) % self.tokens_per_frame
+        base_cos, base_sin = cos[heads, safe], sin[heads, safe]  # (b, h, m, p)
+        none = (places < 0)[..., None]
+        return torch.where(none, 1.0, base_cos), torch.where(none, 0.0, base_sin)
 
     def __repr__(self) -> str:
         return f"TableRotary(tokens={self.cos.shape[1]}, tokens_per_frame={self.tokens_per_frame})"

@@ -313,6 +313,7 @@ class RecurrentMemory(nn.Module):
                 v=state.read_v,
                 mask=(state.slot_mass > 0)[:, None, :].expand(shape),
                 positions=state.slot_pos.round().long()[:, None, :].expand(shape),
+                places=torch.full(shape, -1, dtype=torch.long, device=state.latent.device),  # no place in a frame
             )
         before = frame_positions.long().min(dim=1).values - 1  # (b,)
         return Context(
@@ -320,6 +321,7 @@ class RecurrentMemory(nn.Module):
             v=state.read_v,
             mask=torch.ones(shape, dtype=torch.bool, device=state.latent.device),
             positions=before[:, None, None].expand(shape),
+            places=torch.full(shape, -1, dtype=torch.long, device=state.latent.device),  # no place in a frame
         )
 
     @typechecked
