@@ -36,6 +36,7 @@ __all__ = [
     "check_state_matches",
     "tensor_paths",
     "map_tensor_paths",
+    "LayerStates",
 ]
 
 S = TypeVar("S")
@@ -112,6 +113,80 @@ def memory_state(cls: type[T]) -> type[T]:
     return dc
 
 
+class LayerStates(tuple):
+    """A model's memory states, one per memory layer in module order, each under its layer's name.
+
+    A tuple (``states[i]``, ``len``, iteration and unpacking work as on the tuple models
+    returned before), that also answers by layer name (``states["blocks.0.attn"]``,
+    :meth:`items`). It is a pytree like any state, so :func:`map_tensors`, ``torch.compile``
+    and :func:`memkit.save_states` see through it; its tensors are named in a file exactly
+    as a plain tuple's (``[0].win_k``), so files saved from tuples load into it and back.
+
+    Its life cycle: :func:`memkit.init_memory_states` makes it (a fresh one is the reset),
+    :func:`memkit.layers.save_memory_states` / :func:`memkit.layers.load_memory_states`
+    save and load it with the model's memories recorded and checked.
+
+    Attributes:
+        names: the layers' names (``model.named_modules()``), in the order of the states.
+
+    Example:
+        >>> import torch, memkit
+        >>> model = torch.nn.ModuleDict({"a": memkit.MemoryAttention(8, 2, memkit.FIFOMemory(2, 4, 1, frames=2)),
+        ...                              "b": memkit.MemoryAttention(8, 2)})
+        >>> states = memkit.init_memory_states(model, 1)
+        >>> states.names, type(states["a"]).__name__, states[1] is states["b"]
+        (('a', 'b'), 'SinkWindowState', True)
+    """
+
+    names: tuple[str, ...]
+
+    def __new__(cls, states: Any, names: Any) -> "LayerStates":
+        self = super().__new__(cls, states)
+        self.names = tuple(str(n) for n in names)
+        if len(self.names) != len(self) or len(set(self.names)) != len(self.names):
+            raise StateError(
+                f"LayerStates: expected one distinct name per state ({len(self)} states), got names {self.names}"
+            )
+        return self
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, str):
+            try:
+                return super().__getitem__(self.names.index(key))
+            except ValueError:
+                raise KeyError(f"no memory layer named {key!r}; layers: {', '.join(self.names)}") from None
+        return super().__getitem__(key)
+
+    def items(self) -> list[tuple[str, Any]]:
+        """``(layer name, state)`` pairs, in layer order."""
+        return list(zip(self.names, self, strict=True))
+
+    def with_states(self, states: Any) -> "LayerStates":
+        """The same layers holding ``states`` (one per layer, in order)."""
+        return LayerStates(states, self.names)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (LayerStates, (tuple(self), self.names))
+
+    def __repr__(self) -> str:
+        return "LayerStates(" + ", ".join(f"{n}={type(s).__name__}" for n, s in self.items()) + ")"
+
+
+pytree.register_pytree_node(
+    LayerStates,
+    lambda s: (list(s), s.names),
+    lambda children, names: LayerStates(children, names),
+    serialized_type_name="memkit.state.LayerStates",
+)
+
+
+def like_states(template: Any, states: Any) -> tuple[Any, ...]:
+    """``states`` in ``template``'s container: a :class:`LayerStates` with its names, else a tuple."""
+    if isinstance(template, LayerStates):
+        return template.with_states(states)
+    return tuple(states)
+
+
 # ----------------------------------------------------------------------------------- field paths
 # memkit names the tensors of a state by its own field paths (``[0].win_k``,
 # ``['blocks.0.attn'].states[1].k``), never by torch's pytree key types and their formatting,
@@ -182,6 +257,8 @@ def _rebuild(fn: Callable[[str, Tensor], Tensor], tree: Any, path: str) -> Any:
         return tree.replace(**{f: v for (_, _, f), v in zip(children, values, strict=True) if f is not None})
     if isinstance(tree, tuple) and hasattr(tree, "_fields"):
         return type(tree)(*values)
+    if isinstance(tree, LayerStates):
+        return tree.with_states(values)
     if isinstance(tree, (tuple, list)):
         return type(tree)(values)
     return type(tree)(zip(tree.keys(), values, strict=True))

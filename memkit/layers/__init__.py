@@ -6,10 +6,10 @@ from memkit.layers.memory_attention import (
     Rotate,
     attend_with_context,
     clamp_context_positions,
-    init_memory_states,
     memory_layers,
 )
 from memkit.layers.rotary import apply_rotary, rotary_angles
+from memkit.layers.states import init_memory_states, load_memory_states, save_memory_states
 
 __all__ = [
     "MemoryAttention",
@@ -18,6 +18,8 @@ __all__ = [
     "clamp_context_positions",
     "Rotate",
     "init_memory_states",
+    "save_memory_states",
+    "load_memory_states",
     "memory_layers",
     "apply_rotary",
     "rotary_angles",

@@ -394,14 +394,3 @@ class MemoryAttention(nn.Module):
 def memory_layers(model: nn.Module) -> list[MemoryAttention]:
     """Every :class:`MemoryAttention` in ``model``, in module order (one state each)."""
     return [m for m in model.modules() if isinstance(m, MemoryAttention)]
-
-
-def init_memory_states(
-    model: nn.Module,
-    batch_size: int,
-    *,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-) -> tuple[Any, ...]:
-    """One empty state per :class:`MemoryAttention` of ``model``, as a tuple (a pytree)."""
-    return tuple(layer.init_state(batch_size, device=device, dtype=dtype) for layer in memory_layers(model))

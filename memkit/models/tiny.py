@@ -11,8 +11,9 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from memkit.layers import MemoryAttention
+from memkit.layers import MemoryAttention, init_memory_states
 from memkit.protocol import Memory
+from memkit.state import like_states
 from memkit.typing import Bool, Float, Int, check_shape, typechecked
 
 
@@ -75,8 +76,8 @@ class TinySegmentModel(nn.Module):
         return cast(list[_Block], list(self.blocks))
 
     def init_states(self, batch_size: int, **kwargs: Any) -> tuple[Any, ...]:
-        """One empty memory state per block."""
-        return tuple(block.attn.init_state(batch_size, **kwargs) for block in self._blocks())
+        """One empty memory state per block, by block name (:func:`memkit.init_memory_states`)."""
+        return init_memory_states(self, batch_size, **kwargs)
 
     @typechecked
     def forward(
@@ -99,4 +100,4 @@ class TinySegmentModel(nn.Module):
             new_states.append(state)
             h = h + a
             h = h + block.mlp(block.norm2(h))
-        return self.out(self.norm(h)), tuple(new_states)
+        return self.out(self.norm(h)), like_states(states, new_states)

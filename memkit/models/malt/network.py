@@ -27,7 +27,7 @@ from memkit.layers import MemoryAttention, init_memory_states
 from memkit.memories.registry import build_from_spec
 from memkit.models.malt.config import MALTConfig, MemorySpec
 from memkit.protocol import Memory
-from memkit.state import map_tensors
+from memkit.state import like_states, map_tensors
 from memkit.typing import Bool, Float, Int, at_door, check_shape, typechecked
 
 __all__ = ["MALTNetwork", "CheckpointError", "patchify", "unpatchify"]
@@ -306,7 +306,7 @@ class MALTNetwork(nn.Module):
     def init_states(
         self, batch_size: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> tuple[Any, ...]:
-        """One empty memory state per block (a tuple; :func:`memkit.init_memory_states`)."""
+        """One empty memory state per block, by block name (:class:`memkit.state.LayerStates`, a tuple)."""
         return init_memory_states(self, batch_size, device=device, dtype=dtype)
 
     def segment_positions(self, index: int, batch_size: int, device: torch.device | str | None = None) -> Tensor:
@@ -427,7 +427,7 @@ class MALTNetwork(nn.Module):
                 cross_ctx=s.cross_ctx,
                 frame_meta=s.frame_meta,
             )
-        return dataclasses.replace(s, h=h), tuple(new_states)
+        return dataclasses.replace(s, h=h), like_states(states, new_states)
 
     def _head(self, s: "_Stream", x: Tensor, t: Tensor) -> Tensor:
         """The velocity from the last block's tokens (the head's ``x0`` turned into a velocity)."""
