@@ -11,8 +11,10 @@ milliseconds per generated segment. A training-free swap measures what each memo
 model trained with another one, not what it would give a model trained with it.
 
 Then the cost at one ``MemoryAttention`` of the full benchmarks' layer geometry (4 heads of 32,
-16 tokens a frame, chunks of 3 frames as MemFlow's): one segment = 4 denoising reads (MemFlow's
-4 steps) + the clean pass that writes, from a state after 48 segments; the memories take turns
+16 tokens a frame, chunks of 3 frames as MemFlow's): one segment = a read plan (what no step's
+queries change: windows, sinks, the prompt's bank, prepared once, as the MALT sampler does) +
+4 denoising reads (MemFlow's 4 steps) + the clean pass that writes, from a state after 48
+segments; the memories take turns
 in every round and the ratios are medians of per-round ratios.
 """
 
@@ -37,10 +39,27 @@ NAMES = ("NoMemory", "SinkWindowMemory", "LongLive", "MemFlow NAM", "MemFlow NAM
 COST_NAMES = (*NAMES, "SparseKVMemory", "PromptBank+SparseKV")
 
 
+class PlannedLayerHost(LayerHost):
+    """A layer segment as the MALT sampler runs it: reads planned once per segment, then the steps."""
+
+    @torch.no_grad()
+    def segment(self, state: Any, s: int) -> Any:
+        pos = torch.arange(s * self.g.frames_per_segment, (s + 1) * self.g.frames_per_segment)[None]
+        x = self.inputs.x[s % len(self.inputs.x)]
+        prompt, mask = self.inputs.prompt(s)
+        plan = self.attn.plan(state, pos, self.g.tokens_per_frame, prompt, mask)
+        for _ in range(self.steps):
+            self.attn(x, plan, pos, prompt, mask)
+        _, state = self.attn.forward_and_write(x, plan, pos, prompt, mask)
+        return state
+
+
 def layer_cost(rounds: int = 30) -> dict[str, dict[str, float]]:
     g = Geometry(heads=4, head_dim=32, tokens_per_frame=16, dim=128, frames_per_segment=3, capacity=64)
     inputs = make_inputs((1, g.frames_per_segment * g.tokens_per_frame, g.dim), 8, g.heads * g.head_dim, 0)
-    hosts = {e.name: LayerHost(e, g, 4, inputs, 0) for e in roster(g, full_history=False) if e.name in COST_NAMES}
+    hosts = {
+        e.name: PlannedLayerHost(e, g, 4, inputs, 0) for e in roster(g, full_history=False) if e.name in COST_NAMES
+    }
     warmed = {}
     for name, host in hosts.items():
         state = host.init_state()

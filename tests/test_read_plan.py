@@ -53,6 +53,7 @@ MEMORIES: dict[str, Callable[[], Any]] = {
 }
 if hasattr(memkit, "MemFlowMemory"):
     MEMORIES["memflow"] = lambda: memkit.MemFlowMemory(H, D, T, sink_frames=1, window_frames=2, prompt_dim=E)
+    MEMORIES["memflow_nam"] = lambda: memkit.MemFlowMemory(H, D, T, window_frames=1, top_k=None, prompt_dim=E)
 
 
 def _filled(mem: Any, writes: int, batch: int, g: torch.Generator) -> Any:

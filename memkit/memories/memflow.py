@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from memkit.memories.frames import (
     check_chunk,
+    check_layout,
     check_query,
     check_state,
     frames_to_context,
@@ -16,7 +17,7 @@ from memkit.memories.frames import (
 )
 from memkit.memories.prompt_bank import PromptBankMemory, PromptBankState
 from memkit.memories.sink_window import SinkWindowMemory, SinkWindowState
-from memkit.protocol import Chunk, Context, Query
+from memkit.protocol import Chunk, Context, Query, ReadLayout, ReadPlan
 from memkit.state import MemoryState, check_init_args, check_state_matches, memory_state
 from memkit.typing import typechecked
 
@@ -159,6 +160,26 @@ class MemFlowMemory(nn.Module):
             positions=pos[:, None, :].expand(b, h, f).gather(2, index).repeat_interleave(t, dim=2),
         )
 
+    def _pools(
+        self, state: MemFlowState, prompt: Tensor | None, prompt_mask: Tensor | None
+    ) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], Context]:
+        """The routing pool and the window context.
+
+        The pool is the sink + the bank chosen for ``prompt``: ``k, v (b h S+B t d)``, ``pos, valid (b S+B)``.
+
+        Depends on the prompt, not on the queries: made once per segment, as the release
+        compresses its bank once per chunk.
+        """
+        fs = state.frames
+        bk, bv, bpos, bvalid = self.bank.select(state.bank, prompt, prompt_mask)
+        pool = (
+            torch.cat([fs.sink_k, bk.to(fs.sink_k.dtype)], dim=2),
+            torch.cat([fs.sink_v, bv.to(fs.sink_v.dtype)], dim=2),
+            torch.cat([fs.sink_pos, bpos], dim=1),
+            torch.cat([fs.sink_valid, bvalid], dim=1),
+        )
+        return pool, frames_to_context(fs.win_k, fs.win_v, fs.win_pos, fs.win_valid)
+
     @typechecked
     def read(self, state: MemFlowState, query: Query) -> Context:
         """Routed (or all) sink + bank frames, then the whole local window."""
@@ -166,21 +187,27 @@ class MemFlowMemory(nn.Module):
         check_state_matches(f"{self._name}.read", state, self)
         check_query(self._name, query, state.batch_size, self.heads, self.head_dim, state.frames.win_k.device)
         self.bank._check_prompt("read", query.prompt)
-        fs = state.frames
-        bk, bv, bpos, bvalid = self.bank.select(state.bank, query.prompt, query.prompt_mask)
-        window = frames_to_context(fs.win_k, fs.win_v, fs.win_pos, fs.win_valid)
+        pool, window = self._pools(state, query.prompt, query.prompt_mask)
         if self.top_k is None:
-            sink = frames_to_context(fs.sink_k, fs.sink_v, fs.sink_pos, fs.sink_valid)
-            return Context.concat([sink, frames_to_context(bk, bv, bpos, bvalid), window])
-        routed = self._route(
-            query.q,
-            torch.cat([fs.sink_k, bk.to(fs.sink_k.dtype)], dim=2),
-            torch.cat([fs.sink_v, bv.to(fs.sink_v.dtype)], dim=2),
-            torch.cat([fs.sink_pos, bpos], dim=1),
-            torch.cat([fs.sink_valid, bvalid], dim=1),
-            self.top_k,
-        )
-        return Context.concat([routed, window])
+            return Context.concat([frames_to_context(*pool), window])
+        return Context.concat([self._route(query.q, *pool, self.top_k), window])
+
+    def plan(self, state: MemFlowState, layout: ReadLayout) -> ReadPlan:
+        """Bank chosen and window prepared once per segment; SMA's routing waits for each step's queries."""
+        check_state(f"{self._name}.plan", state, MemFlowState)
+        check_state_matches(f"{self._name}.plan", state, self)
+        check_layout(self._name, layout, state.batch_size, state.frames.win_k.device)
+        self.bank._check_prompt("plan", layout.prompt, "layout.prompt")
+        pool, window = self._pools(state, layout.prompt, layout.prompt_mask)
+        if self.top_k is None:
+            return ReadPlan(parts=(frames_to_context(*pool), window), state=state)
+        return ReadPlan(parts=(None, window), state=state, extra=pool)
+
+    def read_dynamic(self, plan: ReadPlan, query: Query) -> tuple[Context, ...]:
+        if self.top_k is None:
+            return ()
+        k, v, pos, valid = plan.extra
+        return (self._route(query.q, k, v, pos, valid, self.top_k),)
 
     @typechecked
     def write(self, state: MemFlowState, chunk: Chunk) -> MemFlowState:
