@@ -146,10 +146,13 @@ class MemFlowMemory(nn.Module):
             bank=self.bank.init_state(batch_size, device=device, dtype=dtype),
         )
 
-    def _route(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, valid: Tensor, top_k: int) -> Context:
-        """SMA: each head's ``top_k`` frames of ``k, v (b h F t d)`` by mean query . mean key."""
+    def _route(
+        self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, valid: Tensor, top_k: int, desc: Tensor | None = None
+    ) -> Context:
+        """SMA: each head's ``top_k`` frames of ``k, v (b h F t d)`` by mean query . mean key (``desc``, if given)."""
         b, h, f, t, _ = k.shape
-        scores = torch.einsum("bhfd,bhd->bhf", k.float().mean(dim=3), q.float().mean(dim=2))
+        desc = k.float().mean(dim=3) if desc is None else desc
+        scores = torch.einsum("bhfd,bhd->bhf", desc, q.float().mean(dim=2))
         valid3 = valid[:, None, :].expand(b, h, f)
         # ties (only between identical frames: a prototype held twice) go to the earlier slot
         index, ok = top_k_frames(scores, valid3, torch.zeros_like(valid3, dtype=torch.long), min(top_k, f))
@@ -201,13 +204,13 @@ class MemFlowMemory(nn.Module):
         pool, window = self._pools(state, layout.prompt, layout.prompt_mask)
         if self.top_k is None:
             return ReadPlan(parts=(frames_to_context(*pool), window), state=state)
-        return ReadPlan(parts=(None, window), state=state, extra=pool)
+        return ReadPlan(parts=(None, window), state=state, extra=(*pool, pool[0].float().mean(dim=3)))
 
     def read_dynamic(self, plan: ReadPlan, query: Query) -> tuple[Context, ...]:
         if self.top_k is None:
             return ()
-        k, v, pos, valid = plan.extra
-        return (self._route(query.q, k, v, pos, valid, self.top_k),)
+        k, v, pos, valid, desc = plan.extra  # the pool's frame descriptors, pooled once per segment
+        return (self._route(query.q, k, v, pos, valid, self.top_k, desc),)
 
     @typechecked
     def write(self, state: MemFlowState, chunk: Chunk) -> MemFlowState:
