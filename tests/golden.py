@@ -46,7 +46,18 @@ MEMORIES: dict[str, tuple[str, dict[str, Any]]] = {
     "sparse_kv": ("sparse_kv", {"capacity": 3, "top_k": 2, "always_frames": 1}),
     "sparse_kv_default": ("sparse_kv", {}),
     "prompt_bank": ("prompt_bank", {"bank_frames": 2}),
+    # added after the first recording (their memories landed later); the entries above are unchanged
+    "compressed_window": ("compressed_window", {"sink_frames": 1, "window_frames": 2}),
+    "packed_history": ("packed_history", {}),
+    "quantized_sparse_kv": ("quantized", {"memory": {"name": "sparse_kv", "kwargs": {"capacity": 3, "top_k": 2}}}),
+    "pose_retrieval": ("pose_retrieval", {"meta_dim": 2, "capacity": 3, "top_k": 2}),
 }
+
+#: cases added after the first recording: one seed each, to keep the fixture small
+ADDED = ("compressed_window", "packed_history", "quantized_sparse_kv", "pose_retrieval", "memflow")
+
+#: cases whose queries and chunks carry per-frame metadata (a pose), drawn from a generator of their own
+META_DIM: dict[str, int] = {"pose_retrieval": 2}
 
 #: compositions: name -> member cases
 COMPOSED: dict[str, tuple[str, ...]] = {
@@ -95,21 +106,27 @@ def _memory(case: str, seed: int) -> Any:
     torch.manual_seed(seed)  # memories with parameters (recurrent, prompt_bank's projection)
     if case in COMPOSED:
         return memkit.compose(*(_build(m) for m in COMPOSED[case]))
+    if case == "memflow":
+        return memkit.memories.memflow.MemFlowMemory(H, D, TPF, sink_frames=1, window_frames=2, bank_frames=2)
     return _build(case)
 
 
-def _segments(seed: int) -> Iterator[tuple[Any, Any]]:
+def _segments(seed: int, meta_dim: int | None = None) -> Iterator[tuple[Any, Any]]:
     """Query and chunk of every segment (prompts change at segment 2, with padding)."""
     import memkit
 
     g = torch.Generator().manual_seed(1000 + seed)
+    g_meta = torch.Generator().manual_seed(2000 + seed)  # its own: the other cases' draws stay as recorded
     n = F * TPF
     prompts = [torch.randn(B, 3, H * D, generator=g) for _ in range(2)]
     mask = torch.tensor([[True, True, True], [True, True, False]])
     for s in range(SEGMENTS):
         pos = torch.arange(s * F, (s + 1) * F).expand(B, F).contiguous()
         prompt = prompts[s // 2]
-        q = memkit.Query(torch.randn(B, H, n, D, generator=g), pos, TPF, prompt=prompt, prompt_mask=mask)
+        meta = None if meta_dim is None else torch.randn(B, F, meta_dim, generator=g_meta)
+        q = memkit.Query(
+            torch.randn(B, H, n, D, generator=g), pos, TPF, prompt=prompt, prompt_mask=mask, frame_meta=meta
+        )
         chunk = memkit.Chunk(
             torch.randn(B, H, n, D, generator=g),
             torch.randn(B, H, n, D, generator=g),
@@ -118,6 +135,7 @@ def _segments(seed: int) -> Iterator[tuple[Any, Any]]:
             TPF,
             prompt=prompt,
             prompt_mask=mask,
+            frame_meta=meta,
         )
         yield q, chunk
 
@@ -131,7 +149,7 @@ def memory_outputs(case: str, seed: int) -> dict[str, Tensor]:
     prefix = f"memory/{case}/seed{seed}"
     with torch.no_grad():
         state = memory.init_state(B)
-        for s, (query, chunk) in enumerate(_segments(seed)):
+        for s, (query, chunk) in enumerate(_segments(seed, META_DIM.get(case))):
             ctx = memory.read(state, query)
             for field in ("k", "v", "positions", "mask"):
                 out[f"{prefix}/read{s}/{field}"] = getattr(ctx, field)
@@ -165,8 +183,8 @@ def clip_outputs(memory: str) -> dict[str, Tensor]:
 def cases() -> dict[str, Callable[[], dict[str, Tensor]]]:
     """Every case by name, each computing its outputs when called."""
     table: dict[str, Callable[[], dict[str, Tensor]]] = {}
-    for case in (*MEMORIES, *COMPOSED):
-        for seed in SEEDS:
+    for case in (*MEMORIES, *COMPOSED, "memflow"):
+        for seed in SEEDS[:1] if case in ADDED else SEEDS:
             table[f"memory/{case}/seed{seed}"] = lambda c=case, s=seed: memory_outputs(c, s)
     for memory in CLIP_MEMORIES:
         table[f"clip/{memory}"] = lambda m=memory: clip_outputs(m)
