@@ -61,6 +61,23 @@ def memory_config(memory: Any) -> dict[str, Any]:
     return {"class": type(memory).__qualname__, "settings": settings}
 
 
+def _later_defaults(memory: Any, names: set[str]) -> dict[str, Any]:
+    """The constructor defaults of settings ``names`` (ones a file saved before they existed lacks).
+
+    Example:
+        >>> import memkit
+        >>> _later_defaults(memkit.SparseKVMemory(2, 8, 4), {"top_k", "not_a_parameter"})
+        {'top_k': 3}
+    """
+    import inspect
+
+    try:
+        params = inspect.signature(type(memory)).parameters
+    except (TypeError, ValueError):  # pragma: no cover - a class without a signature
+        return {}
+    return {n: params[n].default for n in names if n in params and params[n].default is not inspect.Parameter.empty}
+
+
 def _flatten(tree: Any) -> list[tuple[str, Tensor]]:
     """Every tensor of a pytree of states with memkit's own field path (:func:`memkit.state.tensor_paths`).
 
@@ -352,14 +369,16 @@ def load_states(path: str | os.PathLike[str], like: S, memories: Any | Sequence[
         got = header.get("memories", [])
         if len(want) != len(got):
             raise CheckpointError(f"{path}: saved with {len(got)} memories, expected {len(want)}")
-        for i, (w, g) in enumerate(zip(want, got, strict=True)):
+        for i, (w, g, memory) in enumerate(zip(want, got, mems, strict=True)):
             if w["class"] != g["class"]:
                 raise CheckpointError(f"{path}: memory {i} was a {g['class']}, expected a {w['class']}")
-            if w["settings"] != g["settings"]:
+            # a setting the memory gained after the file was saved matches when it is at its default
+            saved = {**_later_defaults(memory, set(w["settings"]) - set(g["settings"])), **g["settings"]}
+            if w["settings"] != saved:
                 diff = {
-                    k: (g["settings"].get(k), w["settings"].get(k))
-                    for k in sorted(set(w["settings"]) | set(g["settings"]))
-                    if w["settings"].get(k) != g["settings"].get(k)
+                    k: (saved.get(k), w["settings"].get(k))
+                    for k in sorted(set(w["settings"]) | set(saved))
+                    if w["settings"].get(k) != saved.get(k)
                 }
                 details = ", ".join(f"{k}: saved {a!r}, expected {b!r}" for k, (a, b) in diff.items())
                 raise CheckpointError(f"{path}: memory {i} ({w['class']}) has another configuration: {details}")
