@@ -405,3 +405,21 @@ def test_malt_backbone_hands_the_camera_pose_to_pose_retrieval() -> None:
     timed = MALTNetwork(MALTConfig.preset("tiny", memory=spec, action_dim=4))
     with pytest.raises(memkit.ShapeError, match="query.frame_meta is None"):  # the clean pass reads first
         timed.write(clean, timed.init_states(1), timed.segment_positions(0, 1), actions=torch.rand(1, 2, 4))
+
+
+def test_pose_retrieval_reads_through_a_plan_as_it_reads_the_state() -> None:
+    """The choice depends on the segment's poses (its layout), not on a step's queries: planned once, equal."""
+    from memkit.protocol import plan_read, read_planned
+
+    mem = memkit.PoseRetrievalMemory(H, D, T, meta_dim=2, capacity=6, top_k=2)
+    state = mem.init_state(1)
+    for i in range(8):
+        state = mem.write(state, _pose_chunk([i], [[float(i % 3), float(i)]], i))
+    meta = torch.tensor([[[1.0, 4.0]]])
+    plan = plan_read(mem, state, memkit.ReadLayout(torch.tensor([[8]]), T, frame_meta=meta))
+    for _ in range(3):
+        query = memkit.Query(torch.randn(1, H, T, D), torch.tensor([[8]]), T, frame_meta=meta)
+        planned, plain = read_planned(mem, plan, query), mem.read(state, query)
+        assert all(torch.equal(getattr(planned, f), getattr(plain, f)) for f in ("k", "v", "mask", "positions"))
+    with pytest.raises(memkit.ShapeError, match="query.frame_meta is None"):
+        plan_read(mem, state, memkit.ReadLayout(torch.tensor([[8]]), T))

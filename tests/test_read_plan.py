@@ -50,6 +50,9 @@ MEMORIES: dict[str, Callable[[], Any]] = {
         memkit.NoMemory(),
     ),
     "plain": _Plain,
+    "compressed_window": lambda: memkit.CompressedWindowMemory(H, D, T, sink_frames=1, window_frames=1),
+    "packed_history": lambda: memkit.PackedHistoryMemory(H, D, T, frames_per_level=1, levels=1),
+    "quantized": lambda: memkit.quantized(memkit.SparseKVMemory(H, D, T, capacity=4, top_k=2, always_frames=1)),
 }
 if hasattr(memkit, "MemFlowMemory"):
     MEMORIES["memflow"] = lambda: memkit.MemFlowMemory(H, D, T, sink_frames=1, window_frames=2, prompt_dim=E)

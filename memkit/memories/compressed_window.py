@@ -7,6 +7,7 @@ from torch import Tensor
 
 from memkit.memories.frames import (
     check_chunk,
+    check_layout,
     check_query,
     check_state,
     frames_to_context,
@@ -17,7 +18,7 @@ from memkit.memories.frames import (
     split_frames,
 )
 from memkit.memories.registry import register_memory
-from memkit.protocol import Chunk, Context, Query
+from memkit.protocol import Chunk, Context, Query, ReadLayout, ReadPlan
 from memkit.state import MemoryState, check_init_args, check_state_matches, memory_state
 from memkit.typing import typechecked
 
@@ -168,6 +169,19 @@ class CompressedWindowMemory:
         """Sink, slow average, fast average, window: ``(b h (S+2+W)*t d)``, with validity and positions."""
         self._checked("read", state)
         check_query("CompressedWindowMemory", query, state.batch_size, self.heads, self.head_dim, state.win_k.device)
+        return self._context(state)
+
+    @typechecked
+    def plan(self, state: CompressedWindowState, layout: ReadLayout) -> ReadPlan:
+        """The whole read, prepared once per segment: it does not depend on the queries."""
+        self._checked("plan", state)
+        check_layout("CompressedWindowMemory", layout, state.batch_size, state.win_k.device)
+        return ReadPlan(parts=(self._context(state),), state=state)
+
+    def read_dynamic(self, plan: ReadPlan, query: Query) -> tuple[Context, ...]:
+        return ()
+
+    def _context(self, state: CompressedWindowState) -> Context:
         mem_pos = torch.stack([state.mem_pos - 1, state.mem_pos], dim=1)
         return frames_to_context(
             torch.cat([state.sink_k, state.long_k[:, :, None], state.short_k[:, :, None], state.win_k], dim=2),

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from memkit.memories.frames import (
     check_chunk,
+    check_layout,
     check_query,
     check_state,
     gather_frames,
@@ -15,7 +16,7 @@ from memkit.memories.frames import (
     split_frames,
 )
 from memkit.memories.registry import register_memory
-from memkit.protocol import Chunk, Context, Query
+from memkit.protocol import Chunk, Context, Query, ReadLayout, ReadPlan
 from memkit.state import MemoryState, check_init_args, check_state_matches, memory_state
 from memkit.typing import typechecked
 
@@ -178,6 +179,19 @@ class PackedHistoryMemory:
         """Every level, oldest (most pooled) first: ``(b h F t (2 - 2**(1-L)) d)`` slots."""
         self._checked("read", state)
         check_query("PackedHistoryMemory", query, state.batch_size, self.heads, self.head_dim, state.k[0].device)
+        return self._context(state)
+
+    @typechecked
+    def plan(self, state: PackedHistoryState, layout: ReadLayout) -> ReadPlan:
+        """The whole read, prepared once per segment: it does not depend on the queries."""
+        self._checked("plan", state)
+        check_layout("PackedHistoryMemory", layout, state.batch_size, state.k[0].device)
+        return ReadPlan(parts=(self._context(state),), state=state)
+
+    def read_dynamic(self, plan: ReadPlan, query: Query) -> tuple[Context, ...]:
+        return ()
+
+    def _context(self, state: PackedHistoryState) -> Context:
         ks, vs, masks, positions = [], [], [], []
         for i in reversed(range(self.levels)):
             b, h, _, t, _ = state.k[i].shape

@@ -8,6 +8,7 @@ from torch import Tensor
 from memkit.errors import ShapeError
 from memkit.memories.frames import (
     check_chunk,
+    check_layout,
     check_query,
     check_state,
     frames_to_context,
@@ -17,7 +18,7 @@ from memkit.memories.frames import (
     top_k_frames,
 )
 from memkit.memories.registry import register_memory
-from memkit.protocol import Chunk, Context, Query
+from memkit.protocol import Chunk, Context, Query, ReadLayout, ReadPlan
 from memkit.state import MemoryState, check_init_args, check_state_matches, memory_state
 from memkit.typing import typechecked
 
@@ -156,7 +157,21 @@ class PoseRetrievalMemory:
         check_state("PoseRetrievalMemory.read", state, PoseRetrievalState)
         check_state_matches("PoseRetrievalMemory.read", state, self)
         check_query("PoseRetrievalMemory", query, state.batch_size, self.heads, self.head_dim, state.k.device)
-        want = self._meta("read", query.frame_meta).mean(dim=1)  # (b c)
+        return self._context(state, self._meta("read", query.frame_meta))
+
+    @typechecked
+    def plan(self, state: PoseRetrievalState, layout: ReadLayout) -> ReadPlan:
+        """The whole read, prepared once per segment: the choice depends on the segment's poses, not its queries."""
+        check_state("PoseRetrievalMemory.plan", state, PoseRetrievalState)
+        check_state_matches("PoseRetrievalMemory.plan", state, self)
+        check_layout("PoseRetrievalMemory", layout, state.batch_size, state.k.device)
+        return ReadPlan(parts=(self._context(state, self._meta("read", layout.frame_meta)),), state=state)
+
+    def read_dynamic(self, plan: ReadPlan, query: Query) -> tuple[Context, ...]:
+        return ()
+
+    def _context(self, state: PoseRetrievalState, meta: Tensor) -> Context:
+        want = meta.mean(dim=1)  # (b c)
         recency = torch.arange(self.capacity, device=state.k.device).expand_as(state.pos)
         index, ok = top_k_frames(self.scores(state, want), state.valid, recency, self.top_k)  # (b K)
         return frames_to_context(
