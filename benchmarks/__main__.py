@@ -22,7 +22,7 @@ from typing import Any
 
 import benchmarks  # noqa: F401  (switches shape checking off before memkit is imported)
 
-SECTIONS = ("cost_layer", "cost_backbone", "overhead", "sparse", "quality", "length", "swap")
+SECTIONS = ("cost_layer", "cost_backbone", "overhead", "wan", "sparse", "quality", "length", "swap")
 
 
 def plan(quick: bool) -> dict[str, Any]:
@@ -34,6 +34,7 @@ def plan(quick: bool) -> dict[str, Any]:
     from benchmarks.roster import Geometry
     from benchmarks.sparse import SparseSettings
     from benchmarks.swap import SwapSettings
+    from benchmarks.wan import WanSettings
 
     if quick:
         return {
@@ -52,6 +53,7 @@ def plan(quick: bool) -> dict[str, Any]:
             "rss_memories": ["SinkWindowMemory", "FullHistory (baseline)"],
             "overhead_model": "tiny",
             "overhead": OverheadSettings(steps=(2,), warm_segments=10, rounds=3, warmup_rounds=1),
+            "wan": WanSettings(dim=64, heads=4, mlp=128, tokens_per_frame=8, prompt_tokens=6, rounds=2, capacity=8),
             "sparse": SparseSettings(
                 heads=2,
                 head_dim=16,
@@ -77,6 +79,8 @@ def plan(quick: bool) -> dict[str, Any]:
         "rss": {"segments": 2048, "steps": 1, "budget_s": 45.0, "warmup": 16},
         "overhead_model": "bench",
         "overhead": OverheadSettings(steps=(8, 4), warm_segments=48, rounds=20, warmup_rounds=2),
+        # a segment of the Wan-shaped block takes ~10-50 s on this CPU: few rounds (min/median/max reported)
+        "wan": WanSettings(rounds=2, warmup_rounds=0),
         "sparse": SparseSettings(),
         "quality": QualitySettings(),
         "length": LengthSettings(),
@@ -182,6 +186,10 @@ def run(args: argparse.Namespace) -> int:
         g = p["layer_geometry"]
         ents = roster(cost.backbone_geometry(cfg, g.capacity) if cfg is not None else g, full_history=False)
         attempt("overhead", lambda: overhead.overhead(ents, cfg, g, p["overhead"], g))
+    if "wan" in only:
+        from benchmarks import wan
+
+        attempt("wan", lambda: wan.wan_section(p["wan"]))
     if "sparse" in only:
         attempt("sparse", lambda: (sparse.sparse_vs_dense(p["sparse"]), sparse.attend_efficiency(p["sparse"])))
     if "quality" in only:

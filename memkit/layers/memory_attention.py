@@ -1,6 +1,7 @@
 """``MemoryAttention``: a self-attention layer that reads and writes a memory."""
 
 import dataclasses
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -181,6 +182,7 @@ class MemoryAttention(nn.Module):
         self.q_norm = nn.RMSNorm(head_dim) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(head_dim) if qk_norm else nn.Identity()
         self.memory: Memory[Any] = memory if memory is not None else NoMemory()
+        self._compiled: Callable[..., Tensor] | None = None
 
     def init_state(
         self, batch_size: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
@@ -237,20 +239,6 @@ class MemoryAttention(nn.Module):
         if self.max_distance is not None:
             positions = _clamped(positions, frame_positions, self.max_distance)
         return apply_rotary(context.k, positions, self.rope_theta), context.v, context.mask
-
-    def _attend(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        parts: list[tuple[Tensor, Tensor, Tensor]],
-        frame_positions: Tensor,
-        tokens_per_frame: int,
-    ) -> Tensor:
-        # the segment's table is shared by every layer and step of the segment (see segment_rotary_table)
-        cos, sin = segment_rotary_table(frame_positions, tokens_per_frame, self.head_dim, self.rope_theta)
-        out = attend_parts(rotate_with(q, cos, sin), rotate_with(k, cos, sin), v, parts, self.backend)
-        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
     @typechecked
     def plan(
@@ -326,10 +314,54 @@ class MemoryAttention(nn.Module):
         # checked when the user calls the layer; inside a network, the network checked its own inputs
         t = self._check(x, frame_positions) if at_door() else x.shape[1] // frame_positions.shape[1]
         q, k, v = self._project(x)
+        fn = self._read_attend if self._compiled is None else self._compiled
+        out = fn(q, k, v, state, frame_positions, t, prompt, prompt_mask, frame_meta)
+        y = self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+        if isinstance(state, LayerPlan):
+            state = state.state
+        if not write:
+            return y, state
+        chunk = Chunk(k, v, x, frame_positions, t, prompt, prompt_mask, frame_meta=frame_meta)
+        return y, self.memory.write(state, chunk)
+
+    def compile_read_attend(self, **options: Any) -> "MemoryAttention":
+        """Run each step's read + rotary + attention through ``torch.compile(fullgraph=True, **options)``.
+
+        An option, measured in the benchmarks (section 2c): the projections and the write stay
+        eager. Each layer gets its own compiled function (its own dynamo cache), so a network of
+        many layers does not exhaust dynamo's recompile limit. Returns the layer.
+
+        Example:
+            >>> import torch, memkit
+            >>> attn = memkit.MemoryAttention(16, 2, memory=memkit.FIFOMemory(2, 8, 2, frames=2))
+            >>> _ = attn.compile_read_attend(backend="eager")
+            >>> attn(torch.randn(1, 4, 16), attn.init_state(1), torch.tensor([[0, 1]])).shape
+            torch.Size([1, 4, 16])
+        """
+        impl = type(self)._read_attend
+        # dynamo keeps one cache per code object: a private copy per layer keeps the layers' graphs apart
+        code = impl.__code__.replace(co_name=f"_read_attend_{id(self):x}")
+        own = types.FunctionType(code, impl.__globals__, code.co_name, impl.__defaults__, impl.__closure__)
+        self._compiled = torch.compile(types.MethodType(own, self), fullgraph=True, **options)
+        return self
+
+    def _read_attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        state: Any,
+        frame_positions: Tensor,
+        t: int,
+        prompt: Tensor | None,
+        prompt_mask: Tensor | None,
+        frame_meta: Tensor | None,
+    ) -> Tensor:
+        """One step's read of the memory (through a plan when given one), rotary and attention: ``(b h n d)``."""
         query = Query(q, frame_positions, t, prompt, prompt_mask, frame_meta=frame_meta)
         if isinstance(state, LayerPlan):
             # prepared parts as they are; the others read (and rotated) for this step's queries
-            plan, state = state, state.state
+            plan = state
             dynamic = iter(
                 read_dynamic(self.memory, plan.plan, query) if any(p is None for p in plan.plan.parts) else ()
             )
@@ -342,11 +374,9 @@ class MemoryAttention(nn.Module):
         else:
             rotated = self._rotated(self.memory.read(state, query), frame_positions)
             ready = [] if rotated is None else [rotated]
-        y = self._attend(q, k, v, ready, frame_positions, t)
-        if not write:
-            return y, state
-        chunk = Chunk(k, v, x, frame_positions, t, prompt, prompt_mask, frame_meta=frame_meta)
-        return y, self.memory.write(state, chunk)
+        # the segment's table is shared by every layer and step of the segment (see segment_rotary_table)
+        cos, sin = segment_rotary_table(frame_positions, t, self.head_dim, self.rope_theta)
+        return attend_parts(rotate_with(q, cos, sin), rotate_with(k, cos, sin), v, ready, self.backend)
 
     @typechecked
     def step(
