@@ -214,6 +214,11 @@ def _demo(memory: dict[str, Any], **extra: Any) -> dict[str, Any]:
     )
 
 
+#: the bundled RecurrentMemory's options (docs/memories/recurrent.md, "Slots at the place they saw")
+_DEMO_RECURRENT: dict[str, Any] = dict(
+    slots=128, slot_positions="written", place_groups=8, place_size=8.0, align_tokens=True, gate_bias=1.0
+)
+
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # tests and smoke runs: 8x8 frames, 2 segments, a FIFO memory, a prompt
     "tiny": dict(
@@ -239,7 +244,12 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     ),
     "demo-none": _demo({"name": "none"}),
     "demo-sparse_kv": _demo({"name": "sparse_kv", "kwargs": {"capacity": 16, "top_k": 4}}),
-    "demo-recurrent": _demo({"name": "recurrent", "kwargs": {"slots": 32}}),
+    # RecurrentMemory with slots at the place they saw (8 groups of 16 slots, one per place and token),
+    # fine-tuned from the bundled SparseKV backbone, which already finds a place by its rotation
+    "demo-recurrent": {
+        **_demo({"name": "recurrent", "kwargs": _DEMO_RECURRENT}),
+        **dict(steps=300, curriculum=[], lr=1e-3, checkpoint_every=100, init_from="demo-sparse_kv"),
+    },
     "demo-fifo": _demo({"name": "fifo", "kwargs": {"frames": 3}}),
     # MALT's memory as far as the paper establishes it (docs/memories/recurrent.md): each memory
     # layer attends to the previous clean segment's keys/values, computed by the same network
