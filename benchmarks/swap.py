@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import Section
-from benchmarks.length import candidate_checkpoints
+from benchmarks.length import _first_memory, candidate_checkpoints
 
 CANVASES = ("procedural", "photos")
+AS_TRAINED = "as trained"
 
 
 @dataclasses.dataclass
@@ -120,13 +121,16 @@ def swap_section(st: SwapSettings) -> Section:
             specs = {k: v for k, v in specs.items() if v["name"] != "pose_retrieval"}
         variants = {k: {**v, "layers": net.config.memory.layers} for k, v in specs.items()}
         own = net.config.memory.name
+        trained_repr = repr(_first_memory(net))
+        for k in [k for k, v in variants.items() if repr(_first_memory(net.with_memory(v))) == trained_repr]:
+            del variants[k]  # the trained memory itself: its row is "as trained"
         t0, cpu0 = time.time(), time.process_time()
         for kind in ("procedural",) if st.quick else CANVASES:
             sources = ("procedural",) if kind == "procedural" else TEST_PHOTOS
             print(f"swap: {path.name} ({own}) on {kind}: {len(variants) + 3} memories", flush=True)
             res = evaluate_long(
                 net,
-                name=f"{own} (as trained)",
+                name=AS_TRAINED,
                 trained_length=L,
                 world={**world, "sources": sources},
                 multiple=st.multiple,
@@ -175,6 +179,40 @@ def _get(sec: dict[str, Any], name: str, **params: Any) -> float | None:
     return None
 
 
+def _label(label: str) -> str:
+    return AS_TRAINED if label.endswith("(as trained)") else label  # results recorded before the rename
+
+
+def _cells(sec: dict[str, Any], w: str, label: str, m: int) -> list[tuple[float | None, ...]]:
+    """(procedural, photos) of PSNR 1x, PSNR mx, recall mx for one weights and one memory."""
+    out = []
+    for name, bucket in (("psnr", "1x"), ("psnr", f"{m}x"), ("recall", f"{m}x")):
+        out.append(
+            tuple(
+                next(
+                    (
+                        f["value"]
+                        for f in sec["figures"]
+                        if f["name"] == name
+                        and _label(f["params"]["evaluated"]) == label
+                        and f["params"]["weights"] == w
+                        and f["params"]["canvas"] == c
+                        and f["params"]["bucket"] == bucket
+                    ),
+                    None,
+                )
+                for c in CANVASES
+            )
+        )
+    return out
+
+
+def _show(vals: tuple[float | None, ...], digits: int) -> str:
+    if all(v is None for v in vals):
+        return "-"
+    return " / ".join("-" if v is None else (f"{v:.{digits}f}" if digits else f"{v:.0%}") for v in vals)
+
+
 def render_swap(add: Callable[[str], None], sec: dict[str, Any] | None) -> None:
     """The interchangeability table: one row per memory swapped in, one column group per weights."""
     add("## Interchangeability")
@@ -191,43 +229,54 @@ def render_swap(add: Callable[[str], None], sec: dict[str, Any] | None) -> None:
         f"{m}x its trained length on the revisit world with each memory in turn; PSNR (dB) at 1x and "
         f"{m}x the trained length, and place recall at {m}x, as procedural / photographs no model trained on. "
         f"Clips: {len(cfg['clip_seeds'])} per evaluation path family ({', '.join(cfg['families'])}) and "
-        f"canvas kind; {cfg['steps']} Euler steps a frame."
+        f'canvas kind; {cfg["steps"]} Euler steps a frame. "as trained": the weights\' own memory; '
+        '"= as trained": the swapped memory is the trained one (same configuration).'
     )
     add("")
     weights = [c["weights"] for c in cfg["checkpoints"]]
-    labels: list[str] = []
+    own = {c["weights"]: c["memory"] for c in cfg["checkpoints"]}
+    labels = [AS_TRAINED, "none", "grey"]
     for f in sec["figures"]:
-        if f["name"] == "psnr" and f["params"]["evaluated"] not in labels:
-            labels.append(f["params"]["evaluated"])
+        if f["name"] == "psnr" and _label(f["params"]["evaluated"]) not in labels:
+            labels.append(_label(f["params"]["evaluated"]))
     header = ["evaluated with"]
     for w in weights:
-        header += [f"{w} weights: 1x", f"{m}x", f"recall {m}x"]
+        header += [f"{w} ({own[w]}) weights: 1x", f"{m}x", f"recall {m}x"]
     add("| " + " | ".join(header) + " |")
     add("|" + "---|" * len(header))
-
-    def pair(name: str, w: str, label: str, bucket: str, digits: int) -> str:
-        vals = [_get(sec, name, weights=w, evaluated=label, canvas=c, bucket=bucket) for c in CANVASES]
-        if all(v is None for v in vals):
-            return "-"
-        return " / ".join("-" if v is None else (f"{v:.{digits}f}" if digits else f"{v:.0%}") for v in vals)
-
+    works: dict[str, list[str]] = {w: [] for w in weights}
+    fails: dict[str, list[str]] = {w: [] for w in weights}
     for label in labels:
         row = [label]
         for w in weights:
-            row += [
-                pair("psnr", w, label, "1x", 1),
-                pair("psnr", w, label, f"{m}x", 1),
-                pair("recall", w, label, f"{m}x", 0),
-            ]
+            cells, trained = _cells(sec, w, label, m), _cells(sec, w, AS_TRAINED, m)
+            floor = [max(a or -math.inf, b or -math.inf) for a, b in zip(*(c[1] for c in (
+                _cells(sec, w, "none", m), _cells(sec, w, "grey", m))), strict=True)]  # fmt: skip
+            if label != AS_TRAINED and cells == trained and any(v is not None for v in cells[0]):
+                row += ["= as trained"] * 3
+                continue
+            row += [_show(cells[0], 1), _show(cells[1], 1), _show(cells[2], 0)]
+            if label in (AS_TRAINED, "none", "grey") or any(v is None for v in cells[1]):
+                continue
+            (works if all(v >= f + 3.0 for v, f in zip(cells[1], floor, strict=True)) else fails)[w].append(label)  # type: ignore[operator]
         add("| " + " | ".join(row) + " |")
     add("")
+    for w in weights:
+        add(
+            f"Into `{w}`'s weights ({own[w]}), {len(works[w])} of {len(works[w]) + len(fails[w])} swapped memories "
+            f"beat max(none, grey) by 3 dB at {m}x on both canvas kinds"
+            + (f": {', '.join(works[w])}" if works[w] else "")
+            + (f"; not: {', '.join(fails[w])}." if fails[w] else ".")
+        )
+        add("")
     add(
-        "Reading it: the frame memories (FIFO, sink + window, SparseKV, CompressedWindow, PackedHistory, "
-        "PoseRetrieval, their int8 forms) share one key/value format and no parameters, so any of them can be "
-        "swapped into weights trained with another and keeps working; what changes is which frames they hand "
-        "attention (a sink holding the context sweep, retrieval by pose). RecurrentMemory has parameters that "
-        "must be trained with the weights: swapped into weights trained without it, its fresh parameters "
-        "give noise, and weights trained with it lean on what its slots learned to hold."
+        "Reading it: weights learn to use the keys their memory hands them. The frame memories (FIFO, sink + "
+        "window, SparseKV, CompressedWindow, PackedHistory, PoseRetrieval, their int8 forms) share one key/value "
+        "format and no parameters, so in weights trained with a frame memory they can be swapped freely, and "
+        "what decides quality is which frames they hand attention (a sink that holds the context sweep, "
+        "retrieval by pose), not the rule the weights were trained with. Weights trained with RecurrentMemory "
+        "attend to its learned slots, not to stored frames, so no frame memory helps them without training; "
+        "and a RecurrentMemory swapped into other weights brings untrained parameters."
     )
     for c in cfg["checkpoints"]:
         add("")
