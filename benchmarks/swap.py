@@ -32,6 +32,7 @@ class SwapSettings:
     seeds: int = 1
     steps: int = 8
     quick: bool = False  # one checkpoint, two memories, procedural canvases only (a smoke run)
+    only: tuple[str, ...] | None = None  # measure only these swapped memories (labels of eval_with)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -71,6 +72,11 @@ def eval_with(places: int, quick: bool) -> dict[str, dict[str, Any]]:
                     "memory": {"name": "sparse_kv", "kwargs": {"capacity": 16, "top_k": 4, "always_frames": places}}
                 },
             },
+            # the published settings (issue 16), at one-frame segments: LongLive's 12-frame budget is
+            # sink 3 + the frame being generated + 8 past; MemFlow's release defaults
+            "LongLive 3+8": {"name": "sink_window", "kwargs": {"sink_frames": 3, "window_frames": 8}},
+            "MemFlow NAM": {"name": "memflow", "kwargs": {"top_k": None}},
+            "MemFlow NAM+SMA": {"name": "memflow", "kwargs": {}},
             "recurrent 32": {"name": "recurrent", "kwargs": {"slots": 32}},
         }
     )
@@ -117,6 +123,8 @@ def swap_section(st: SwapSettings) -> Section:
         places = int(world.get("places", 8))
         L = trained_length(tc)
         specs = eval_with(places, st.quick)
+        if st.only is not None:
+            specs = {k: v for k, v in specs.items() if k in st.only}
         if net.config.positions != "pose":
             specs = {k: v for k, v in specs.items() if v["name"] != "pose_retrieval"}
         variants = {k: {**v, "layers": net.config.memory.layers} for k, v in specs.items()}

@@ -423,3 +423,20 @@ def test_pose_retrieval_reads_through_a_plan_as_it_reads_the_state() -> None:
         assert all(torch.equal(getattr(planned, f), getattr(plain, f)) for f in ("k", "v", "mask", "positions"))
     with pytest.raises(memkit.ShapeError, match="query.frame_meta is None"):
         plan_read(mem, state, memkit.ReadLayout(torch.tensor([[8]]), T))
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "cls"),
+    [
+        ("compressed_window", {}, "CompressedWindowMemory"),
+        ("packed_history", {"levels": 2}, "PackedHistoryMemory"),
+        ("pose_retrieval", {"meta_dim": 2}, "PoseRetrievalMemory"),
+        ("memflow", {"top_k": None}, "MemFlowMemory"),
+    ],
+)
+def test_a_config_can_name_every_new_memory(name: str, kwargs: dict, cls: str) -> None:
+    """A checkpoint's config builds them by name (no trust_remote_code): each registers itself in its file."""
+    from memkit.memories import build_memory
+
+    built = build_memory(name, heads=2, head_dim=8, tokens_per_frame=4, dim=16, **kwargs)
+    assert type(built).__name__ == cls

@@ -16,6 +16,7 @@ from memkit.memories.frames import (
     top_k_frames,
 )
 from memkit.memories.prompt_bank import PromptBankMemory, PromptBankState
+from memkit.memories.registry import register_memory
 from memkit.memories.sink_window import SinkWindowMemory, SinkWindowState
 from memkit.protocol import Chunk, Context, Query, ReadLayout, ReadPlan
 from memkit.state import MemoryState, check_init_args, check_state_matches, memory_state
@@ -234,3 +235,6 @@ class MemFlowMemory(nn.Module):
             f"bank_frames={self.bank.bank_frames}, top_k={self.top_k}, "
             f"record_interval={self.bank.record_interval}, score={self.bank.score!r}"
         )
+
+
+register_memory("memflow", MemFlowMemory)
