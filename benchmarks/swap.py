@@ -278,13 +278,15 @@ def render_swap(add: Callable[[str], None], sec: dict[str, Any] | None) -> None:
         )
         add("")
     add(
-        "Reading it: weights learn to use the keys their memory hands them. The frame memories (FIFO, sink + "
-        "window, SparseKV, CompressedWindow, PackedHistory, PoseRetrieval, their int8 forms) share one key/value "
-        "format and no parameters, so in weights trained with a frame memory they can be swapped freely, and "
-        "what decides quality is which frames they hand attention (a sink that holds the context sweep, "
-        "retrieval by pose), not the rule the weights were trained with. Weights trained with RecurrentMemory "
-        "attend to its learned slots, not to stored frames, so no frame memory helps them without training; "
-        "and a RecurrentMemory swapped into other weights brings untrained parameters."
+        "Reading it: the frame memories (FIFO, sink + window, SparseKV, CompressedWindow, PackedHistory, "
+        "PoseRetrieval, their int8 forms) share one key/value format and no parameters, so any of them runs in "
+        "weights trained with another; what decides quality past the trained length is which frames they hand "
+        "attention (a sink that holds the context sweep, retrieval by pose), more than the rule the weights "
+        "were trained with. The published settings (LongLive's sink 3 + window 8, MemFlow's NAM and NAM+SMA) "
+        "keep recent frames and fall off at 4x like the trained SparseKV. Weights trained with RecurrentMemory "
+        "lean on what its slots learned to hold: frame memories swapped in work there only as far as the "
+        "backbone still reads frame keys (the bundled one started from the SparseKV checkpoint's weights), and a "
+        "RecurrentMemory swapped into weights that never trained it brings untrained parameters."
     )
     for c in cfg["checkpoints"]:
         add("")

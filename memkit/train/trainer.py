@@ -338,7 +338,7 @@ def init_weights_from(net: MALTNetwork, source: str | Path, *, trust_remote_code
         >>> from memkit.models.malt import MALTConfig, MALTNetwork
         >>> cfg = MALTConfig.preset("tiny", memory="fifo")
         >>> a, b = MALTNetwork(cfg), MALTNetwork(cfg)
-        >>> import tempfile; folder = tempfile.mkdtemp(); a.save_pretrained(folder)
+        >>> import tempfile; folder = tempfile.mkdtemp(); _ = a.save_pretrained(folder)
         >>> init_weights_from(b, folder) == len(b.state_dict())
         True
     """
