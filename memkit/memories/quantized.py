@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from memkit.errors import StateError
 from memkit.memories.frames import check_state
 from memkit.memories.registry import build_from_spec, register_memory
-from memkit.protocol import Chunk, Context, Memory, Query
+from memkit.protocol import Chunk, Context, Memory, Query, ReadLayout, ReadPlan, plan_read, read_dynamic
 from memkit.state import MemoryState, check_init_args, check_state_matches, memory_state
 from memkit.typing import typechecked
 
@@ -85,8 +85,9 @@ class QuantizedMemory(nn.Module):
     The error is at most half a step, ``max|x| / 254`` per frame and head. LongLive 2.0
     ships a 4-bit KV cache; 8 bits is the conservative default here.
 
-    Cost: the inner memory's, plus a dequantization of its buffers at every read
-    (``O(b h F t d)``) and a quantization at every write.
+    Cost: the inner memory's, plus a dequantization of its buffers (``O(b h F t d)``) once per
+    segment when read through a plan (:func:`memkit.plan_read`, as the reference sampler does;
+    at every read otherwise) and a quantization at every write.
     State bytes: the inner state's, with ``2 b h F t d * (itemsize - 1) - 2 b h F * itemsize``
     fewer bytes for each pair of key/value buffers of ``F`` frames.
 
@@ -150,6 +151,14 @@ class QuantizedMemory(nn.Module):
     def read(self, state: QuantizedState, query: Query) -> Context:
         """The inner memory's context, read from the dequantized state."""
         return self.memory.read(self._dequantize("read", state), query)
+
+    @typechecked
+    def plan(self, state: QuantizedState, layout: ReadLayout) -> ReadPlan:
+        """The wrapped memory's plan, made from the state dequantized once per segment (not at every step)."""
+        return plan_read(self.memory, self._dequantize("plan", state), layout)
+
+    def read_dynamic(self, plan: ReadPlan, query: Query) -> tuple[Context, ...]:
+        return read_dynamic(self.memory, plan, query)
 
     @typechecked
     def write(self, state: QuantizedState, chunk: Chunk) -> QuantizedState:
