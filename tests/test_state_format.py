@@ -75,3 +75,50 @@ def test_field_paths_follow_pytree_leaf_order() -> None:
     mems = _memories()
     states = {"a": tuple(m.init_state(2) for m in mems), "b": [mems[0].init_state(2)]}
     assert [id(x) for _, x in tensor_paths(states)] == [id(x) for x in pytree.tree_leaves(states)]
+
+
+# ------------------------------------------------------------------ files saved before the frame buffers
+# tests/data/frame_states_v1.safetensors was saved by main at f492a17, before the frame memories'
+# states held FrameBuffer sub-states (issue 13 item 3): every memory case of tests/golden.py, seed 0,
+# after its four segments. ``python tests/test_state_format.py --record-v1`` wrote it (only meaningful
+# on that commit; kept to show how it was made).
+
+FRAME_STATES_V1 = DATA / "frame_states_v1.safetensors"
+
+
+def _golden_states() -> tuple[dict, list]:
+    """Every golden memory case's state after its four segments (seed 0), and the memories, in one order."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import golden
+
+    states, memories = {}, []
+    with torch.no_grad():
+        for case in (*golden.MEMORIES, *golden.COMPOSED, "memflow"):
+            memory = golden._memory(case, 0)
+            state = memory.init_state(golden.B)
+            for _, chunk in golden._segments(0, golden.META_DIM.get(case)):
+                state = memory.write(state, chunk)
+            states[case] = state
+            memories.append(memory)
+    return states, memories
+
+
+def test_files_saved_before_frame_buffers_load_bit_identically() -> None:
+    states, memories = _golden_states()
+    like = {case: memory.init_state(2) for case, memory in zip(states, memories, strict=True)}
+    loaded = memkit.load_states(FRAME_STATES_V1, like, memories)
+    got, want = tensor_paths(loaded), tensor_paths(states)
+    assert [p for p, _ in got] == [p for p, _ in want]
+    for (path, a), (_, b) in zip(got, want, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b), path
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["--record-v1"]:
+        states, memories = _golden_states()
+        memkit.save_states(FRAME_STATES_V1, states, memories)
+        print(f"wrote {FRAME_STATES_V1} ({FRAME_STATES_V1.stat().st_size} bytes)")
