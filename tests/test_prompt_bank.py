@@ -316,8 +316,123 @@ def test_memflow_rule_keeps_top_b_minus_1_then_the_pending_prototype() -> None:
         ({"rule": "lru"}, "rule must be one of"),
         ({"score": "max"}, "score must be one of"),
         ({"record_interval": 0}, "record_interval must be a positive int"),
+        ({"min_relevance": float("nan")}, "min_relevance must be finite"),
+        ({"min_relevance": "0.2"}, "min_relevance must be a number"),
+        ({"min_relevance": 0.2, "rule": "memflow"}, "min_relevance needs rule='memkit'"),
     ],
 )
 def test_bad_options_are_refused(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         PromptBankMemory(1, 2, 1, **kwargs)
+
+
+# --------------------------------------------------------------------------- relevance cut-off (#14 item 5)
+
+
+def _with_cutoff(mem: PromptBankMemory, cutoff: float | None) -> PromptBankMemory:
+    return PromptBankMemory(
+        mem.heads, mem.head_dim, mem.tokens_per_frame, bank_frames=mem.bank_frames, prototype=mem.prototype,
+        score=mem.score, min_relevance=cutoff,
+    )  # fmt: skip
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    cfg=streams, cutoff=st.floats(0.0, 0.8), pseed=st.integers(0, 100), score=st.sampled_from(["softmax", "release"])
+)
+def test_cutoff_masks_exactly_the_returned_frames_scoring_below_it(
+    cfg: dict, cutoff: float, pseed: int, score: str
+) -> None:
+    mem, states, _ = play(cfg)
+    mem = PromptBankMemory(mem.heads, mem.head_dim, mem.tokens_per_frame, bank_frames=mem.bank_frames, score=score)
+    cut = PromptBankMemory(
+        mem.heads, mem.head_dim, mem.tokens_per_frame, bank_frames=mem.bank_frames, score=score, min_relevance=cutoff
+    )
+    b, h, d, t = cfg["b"], cfg["h"], cfg["d"], cfg["t"]
+    prompt = torch.randn(b, 3, h * d, generator=torch.Generator().manual_seed(pseed))
+    for state in states:
+        full = mem.read(state, query_of(b, h, d, t, prompt))
+        got = cut.read(state, query_of(b, h, d, t, prompt))
+        # the same frames in the same slots: only the mask changes
+        assert torch.equal(full.k, got.k) and torch.equal(full.v, got.v) and torch.equal(full.positions, got.positions)
+        scores = mem.relevance(state.k, state.valid, prompt, None)
+        for i in range(b):
+            by_pos = {int(p): float(s) for p, s, ok in zip(state.pos[i], scores[i], state.valid[i], strict=True) if ok}
+            want = {p for p in selected_positions(full, t)[i] if by_pos[p] >= cutoff}
+            assert selected_positions(got, t)[i] == want
+        assert not (got.mask & ~full.mask).any()  # the cut-off never adds a slot
+
+
+@settings(max_examples=30, deadline=None)
+@given(cfg=streams, cutoff=st.floats(0.05, 0.8), pseed=st.integers(0, 100))
+def test_frames_below_the_cutoff_never_contribute_to_attention(cfg: dict, cutoff: float, pseed: int) -> None:
+    mem, states, _ = play(cfg)
+    cut = _with_cutoff(mem, cutoff)
+    b, h, d, t = cfg["b"], cfg["h"], cfg["d"], cfg["t"]
+    g = torch.Generator().manual_seed(pseed)
+    prompt = torch.randn(b, 3, h * d, generator=g)
+    q, k, v = (torch.randn(b, h, 2 * t, d, generator=g) for _ in range(3))
+    for state in states:
+        ctx = cut.read(state, query_of(b, h, d, t, prompt))
+        garbage = 1e3 * torch.randn(ctx.k.shape, generator=g)
+        spoiled = memkit.Context(
+            torch.where(ctx.mask[..., None], ctx.k, garbage),
+            torch.where(ctx.mask[..., None], ctx.v, garbage),
+            mask=ctx.mask,
+            positions=ctx.positions,
+        )
+        assert torch.equal(memkit.attend(q, k, v, ctx), memkit.attend(q, k, v, spoiled))
+
+
+@settings(max_examples=30, deadline=None)
+@given(cfg=streams, pseed=st.integers(0, 100))
+def test_a_cutoff_that_cuts_nothing_is_bit_identical_to_none(cfg: dict, pseed: int) -> None:
+    mem, states, _ = play(cfg)
+    b, h, d, t = cfg["b"], cfg["h"], cfg["d"], cfg["t"]
+    prompt = torch.randn(b, 3, h * d, generator=torch.Generator().manual_seed(pseed))
+    zero = _with_cutoff(mem, 0.0)  # softmax shares are never negative
+    for state in states:
+        for p in (prompt, None):
+            want = mem.read(state, query_of(b, h, d, t, p))
+            got = zero.read(state, query_of(b, h, d, t, p))
+            for x, y in zip(
+                (want.k, want.v, want.positions, want.mask), (got.k, got.v, got.positions, got.mask), strict=True
+            ):
+                assert torch.equal(x, y)
+        # the cut-off decides reads only: writes, and so the states, are those of a bank without it
+        chunk = random_chunk(b, h, d, t, [40, 41], 5, prompt)
+        for x, y in zip(
+            torch.utils._pytree.tree_leaves(mem.write(state, chunk)),
+            torch.utils._pytree.tree_leaves(_with_cutoff(mem, 0.5).write(state, chunk)),
+            strict=True,
+        ):
+            assert torch.equal(x, y)
+
+
+def test_cutoff_masks_nothing_without_a_prompt_or_with_only_padding() -> None:
+    mem = PromptBankMemory(1, 2, 1, bank_frames=2, min_relevance=0.9)
+    state = mem.init_state(1)
+    for pos, key in ((0, [1.0, 0.0]), (1, [0.0, 1.0]), (2, [-1.0, 0.0])):
+        state = mem.write(state, chunk_of(_frames(key), [pos], 1))
+    assert selected_positions(mem.read(state, query_of(1, 1, 2, 1)), 1) == [{1, 2}]
+    padded = query_of(1, 1, 2, 1, torch.tensor([[[5.0, 0.0]]]), torch.tensor([[False]]))
+    assert selected_positions(mem.read(state, padded), 1) == [{1, 2}]
+    # a prompt aligned with frame 0 keeps it and cuts the frames that get almost no share
+    aligned = query_of(1, 1, 2, 1, torch.tensor([[[20.0, 0.0]]]))
+    assert selected_positions(mem.read(state, aligned), 1) == [{0}]
+
+
+def test_plan_applies_the_cutoff_as_read_does() -> None:
+    plain = PromptBankMemory(2, 4, 2, bank_frames=3)
+    state = plain.init_state(1)
+    for s in range(5):
+        state = plain.write(state, random_chunk(1, 2, 4, 2, [2 * s, 2 * s + 1], s))
+    prompt = 3 * torch.randn(1, 3, 8, generator=torch.Generator().manual_seed(1))
+    scores = sorted(plain.relevance(state.k, state.valid, prompt, None)[0].tolist())
+    mem = _with_cutoff(plain, (scores[1] + scores[2]) / 2)  # between the 2nd and 3rd of the 4 candidates
+    q = query_of(1, 2, 4, 2, prompt)
+    ctx = mem.read(state, q)
+    (planned,) = mem.plan(state, memkit.ReadLayout(q.frame_positions, 2, prompt, None)).parts
+    assert planned is not None
+    assert torch.equal(ctx.mask, planned.mask) and torch.equal(ctx.k, planned.k)
+    assert int(ctx.mask[0, 0, ::2].sum()) == 2  # the bank returns 3 frames; the cut-off keeps the best 2

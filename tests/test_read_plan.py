@@ -43,6 +43,7 @@ MEMORIES: dict[str, Callable[[], Any]] = {
     "sparse_kv": lambda: memkit.SparseKVMemory(H, D, T, capacity=5, top_k=2),
     "sparse_kv_sink": lambda: memkit.SparseKVMemory(H, D, T, capacity=4, top_k=3, always_frames=2),
     "prompt_bank": lambda: memkit.PromptBankMemory(H, D, T, bank_frames=2, prompt_dim=E),
+    "prompt_bank_cutoff": lambda: memkit.PromptBankMemory(H, D, T, bank_frames=2, prompt_dim=E, min_relevance=0.3),
     "recurrent": lambda: memkit.RecurrentMemory(H * D, H, D, slots=4),
     "composed": lambda: memkit.compose(
         memkit.PromptBankMemory(H, D, T, bank_frames=2, prompt_dim=E),

@@ -124,6 +124,15 @@ class PromptBankMemory(nn.Module):
 
     Read returns ``B * t`` slots per head (the same frames for every head).
 
+    **Relevance cut-off** (``min_relevance``, memkit rule only): a read masks out (``Context.mask``
+    False) every returned frame whose score is below ``min_relevance``, so a read can hold fewer
+    than ``B`` frames when few are relevant to its prompt, instead of filling the bank with frames
+    of other scenes. With ``score="softmax"`` the scores of the ``B + 1`` candidates sum to 1, so
+    ``min_relevance = 1 / (B + 1)`` keeps the frames that draw more than an equal share. A read
+    without a prompt (or with every prompt token padded, softmax score) has no relevance to judge
+    and masks nothing. Writes are unchanged (the cut-off only decides what a read returns).
+    ``None`` (default) returns all ``B``, as MemFlow.
+
     Cost: ``read`` O(b (p e h d + h p (B+1) t d + (B+1) log(B+1)) + b h B t d);
     ``write`` the same scoring plus O(b h (B+1) t d) for the pure copy
     (``prototype="best"`` adds O(b h p n d) to score the segment's ``n`` tokens).
@@ -138,6 +147,7 @@ class PromptBankMemory(nn.Module):
         rule: ``"memkit"`` or ``"memflow"``, the update rule above.
         record_interval: ``R``, record a prototype every ``R`` writes (MemFlow: 3).
         score: ``"softmax"`` or ``"release"``, the relevance formula above.
+        min_relevance: the relevance cut-off above, or ``None`` (return all ``B``).
 
     Example:
         >>> import torch, memkit
@@ -165,6 +175,7 @@ class PromptBankMemory(nn.Module):
         rule: str = "memkit",
         record_interval: int = 1,
         score: str = "softmax",
+        min_relevance: float | None = None,
     ) -> None:
         super().__init__()
         if min(heads, head_dim, tokens_per_frame, bank_frames) < 1:
@@ -180,11 +191,21 @@ class PromptBankMemory(nn.Module):
             raise ValueError(f"PromptBankMemory: score must be one of {SCORES}, got {score!r}")
         if isinstance(record_interval, bool) or not isinstance(record_interval, int) or record_interval < 1:
             raise ValueError(f"PromptBankMemory: record_interval must be a positive int, got {record_interval!r}")
+        if min_relevance is not None:
+            if isinstance(min_relevance, bool) or not isinstance(min_relevance, int | float):
+                raise ValueError(f"PromptBankMemory: min_relevance must be a number or None, got {min_relevance!r}")
+            if not math.isfinite(min_relevance):
+                raise ValueError(f"PromptBankMemory: min_relevance must be finite, got {min_relevance!r}")
+            if rule != "memkit":
+                raise ValueError(
+                    "PromptBankMemory: min_relevance needs rule='memkit' (MemFlow's release returns its whole bank)"
+                )
         if prompt_dim is not None and prompt_dim < 1:
             raise ValueError(f"PromptBankMemory: prompt_dim must be positive, got {prompt_dim}")
         self.heads, self.head_dim, self.tokens_per_frame = heads, head_dim, tokens_per_frame
         self.bank_frames, self.prototype = bank_frames, prototype
         self.rule, self.record_interval, self.score = rule, record_interval, score
+        self.min_relevance = None if min_relevance is None else float(min_relevance)
         inner = heads * head_dim
         self.prompt_dim = inner if prompt_dim is None else prompt_dim
         self.prompt_proj: nn.Linear | None = (
@@ -311,6 +332,12 @@ class PromptBankMemory(nn.Module):
             return k, v, pos, valid
         scores = self.relevance(state.k, state.valid, prompt, prompt_mask)
         index, ok = top_k_frames(scores, state.valid, state.stamp, self.bank_frames)  # (b B)
+        if self.min_relevance is not None and prompt is not None:
+            relevant = scores.gather(1, index) >= self.min_relevance
+            if prompt_mask is not None and self.score == "softmax":
+                # every token padded: all scores are 0 and say nothing, so nothing is cut
+                relevant = relevant | ~prompt_mask.any(dim=1, keepdim=True)
+            ok = ok & relevant
         return gather_frames(state.k, index, 2), gather_frames(state.v, index, 2), state.pos.gather(1, index), ok
 
     @typechecked
@@ -399,6 +426,7 @@ class PromptBankMemory(nn.Module):
                 ("rule", self.rule, "memkit"),
                 ("record_interval", self.record_interval, 1),
                 ("score", self.score, "softmax"),
+                ("min_relevance", self.min_relevance, None),
             )
             if value != default
         )
