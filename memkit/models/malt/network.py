@@ -410,6 +410,72 @@ class MALTNetwork(nn.Module):
         _, new = self._blocks(stream, states, range(self.write_depth), write=True)
         return new
 
+    @typechecked
+    def recache(
+        self,
+        latents: Float[Tensor, "b T c H W"],
+        first_segment: int,
+        *,
+        prompt: Float[Tensor, "b p e"] | None = None,
+        prompt_mask: Bool[Tensor, "b p"] | None = None,
+        actions: Float[Tensor, "b T a"] | None = None,
+    ) -> tuple[Any, ...]:
+        """LongLive's re-cache at a prompt switch: memory rebuilt from recent frames under the new prompt.
+
+        Empty states, then the clean pass (:meth:`write`, ``t = 0``) over each of the ``K``
+        segments of ``latents`` (``T = K F`` frames, segments ``first_segment ..
+        first_segment + K - 1``, written at their own positions) with ``prompt``: what the
+        memories hold afterwards is what they would hold had those frames been written under
+        the new prompt from the start. Everything older than the ``K`` segments is forgotten,
+        as in LongLive, whose re-cache refills its KV window this way (``_recache_after_switch``:
+        the window's frames, at most ``local_attn_size``, run through the model with the new
+        prompt at ``context_noise = 0``). Costs ``K`` clean passes.
+
+        Args:
+            latents: ``(b K*F c H W)`` the clean latents of the segments to keep (generated or given).
+            first_segment: index of the first of them.
+            prompt, prompt_mask: the new prompt ``(b p e)``, ``(b p)``.
+            actions: ``(b K*F a)`` their actions, when the model takes actions.
+
+        Returns:
+            the new memory states.
+
+        Example:
+            >>> import torch
+            >>> from torch.utils._pytree import tree_leaves
+            >>> from memkit.models.malt import MALTConfig, MALTNetwork
+            >>> net = MALTNetwork(MALTConfig.preset("tiny", prompt_dim=6, memory="fifo")).eval()
+            >>> window = torch.randn(1, 4, 3, 8, 8)  # the last two segments (3 and 4) of 2 frames
+            >>> new_prompt = torch.randn(1, 5, 6)
+            >>> states = net.recache(window, 3, prompt=new_prompt)
+            >>> fresh = net.init_states(1)          # the same as writing them under the new prompt
+            >>> for j, seg in ((3, window[:, :2]), (4, window[:, 2:])):
+            ...     fresh = net.write(seg, fresh, net.segment_positions(j, 1), prompt=new_prompt)
+            >>> all(torch.equal(a, b) for a, b in zip(tree_leaves(states), tree_leaves(fresh)))
+            True
+        """
+        c = self.config
+        f = c.frames_per_segment
+        if latents.shape[1] % f:
+            raise ShapeError(
+                f"recache: dimension T (frames) of latents should be a multiple of F = {f} (whole segments), "
+                f"got {latents.shape[1]}"
+            )
+        if actions is not None and actions.shape[1] != latents.shape[1]:
+            raise ShapeError(
+                f"recache: dimension T (frames) of actions should be {latents.shape[1]} (one per latent frame), "
+                f"got {actions.shape[1]}"
+            )
+        b = latents.shape[0]
+        states = self.init_states(b, device=latents.device, dtype=latents.dtype)
+        for j in range(latents.shape[1] // f):
+            pos = self.segment_positions(first_segment + j, b, latents.device)
+            act = None if actions is None else actions[:, j * f : (j + 1) * f]
+            states = self.write(
+                latents[:, j * f : (j + 1) * f], states, pos, prompt=prompt, prompt_mask=prompt_mask, actions=act
+            )
+        return states
+
     def denoise_and_write(
         self,
         x: Tensor,

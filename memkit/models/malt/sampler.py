@@ -101,7 +101,9 @@ class Segment:
         latents: ``(b F c H W)`` clean latents.
         states: the memory states after writing this segment.
         generated: False for a context (given) segment.
-        seconds: wall time spent on it (denoising and the clean pass).
+        seconds: wall time spent on it (denoising and the clean pass, and a re-cache before it).
+        recached: whether the memory was re-cached under this segment's prompt before it
+            (``stream(recache=K)`` at a prompt switch).
     """
 
     index: int
@@ -109,6 +111,7 @@ class Segment:
     states: tuple[Any, ...]
     generated: bool
     seconds: float
+    recached: bool = False
 
 
 @dataclasses.dataclass
@@ -136,6 +139,16 @@ def _per_segment(x: Tensor | Sequence[Tensor] | Callable[[int], Tensor] | None, 
     return x[index]
 
 
+def _switched(before: tuple[Tensor | None, Tensor | None], now: tuple[Tensor | None, Tensor | None]) -> bool:
+    """Whether the prompt (and its mask) of a segment differs from the previous segment's."""
+    for a, b in zip(before, now, strict=True):
+        if (a is None) != (b is None):
+            return True
+        if a is not None and b is not None and (a.shape != b.shape or not torch.equal(a, b)):
+            return True
+    return False
+
+
 def stream(
     net: MALTNetwork,
     num_segments: int,
@@ -151,6 +164,7 @@ def stream(
     states: tuple[Any, ...] | None = None,
     start_segment: int = 0,
     codec: LatentCodec | None = None,
+    recache: int = 0,
 ) -> Iterator[Segment]:
     """Yield context segments (written only) then ``num_segments`` generated ones.
 
@@ -173,7 +187,14 @@ def stream(
         states: memory states to continue from (default: empty).
         start_segment: index of the first segment (positions continue from it).
         codec: encodes ``context`` to latents (default identity).
+        recache: ``K``: LongLive's re-cache at a prompt switch. When a segment's prompt (or
+            mask) differs from the previous segment's, the memory is rebuilt before it from
+            the last ``K`` segments' clean latents (given or generated) written under the new
+            prompt (:meth:`MALTNetwork.recache`); older memory is forgotten. ``0`` (default):
+            never. LongLive re-caches its whole KV window (sink included: 12 frames in v1).
     """
+    if isinstance(recache, bool) or not isinstance(recache, int) or recache < 0:
+        raise ValueError(f"recache must be a non-negative int (segments re-encoded at a switch), got {recache!r}")
     cfg = net.config
     codec = codec if codec is not None else IdentityCodec()
     sampler = sampler or EulerSampler()
@@ -208,6 +229,9 @@ def stream(
     if states is None:
         states = net.init_states(batch_size, device=device, dtype=dtype)
     shape = (batch_size, F_, cfg.channels, cfg.height, cfg.width)
+    # (index, clean latents, actions) of the last `recache` segments, for a re-cache at a switch
+    history: list[tuple[int, Tensor, Tensor | None]] = []
+    before: tuple[Tensor | None, Tensor | None] = (None, None)
 
     for j in range(n_ctx + num_segments):
         index = start_segment + j
@@ -216,7 +240,13 @@ def stream(
         act = None if actions is None else actions[:, j * F_ : (j + 1) * F_]
         p = _per_segment(prompt, index)
         pm = _per_segment(prompt_mask, index)
+        switched = bool(recache) and bool(history) and _switched(before, (p, pm))
+        before = (p, pm)
         with torch.no_grad():
+            if switched:
+                acts = None if actions is None else torch.cat([a for _, _, a in history if a is not None], dim=1)
+                lat = torch.cat([x for _, x, _ in history], dim=1)
+                states = net.recache(lat, history[0][0], prompt=p, prompt_mask=pm, actions=acts)
             if ctx_latents is not None and j < n_ctx:
                 x = ctx_latents[:, j * F_ : (j + 1) * F_]
             else:
@@ -228,7 +258,9 @@ def stream(
                 t_w = torch.full((x.shape[0],), sampler.write_noise, device=device, dtype=dtype)
                 written = sampler.flow.interpolate(x, eps, t_w)
             states = net.write(written, states, pos, t=t_w, prompt=p, prompt_mask=pm, actions=act)
-        yield Segment(index, x, states, j >= n_ctx, time.perf_counter() - started)
+        if recache:
+            history = [*history, (index, x, act)][-recache:]
+        yield Segment(index, x, states, j >= n_ctx, time.perf_counter() - started, switched)
 
 
 def generate(
