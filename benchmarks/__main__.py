@@ -22,7 +22,7 @@ from typing import Any
 
 import benchmarks  # noqa: F401  (switches shape checking off before memkit is imported)
 
-SECTIONS = ("cost_layer", "cost_backbone", "overhead", "wan", "sparse", "quality", "length", "swap")
+SECTIONS = ("cost_layer", "cost_backbone", "overhead", "wan", "sparse", "quality", "length", "swap", "scenes")
 
 
 def plan(quick: bool) -> dict[str, Any]:
@@ -32,6 +32,7 @@ def plan(quick: bool) -> dict[str, Any]:
     from benchmarks.overhead import OverheadSettings
     from benchmarks.quality import QualitySettings
     from benchmarks.roster import Geometry
+    from benchmarks.scenes import ScenesSettings
     from benchmarks.sparse import SparseSettings
     from benchmarks.swap import SwapSettings
     from benchmarks.wan import WanSettings
@@ -68,6 +69,7 @@ def plan(quick: bool) -> dict[str, Any]:
             "quality": QualitySettings(clips=2, segments=10, psnr_clips=1, sampler_steps=2),
             "length": LengthSettings(multiple=2, seeds=1, steps=2, quick_variants=True),
             "swap": SwapSettings(multiple=2, seeds=1, steps=2, quick=True),
+            "scenes": ScenesSettings(quick=True),
         }
     return {
         "layer_geometry": Geometry(
@@ -85,6 +87,7 @@ def plan(quick: bool) -> dict[str, Any]:
         "quality": QualitySettings(),
         "length": LengthSettings(),
         "swap": SwapSettings(),
+        "scenes": ScenesSettings(),
     }
 
 
@@ -201,6 +204,10 @@ def run(args: argparse.Namespace) -> int:
         attempt("length", lambda: length.length_section(p["length"]))
     if "swap" in only:
         attempt("swap", lambda: swap.swap_section(p["swap"]))
+    if "scenes" in only:
+        from benchmarks import scenes
+
+        attempt("scenes", lambda: scenes.scenes_section(p["scenes"]))
 
     results["duration_s"] = round(time.time() - started, 1)
     results["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None

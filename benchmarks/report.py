@@ -19,6 +19,7 @@ from benchmarks.overhead import overhead_plot, render_overhead
 from benchmarks.quality import render_quality
 from benchmarks.roster import COMPOSED
 from benchmarks.rss import render_rss
+from benchmarks.scenes import render_scenes, scenes_plot
 from benchmarks.soak import render_soak
 from benchmarks.sparse import render_sparse, sparse_plot
 from benchmarks.swap import render_swap
@@ -335,6 +336,7 @@ def make_plots(results: dict[str, Any], directory: Path) -> list[str]:
     overhead_plot(results, save, plt)
     sparse_plot(results, save, plt)
     length_plots(results["sections"].get("length"), save, plt)
+    scenes_plot(results, save, plt)
     return written
 
 
@@ -438,6 +440,7 @@ def render_page(
     render_quality(add, secs.get("quality"), secs.get("retrieval"))
     render_length(add, secs.get("length"), plots, image_dir)
     render_swap(add, secs.get("swap"))
+    render_scenes(add, secs.get("scenes"), plots, image_dir)
     render_rss(add, secs.get("rss"))
     render_soak(add, soak)
     add("## Reproduce\n")

@@ -28,6 +28,7 @@ SECTIONS = {
     "retrieval",
     "length",
     "swap",
+    "scenes",
 }
 
 
@@ -99,6 +100,13 @@ def test_quick_run_writes_a_complete_finite_report(tmp_path: Path) -> None:
         assert any(f["name"] == "target" for f in length["figures"])
         assert (tmp_path / "plots" / "length_psnr_per_byte.png").is_file()
     assert "procedural: best bounded memory - max(none, grey)" in names
+    # the prompt-switch section (issue 14) runs on a checkpoint trained on the scenes world, or says why not
+    scenes = results["sections"]["scenes"]
+    if scenes["status"] == "skipped":
+        assert any("scenes world" in n for n in scenes["notes"]), scenes["notes"]
+    else:
+        got = {(f["name"], f["params"]["memory"]) for f in scenes["figures"]}
+        assert ("psnr_long_return", "none") in got and ("precision", "PromptBank B3 (as trained)") in got
 
     page = (tmp_path / "benchmarks.md").read_text()
     assert "## Targets" in page and "](plots/" in page

@@ -251,6 +251,29 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
         **dict(steps=300, curriculum=[], lr=1e-3, checkpoint_every=100, init_from="demo-sparse_kv"),
     },
     "demo-fifo": _demo({"name": "fifo", "kwargs": {"frames": 3}}),
+    # the scenes world (prompt switches, returns to a scene not prompted for a while): 4 scenes a clip,
+    # the scene switching at every one-frame segment; a PromptBank of 3 frames (parameter-free, so
+    # SinkWindow, SparseKV... swap in), fine-tuned from the bundled SparseKV backbone (only the prompt
+    # projection is new); a short run on CPU (docs/guides/training.md, "The scenes checkpoint")
+    "demo-scenes": {
+        **_demo({"name": "prompt_bank", "kwargs": {"bank_frames": 3}}),
+        **dict(
+            # rotary positions by time: every scene is shot from the same camera pose, so positions by pose
+            # would give every frame the same position, and a bank keeps one frame per position
+            model={
+                **_demo({"name": "prompt_bank", "kwargs": {"bank_frames": 3}})["model"],
+                "prompt_dim": 16,
+                "positions": "time",
+            },
+            data=dict(world="scenes", kwargs={"num_scenes": 4}, pose_actions=True),
+            steps=400,
+            segments=10,
+            curriculum=[],
+            lr=1e-3,
+            checkpoint_every=100,
+            init_from="demo-sparse_kv",
+        ),
+    },
     # MALT's memory as far as the paper establishes it (docs/memories/recurrent.md): each memory
     # layer attends to the previous clean segment's keys/values, computed by the same network
     # (Transformer-XL recurrence), trained with stop-gradient across segments
