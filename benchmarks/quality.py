@@ -109,7 +109,9 @@ def prompt_bank_precision(st: QualitySettings) -> Section:
             pos = (s * f + torch.arange(f))[None]
             if s > 0 and ids[s] in ids[:s]:
                 evaluated += 1
-                pool_scenes = [ids[int(q) // f] for q, ok in zip(state.pos[0], state.valid[0], strict=True) if ok]
+                pool_scenes = [
+                    ids[int(q) // f] for q, ok in zip(state.pool.pos[0], state.pool.valid[0], strict=True) if ok
+                ]
                 in_pool = sum(1 for x in pool_scenes if x == ids[s])
                 q = torch.randn((1, h, f * t, d), generator=g)
                 ctx = mem.read(state, memkit.Query(q, pos, t, prompt, pmask))

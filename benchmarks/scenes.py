@@ -231,7 +231,8 @@ def scenes_section(st: ScenesSettings) -> Section:
                         continue
                     bank, state = found_bank
                     assert model.prompt_proj is not None
-                    _, _, pos, ok = bank.select(state, model.prompt_proj(prompts[seg.index]), masks[seg.index])
+                    chosen = bank.select(state, model.prompt_proj(prompts[seg.index]), masks[seg.index])
+                    pos, ok = chosen.pos, chosen.valid
                     right = torch.tensor([[schedule[int(p)] == scene for p in row] for row in pos]) & ok
                     hits += int(right.sum())
                     returned += int(ok.sum())

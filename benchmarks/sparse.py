@@ -25,7 +25,7 @@ from tqdm import tqdm
 import memkit
 from benchmarks.common import Section, interleave, ratio_stats, stats
 from benchmarks.markdown import figures, fmt, image, notes, skipped, table
-from memkit.memories.frames import frames_to_context
+from memkit.memories.frames import FrameBuffer
 
 
 @dataclasses.dataclass
@@ -49,16 +49,15 @@ class SparseSettings:
 def _full_state(mem: Any, st: SparseSettings, capacity: int, g: torch.Generator) -> Any:
     """A ring with every slot filled with random keys (as after ``capacity`` written frames)."""
     state = mem.init_state(1)
-    b, h, c, t, d = state.k.shape
+    b, h, c, t, d = state.ring.k.shape
     k = torch.randn((b, h, c, t, d), generator=g)
-    return state.replace(
+    ring = FrameBuffer(
         k=k,
         v=torch.randn((b, h, c, t, d), generator=g),
-        desc=k.mean(dim=3),
         pos=torch.arange(c)[None],
         valid=torch.ones((b, c), dtype=torch.bool),
-        frames_seen=torch.full((b,), c),
     )
+    return state.replace(ring=ring, desc=k.mean(dim=3), frames_seen=torch.full((b,), c))
 
 
 @torch.no_grad()
@@ -85,7 +84,7 @@ def sparse_vs_dense(st: SparseSettings) -> Section:
         ks = [kk for kk in st.top_ks if kk <= c]
         base = memkit.SparseKVMemory(h, d, t, capacity=c, top_k=ks[0])
         state = _full_state(base, st, c, g)
-        dense_ctx = frames_to_context(state.k, state.v, state.pos, state.valid)
+        dense_ctx = state.ring.to_context()
 
         def dense(ctx: Any = dense_ctx) -> Any:
             return memkit.attend(q, k, v, ctx)

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -29,6 +30,8 @@ __all__ = [
     "read_header",
     "memory_config",
     "FORMAT_VERSION",
+    "V1_NAMES",
+    "legacy_names",
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -36,8 +39,68 @@ __all__ = [
 ]
 
 FORMAT = "memkit-state"
-FORMAT_VERSION = 1
+#: 2: frame memories hold :class:`memkit.memories.frames.FrameBuffer` sub-states (``.sink.k``, was ``.sink_k``)
+FORMAT_VERSION = 2
+#: the versions :func:`load_states` reads (older ones through :data:`V1_NAMES`)
+READABLE_VERSIONS = (1, 2)
 S = TypeVar("S")
+
+_BUFFER = r"\.(k|v|pos|valid)"
+#: How format version 1 named the tensors of states whose fields changed in version 2, per state class:
+#: ``(pattern over the tensor's path inside the state, its version-1 path)``, first match wins;
+#: paths that match no pattern (and states not listed) were spelled the same in version 1.
+V1_NAMES: dict[str, tuple[tuple[str, str], ...]] = {
+    "SinkWindowState": ((r"\.sink" + _BUFFER, r".sink_\1"), (r"\.window" + _BUFFER, r".win_\1")),
+    "CompressedWindowState": ((r"\.sink" + _BUFFER, r".sink_\1"), (r"\.window" + _BUFFER, r".win_\1")),
+    "PromptBankState": ((r"\.pool" + _BUFFER, r".\1"),),
+    "PoseRetrievalState": ((r"\.frames" + _BUFFER, r".\1"),),
+    "PackedHistoryState": ((r"\.levels\[(\d+)\]\.(k|v|pos|valid)", r".\2[\1]"),),
+    "SparseKVState": ((r"\.ring" + _BUFFER, r".\1"), (r"\.sink" + _BUFFER, r".sink_\1")),
+}
+
+
+def legacy_names(tree: Any, version: int = 1) -> list[tuple[str, str]]:
+    """``(name today, name in a format-``version`` file)`` of every tensor of a pytree of states, in order.
+
+    The explicit map of :data:`V1_NAMES` applied to each state it lists, wherever it sits in
+    the tree (a model's tuple, a :class:`memkit.ComposeState`'s members, a quantized state's
+    codes). :func:`load_states` reads a version-1 file through it.
+
+    Example:
+        >>> import memkit
+        >>> state = memkit.SinkWindowMemory(1, 2, 1, sink_frames=1, window_frames=1).init_state(1)
+        >>> legacy_names((state,))[:2], legacy_names((state,))[-1]
+        ([('[0].sink.k', '[0].sink_k'), ('[0].sink.v', '[0].sink_v')], ('[0].frames_seen', '[0].frames_seen'))
+    """
+    from memkit.state import MemoryState, tensor_paths
+
+    if version == FORMAT_VERSION:
+        return [(p, p) for p, _ in tensor_paths(tree)]
+    if version != 1:
+        raise CheckpointError(f"no name map from format version {version} (this memkit reads {READABLE_VERSIONS})")
+    out: list[tuple[str, str]] = []
+
+    from memkit.state import _children
+
+    def visit(node: Any, new: str, old: str) -> None:
+        if isinstance(node, torch.Tensor):
+            out.append((new or "[]", old or "[]"))
+            return
+        if node is None:
+            return
+        renames = V1_NAMES.get(type(node).__name__) if isinstance(node, MemoryState) else None
+        if renames:
+            for rel, _ in tensor_paths(node):
+                hit = next((m.expand(rep) for pat, rep in renames if (m := re.fullmatch(pat, rel))), None)
+                spelled = rel if hit is None else hit
+                out.append((new + rel, old + spelled))
+            return
+        for suffix, child, _ in _children(node, ""):
+            visit(child, new + suffix, old + suffix)
+
+    _flatten(tree)  # refuses a tree that is not made of states, as for today's names
+    visit(tree, "", "")
+    return out
 
 
 def memory_config(memory: Any) -> dict[str, Any]:
@@ -76,6 +139,29 @@ def _later_defaults(memory: Any, names: set[str]) -> dict[str, Any]:
     except (TypeError, ValueError):  # pragma: no cover - a class without a signature
         return {}
     return {n: params[n].default for n in names if n in params and params[n].default is not inspect.Parameter.empty}
+
+
+def _with_later_defaults(memory: Any, want: dict[str, Any], got: dict[str, Any]) -> dict[str, Any]:
+    """The saved settings ``got``, with the settings ``memory`` gained since at their defaults.
+
+    The same, recursively, for a combinator's members (``settings["memories"]``: a file that
+    saved a composition before one of its members gained a setting still loads).
+    """
+    saved = {**_later_defaults(memory, set(want) - set(got)), **got}
+    for key, value in got.items():
+        members = getattr(memory, key, None)
+        if (
+            isinstance(value, list)
+            and isinstance(want.get(key), list)
+            and isinstance(members, (list, tuple))
+            and len(value) == len(want[key]) == len(members)
+            and all(isinstance(c, dict) and isinstance(c.get("settings"), dict) for c in [*value, *want[key]])
+        ):
+            saved[key] = [
+                {**g, "settings": _with_later_defaults(m, w["settings"], g["settings"])}
+                for m, w, g in zip(members, want[key], value, strict=True)
+            ]
+    return saved
 
 
 def _flatten(tree: Any) -> list[tuple[str, Tensor]]:
@@ -211,7 +297,7 @@ def save_states(path: str | os.PathLike[str], states: Any, memories: Any | Seque
         >>> mem = memkit.FIFOMemory(heads=2, head_dim=4, tokens_per_frame=1, frames=2)
         >>> path = os.path.join(tempfile.mkdtemp(), "stream.safetensors")
         >>> memkit.save_states(path, mem.init_state(1), mem)
-        >>> memkit.load_states(path, mem.init_state(1), mem).win_k.shape
+        >>> memkit.load_states(path, mem.init_state(1), mem).window.k.shape
         torch.Size([1, 2, 2, 1, 4])
     """
     from safetensors.torch import save
@@ -274,9 +360,10 @@ def _parse_header(path: Path, metadata: dict[str, str]) -> dict[str, Any]:
         raise CheckpointError(f"{path}: the memkit header is a JSON {type(header).__name__}, not an object")
     if header.get("format") != FORMAT:
         raise CheckpointError(f"{path}: format {header.get('format')!r}, expected {FORMAT!r}")
-    if header.get("format_version") != FORMAT_VERSION:
+    if header.get("format_version") not in READABLE_VERSIONS:
         raise CheckpointError(
-            f"{path}: format version {header.get('format_version')}, this memkit reads version {FORMAT_VERSION}"
+            f"{path}: format version {header.get('format_version')}, this memkit reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}"
         )
 
     def bad(field: str, want: str) -> CheckpointError:
@@ -322,7 +409,7 @@ def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
         >>> mem = memkit.FIFOMemory(heads=2, head_dim=4, tokens_per_frame=1, frames=2)
         >>> path = os.path.join(tempfile.mkdtemp(), "stream.safetensors")
         >>> memkit.save_states(path, mem.init_state(3), mem)
-        >>> read_header(path)["tensors"][".win_k"]
+        >>> read_header(path)["tensors"][".window.k"]
         {'shape': [3, 2, 2, 1, 4], 'dtype': 'torch.float32'}
     """
     from safetensors import SafetensorError, safe_open
@@ -373,7 +460,7 @@ def load_states(path: str | os.PathLike[str], like: S, memories: Any | Sequence[
             if w["class"] != g["class"]:
                 raise CheckpointError(f"{path}: memory {i} was a {g['class']}, expected a {w['class']}")
             # a setting the memory gained after the file was saved matches when it is at its default
-            saved = {**_later_defaults(memory, set(w["settings"]) - set(g["settings"])), **g["settings"]}
+            saved = _with_later_defaults(memory, w["settings"], g["settings"])
             if w["settings"] != saved:
                 diff = {
                     k: (saved.get(k), w["settings"].get(k))
@@ -395,12 +482,15 @@ def load_states(path: str | os.PathLike[str], like: S, memories: Any | Sequence[
     if _digest(list(saved.items())) != header.get("sha256"):
         raise CheckpointError(f"{path}: corrupted: the tensors' checksum does not match the one saved with them")
     expected = _flatten(like)
-    missing = [n for n, _ in expected if n not in saved]
-    extra = [n for n in saved if n not in dict(expected)]
+    version = header["format_version"]
+    # a file of an older version names some tensors as that version did: read them by those names
+    spelled = dict(legacy_names(like, version)) if version != FORMAT_VERSION else {n: n for n, _ in expected}
+    missing = [spelled[n] for n, _ in expected if spelled[n] not in saved]
+    extra = [n for n in saved if n not in set(spelled.values())]
     if missing or extra:
-        hint = ""
+        hint = "" if version == FORMAT_VERSION else f" (format version {version} names, memkit.io.V1_NAMES)"
         if extra and not missing:
-            hint = (
+            hint += (
                 "; a template with None in place of a state (e.g. a MemorySession's states before its first "
                 "segment) has no place for them: load a session's states with session.load_states(path)"
             )
@@ -409,12 +499,12 @@ def load_states(path: str | os.PathLike[str], like: S, memories: Any | Sequence[
             f"unexpected {extra or 'nothing'}{hint}"
         )
     for name, t in expected:
-        s = saved[name]
+        s = saved[spelled[name]]
         if tuple(s.shape) != tuple(t.shape):
             raise CheckpointError(f"{path}: {name} has shape {tuple(s.shape)}, expected {tuple(t.shape)}")
         if s.dtype != t.dtype:
             raise CheckpointError(f"{path}: {name} has dtype {s.dtype}, expected {t.dtype}")
     from memkit.state import map_tensor_paths
 
-    result: S = map_tensor_paths(lambda name, t: saved[name].to(t.device), like)
+    result: S = map_tensor_paths(lambda name, t: saved[spelled[name]].to(t.device), like)
     return result

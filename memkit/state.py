@@ -37,6 +37,7 @@ __all__ = [
     "tensor_paths",
     "map_tensor_paths",
     "LayerStates",
+    "state_classes",
 ]
 
 S = TypeVar("S")
@@ -120,7 +121,7 @@ class LayerStates(tuple):
     returned before), that also answers by layer name (``states["blocks.0.attn"]``,
     :meth:`items`). It is a pytree like any state, so :func:`map_tensors`, ``torch.compile``
     and :func:`memkit.save_states` see through it; its tensors are named in a file exactly
-    as a plain tuple's (``[0].win_k``), so files saved from tuples load into it and back.
+    as a plain tuple's (``[0].window.k``), so files saved from tuples load into it and back.
 
     Its life cycle: :func:`memkit.init_memory_states` makes it (a fresh one is the reset),
     :func:`memkit.layers.save_memory_states` / :func:`memkit.layers.load_memory_states`
@@ -180,6 +181,32 @@ pytree.register_pytree_node(
 )
 
 
+def state_classes(tree: Any) -> list[type]:
+    """Every :class:`MemoryState` class in a pytree of states, sub-states included, sorted by name.
+
+    What ``torch.load(weights_only=True)`` must be allowed to rebuild a ``torch.save`` of the states.
+
+    Example:
+        >>> import torch, memkit
+        >>> states = (memkit.FIFOMemory(1, 2, 1).init_state(1), memkit.FIFOMemory(1, 2, 1).init_state(1))
+        >>> ", ".join(c.__name__ for c in state_classes(states))
+        'FrameBuffer, SinkWindowState'
+        >>> with torch.serialization.safe_globals(state_classes(states)):
+        ...     pass  # torch.load(path, weights_only=True) here
+    """
+    found: dict[str, type] = {}
+
+    def visit(node: Any) -> None:
+        if isinstance(node, MemoryState):
+            found[f"{type(node).__module__}.{type(node).__qualname__}"] = type(node)
+        if node is not None and not isinstance(node, Tensor):
+            for _, child, _ in _children(node, ""):
+                visit(child)
+
+    visit(tree)
+    return sorted(found.values(), key=lambda c: (c.__name__, c.__module__))
+
+
 def like_states(template: Any, states: Any) -> tuple[Any, ...]:
     """``states`` in ``template``'s container: a :class:`LayerStates` with its names, else a tuple."""
     if isinstance(template, LayerStates):
@@ -188,7 +215,7 @@ def like_states(template: Any, states: Any) -> tuple[Any, ...]:
 
 
 # ----------------------------------------------------------------------------------- field paths
-# memkit names the tensors of a state by its own field paths (``[0].win_k``,
+# memkit names the tensors of a state by its own field paths (``[0].window.k``,
 # ``['blocks.0.attn'].states[1].k``), never by torch's pytree key types and their formatting,
 # which differ between torch versions (a registered dataclass's fields were mapping keys in
 # some): saved files and messages must not change under a torch upgrade. The order is the
@@ -218,14 +245,14 @@ def _children(node: Any, path: str) -> Iterator[tuple[str, Any, str | None]]:
 
 
 def _walk(
-    tree: Any, path: str = "", owner: Any = None, field: str | None = None
-) -> Iterator[tuple[str, Tensor, Any, str | None]]:
-    """Every tensor as ``(path, tensor, state, field)``: the innermost state and field holding it."""
+    tree: Any, path: str = "", holders: tuple[tuple[Any, str], ...] = ()
+) -> Iterator[tuple[str, Tensor, tuple[tuple[Any, str], ...]]]:
+    """Every tensor as ``(path, tensor, holders)``: the ``(state, field)`` pairs holding it, outermost first."""
     if isinstance(tree, Tensor):
-        yield path or "[]", tree, owner, field
+        yield path or "[]", tree, holders
     elif tree is not None:
         for p, child, f in _children(tree, path):
-            yield from _walk(child, p, tree if f is not None else owner, f if f is not None else field)
+            yield from _walk(child, p, holders if f is None else (*holders, (tree, f)))
 
 
 def tensor_paths(tree: Any) -> list[tuple[str, Tensor]]:
@@ -235,9 +262,9 @@ def tensor_paths(tree: Any) -> list[tuple[str, Tensor]]:
         >>> import memkit
         >>> state = memkit.FIFOMemory(heads=1, head_dim=2, tokens_per_frame=1, frames=2).init_state(1)
         >>> [path for path, _ in tensor_paths((state,))][:3]
-        ['[0].sink_k', '[0].sink_v', '[0].sink_pos']
+        ['[0].sink.k', '[0].sink.v', '[0].sink.pos']
     """
-    return [(p, x) for p, x, _, _ in _walk(tree)]
+    return [(p, x) for p, x, _ in _walk(tree)]
 
 
 def map_tensor_paths(fn: Callable[[str, Tensor], Tensor], tree: S) -> S:
@@ -352,13 +379,22 @@ def _short(memory: Any) -> str:
     return text.splitlines()[0] if text else type(memory).__name__
 
 
-def _describe_dim(owner: Any, field: str | None, axis: int) -> str:
-    """``"W (window frames)"`` when the state class declares the field's layout, else ``"<axis>"``."""
-    # the innermost state's declaration of the field holding the tensor
-    layout = getattr(type(owner), "layouts", {}).get(field) if owner is not None and field is not None else None
-    letters = layout.split() if isinstance(layout, str) else []
+def _describe_dim(holders: tuple[tuple[Any, str], ...], axis: int) -> str:
+    """``"W (window frames)"`` when the state classes declare the field's layout, else ``"<axis>"``.
+
+    The innermost state's declaration of the field holding the tensor gives the letters; a
+    sub-state's generic ``F`` (e.g. a :class:`memkit.memories.frames.FrameBuffer`'s slots) takes the
+    letter its holder declares for the field holding it (``layouts = {"window": "W"}``).
+    """
+    layouts = [getattr(type(owner), "layouts", {}).get(field) for owner, field in holders]
+    letters = layouts[-1].split() if layouts and isinstance(layouts[-1], str) else []
     if axis < len(letters):
         letter = letters[axis]
+        for outer in reversed(layouts[:-1]):
+            if letter != "F":
+                break
+            if isinstance(outer, str) and len(outer.split()) == 1:
+                letter = outer
         return f"{letter} ({DIM_NAMES[letter]})" if letter in DIM_NAMES else letter
     return str(axis)
 
@@ -373,7 +409,7 @@ def check_state_matches(owner: str, state: Any, memory: Any) -> None:
     checked again (states are immutable), so reading one state at every denoising step costs
     one lookup. Skipped inside ``torch.compile``. Raises :class:`memkit.StateError` naming
     the field and the dimension that differ, e.g.
-    ``"SinkWindowMemory.read: state.win_k: dimension W (window frames) should be 3, got 5 ..."``.
+    ``"SinkWindowMemory.read: state.window.k: dimension W (window frames) should be 3, got 5 ..."``.
 
     A memory's ``init_state`` should run on ``device="meta"`` (only shapes are needed);
     otherwise the template is built on the state's device at each check.
@@ -386,8 +422,8 @@ def check_state_matches(owner: str, state: Any, memory: Any) -> None:
         >>> try:
         ...     check_state_matches("read", big.init_state(1), small)
         ... except memkit.StateError as err:
-        ...     print(str(err)[:68])
-        read: state.win_k: dimension W (window frames) should be 3, got 5 (t
+        ...     print(str(err)[:71])
+        read: state.window.k: dimension W (window frames) should be 3, got 5 (t
     """
     if not checking():  # switched off (memkit.typing.set_checks), compiling, or already checked
         return
@@ -433,7 +469,7 @@ def check_state_matches(owner: str, state: Any, memory: Any) -> None:
             except TypeError:
                 pass
         return
-    path, _, holder, field = list(_walk(state))[sum(isinstance(x, Tensor) for x in leaves[:bad])]
+    path, _, holders = list(_walk(state))[sum(isinstance(x, Tensor) for x in leaves[:bad])]
     name = "state" + path
     x, (shape, want_dtype) = leaves[bad], t_leaves[bad]
     if x.device != device:
@@ -443,7 +479,7 @@ def check_state_matches(owner: str, state: Any, memory: Any) -> None:
             detail = f"has {x.ndim} dimensions {tuple(x.shape)}, expected {len(shape)}"
         else:
             axis = next(i for i, (a, b) in enumerate(zip(x.shape, shape, strict=True)) if a != b)
-            detail = f"dimension {_describe_dim(holder, field, axis)} should be {shape[axis]}, got {x.shape[axis]}"
+            detail = f"dimension {_describe_dim(holders, axis)} should be {shape[axis]}, got {x.shape[axis]}"
         raise StateError(
             f"{owner}: {name}: {detail} (the state has shape {tuple(x.shape)}, {_short(memory)} makes {shape}): "
             "a state made by a memory of another configuration?"

@@ -11,7 +11,8 @@ The cases:
   registry, with small options so that eviction and selection happen) and a few
   compositions, on batch 2, 2 heads of 8, 4 tokens a frame, 2 frames a segment. Four
   segments: before each write a read, recording the Context's keys, values, positions and
-  mask; after each write a sketch of every tensor of the new state (:func:`sketch`).
+  mask; after each write a sketch of every tensor of the new state (:func:`sketch`), named
+  by its path as a format-version-1 state file names it (:func:`state_paths`).
 - ``clip/<memory>/...``: the bundled checkpoint ``memkit/assets/demo-<memory>`` writes three
   ground-truth segments of its revisit world (clip seed 10000) and generates two segments
   (3 Euler steps, noise seed 0); recorded: the generated video and a sketch of the final states.
@@ -93,6 +94,19 @@ def sketch(x: Tensor, size: int = 16) -> Tensor:
     return torch.randn(flat.numel(), size, generator=g, dtype=torch.float64).T @ flat
 
 
+def state_paths(tree: Any) -> list[tuple[str, Tensor]]:
+    """Every tensor of ``tree`` with its path spelled as format version 1 of saved states spells it.
+
+    Renaming state fields (issue 13: ``.sink_k`` became ``.sink.k``) then leaves the fixture's
+    keys as they were: the explicit name map that loads old files (``memkit.io.V1_NAMES``) spells
+    them, so a field rename cannot hide a change of values behind new keys.
+    """
+    from memkit.io import legacy_names
+    from memkit.state import tensor_paths
+
+    return [(old, x) for (_, old), (_, x) in zip(legacy_names(tree, 1), tensor_paths(tree), strict=True)]
+
+
 def _build(case: str) -> Any:
     from memkit.models.malt import build_memory
 
@@ -142,7 +156,6 @@ def _segments(seed: int, meta_dim: int | None = None) -> Iterator[tuple[Any, Any
 
 def memory_outputs(case: str, seed: int) -> dict[str, Tensor]:
     """Reads and states of one memory case over :data:`SEGMENTS` segments."""
-    from memkit.state import tensor_paths
 
     memory = _memory(case, seed)
     out: dict[str, Tensor] = {}
@@ -154,7 +167,7 @@ def memory_outputs(case: str, seed: int) -> dict[str, Tensor]:
             for field in ("k", "v", "positions", "mask"):
                 out[f"{prefix}/read{s}/{field}"] = getattr(ctx, field)
             state = memory.write(state, chunk)
-            for path, x in tensor_paths(state):
+            for path, x in state_paths(state):
                 out[f"{prefix}/state{s}/{path}"] = sketch(x)
     return out
 
@@ -163,7 +176,6 @@ def clip_outputs(memory: str) -> dict[str, Tensor]:
     """The bundled checkpoint: three context segments written, two generated."""
     from memkit.demo import asset_dir
     from memkit.models.malt import EulerSampler, MALTNetwork, generate
-    from memkit.state import tensor_paths
     from memkit.train import TrainConfig, build_world, prepare_sample
 
     path = asset_dir(memory)
@@ -175,7 +187,7 @@ def clip_outputs(memory: str) -> dict[str, Tensor]:
     actions = sample["actions"].flatten(0, 1)[None]
     result = generate(net, CLIP_GENERATED, context=video, actions=actions, sampler=EulerSampler(steps=3), seed=0)
     out = {f"clip/{memory}/video": result.video}
-    for p, x in tensor_paths(result.states):
+    for p, x in state_paths(result.states):
         out[f"clip/{memory}/states{p}"] = sketch(x)
     return out
 

@@ -242,7 +242,7 @@ def test_states_are_values_a_stream_can_branch_from() -> None:
             step(model, session, i, seg(i))
         assert session.nbytes == nbytes
         session.reset()
-        assert session.states["blocks.0.attn"].win_valid.sum() == 0
+        assert session.states["blocks.0.attn"].window.valid.sum() == 0
 
 
 def test_a_failed_commit_changes_no_state() -> None:

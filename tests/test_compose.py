@@ -106,9 +106,9 @@ def test_memflow_combination_prompt_bank_plus_sparse_kv() -> None:
         y, state = attn.forward_and_write(x, state, pos, prompt)
         assert y.shape == x.shape and torch.isfinite(y).all()
     bank_state, sparse_state = state
-    assert int(bank_state.valid.sum()) == 4  # bank of 3 + the newest prototype
-    assert sorted(bank_state.pos[0].tolist()) == sorted(set(bank_state.pos[0].tolist()))
-    assert sparse_state.sink_pos.tolist() == [[0, 1, 2]]
+    assert int(bank_state.pool.valid.sum()) == 4  # bank of 3 + the newest prototype
+    assert sorted(bank_state.pool.pos[0].tolist()) == sorted(set(bank_state.pool.pos[0].tolist()))
+    assert sparse_state.sink.pos.tolist() == [[0, 1, 2]]
     ctx = attn.memory.read(state, Query(torch.randn(1, h, 3 * t, d), torch.tensor([[18, 19, 20]]), t, prompt))
     assert ctx.k.shape == (1, h, (3 + 3 + 3) * t, d) and ctx.mask.all()
     # state is a pytree: detach, batch selection and device moves reach both members

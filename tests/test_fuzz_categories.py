@@ -127,22 +127,19 @@ def test_poisoned_masked_slots_contribute_nothing(backend, seed, m, valid_p, poi
 def _poison_unused(state: Any, value: float) -> Any:
     """The state with every unused slot's keys and values set to ``value`` (frame memories)."""
 
-    def fill(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        return x.masked_fill(~valid[:, None, :, None, None], value)
+    from memkit.memories.frames import FrameBuffer
+
+    def fill(buffer: FrameBuffer) -> FrameBuffer:
+        empty = ~buffer.valid[:, None, :, None, None]
+        return buffer.replace(k=buffer.k.masked_fill(empty, value), v=buffer.v.masked_fill(empty, value))
 
     if isinstance(state, memkit.memories.SinkWindowState):
-        return state.replace(
-            sink_k=fill(state.sink_k, state.sink_valid), sink_v=fill(state.sink_v, state.sink_valid),
-            win_k=fill(state.win_k, state.win_valid), win_v=fill(state.win_v, state.win_valid),
-        )  # fmt: skip
+        return state.replace(sink=fill(state.sink), window=fill(state.window))
     if isinstance(state, memkit.memories.SparseKVState):
-        desc = state.desc.masked_fill(~state.valid[:, None, :, None], value)
-        return state.replace(
-            k=fill(state.k, state.valid), v=fill(state.v, state.valid), desc=desc,
-            sink_k=fill(state.sink_k, state.sink_valid), sink_v=fill(state.sink_v, state.sink_valid),
-        )  # fmt: skip
+        desc = state.desc.masked_fill(~state.ring.valid[:, None, :, None], value)
+        return state.replace(ring=fill(state.ring), desc=desc, sink=fill(state.sink))
     if isinstance(state, memkit.memories.PromptBankState):
-        return state.replace(k=fill(state.k, state.valid), v=fill(state.v, state.valid))
+        return state.replace(pool=fill(state.pool))
     if isinstance(state, memkit.memories.ComposeState):
         return memkit.memories.ComposeState(tuple(_poison_unused(s, value) for s in state.states))
     raise AssertionError(type(state))
@@ -205,14 +202,20 @@ def test_a_state_of_another_configuration_is_refused(name, data):
 def test_a_state_with_mixed_batches_dtypes_or_counters_is_refused(name):
     mem = MEMORIES[name]()
     state = mem.write(mem.init_state(2), chunk(2))
-    fields = {f: getattr(state, f) for f in type(state).layouts}
-    counter = next(f for f, x in fields.items() if x.dtype == torch.long)
-    buffer = next(f for f, x in fields.items() if x.is_floating_point())
+    from memkit.state import map_tensor_paths, tensor_paths
+
+    tensors = dict(tensor_paths(state))  # sub-states' tensors too (a FrameBuffer's)
+    counter = next(p for p, x in tensors.items() if x.dtype == torch.long)
+    buffer = next(p for p, x in tensors.items() if x.is_floating_point())
+
+    def changed(path, fn):
+        return map_tensor_paths(lambda p, x: fn(x) if p == path else x, state)
+
     q = query(2, prompt=name == "prompt_bank")
     for bad in (
-        state.replace(**{counter: fields[counter].int()}),  # counters are int64
-        state.replace(**{buffer: fields[buffer].half()}),  # one floating dtype
-        state.replace(**{buffer: fields[buffer][:1]}),  # one batch
+        changed(counter, lambda x: x.int()),  # counters are int64
+        changed(buffer, lambda x: x.half()),  # one floating dtype
+        changed(buffer, lambda x: x[:1]),  # one batch
     ):
         expect(StateError, lambda bad=bad: mem.read(bad, q))
         expect(StateError, lambda bad=bad: mem.write(bad, chunk(2)))

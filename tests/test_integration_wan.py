@@ -162,7 +162,7 @@ def test_state_size_is_fixed_over_50_chunks() -> None:
             with torch.no_grad():
                 session.commit(x, CLEAN, TEXT)
             sizes.append(session.nbytes)
-            seen.append(session.states["blocks.1.attn1"].win_pos[0].tolist())
+            seen.append(session.states["blocks.1.attn1"].window.pos[0].tolist())
         last = run(model, x)
     assert len(set(sizes)) == 1 and sizes[0] > 0
     assert seen[-1] == [97, 98, 99]  # positions keep counting past rope_max_seq_len (64)
@@ -259,5 +259,5 @@ def test_shifting_every_frame_position_changes_nothing() -> None:
             with torch.no_grad():
                 out = model(x, NOISY.expand(2), TEXT.expand(2, -1, -1)).sample
                 session.commit(x, CLEAN.expand(2), TEXT.expand(2, -1, -1))
-    assert session.states["blocks.0.attn1"].win_pos[1].tolist() == [1002, 1003, 1004, 1005]
+    assert session.states["blocks.0.attn1"].window.pos[1].tolist() == [1002, 1003, 1004, 1005]
     torch.testing.assert_close(out[0], out[1], atol=0, rtol=0)

@@ -60,10 +60,10 @@ def test_refuses_other_shapes(tmp_path, sink):
     path = tmp_path / "s.safetensors"
     memkit.save_states(path, written_state(sink), sink)
     with pytest.raises(
-        memkit.CheckpointError, match=r"\.sink_k has shape \(2, 2, 1, 2, 4\), expected \(3, 2, 1, 2, 4\)"
+        memkit.CheckpointError, match=r"\.sink\.k has shape \(2, 2, 1, 2, 4\), expected \(3, 2, 1, 2, 4\)"
     ):
         memkit.load_states(path, sink.init_state(3))
-    with pytest.raises(memkit.CheckpointError, match="sink_k has dtype torch.float32, expected torch.float64"):
+    with pytest.raises(memkit.CheckpointError, match="sink.k has dtype torch.float32, expected torch.float64"):
         memkit.load_states(path, sink.init_state(2, dtype=torch.float64))
     with pytest.raises(memkit.CheckpointError, match="another structure"):
         memkit.load_states(path, (sink.init_state(2), sink.init_state(2)))
@@ -97,7 +97,7 @@ def test_refuses_another_format_version(tmp_path, sink, monkeypatch):
     monkeypatch.setattr(io, "FORMAT_VERSION", 99)
     memkit.save_states(path, written_state(sink), sink)
     monkeypatch.setattr(io, "FORMAT_VERSION", 1)
-    with pytest.raises(memkit.CheckpointError, match="format version 99, this memkit reads version 1"):
+    with pytest.raises(memkit.CheckpointError, match="format version 99, this memkit reads versions 1, 2"):
         memkit.load_states(path, sink.init_state(2))
 
 
@@ -187,5 +187,5 @@ def test_header_is_readable_json(tmp_path, sink):
     memkit.save_states(tmp_path / "s", written_state(sink), sink)
     with safe_open(str(tmp_path / "s"), framework="pt") as f:
         header = json.loads(f.metadata()["memkit"])
-    assert header["format_version"] == 1 and header["memories"][0]["class"] == "SinkWindowMemory"
-    assert header["tensors"][".sink_k"]["shape"] == [2, 2, 1, 2, 4]
+    assert header["format_version"] == 2 and header["memories"][0]["class"] == "SinkWindowMemory"
+    assert header["tensors"][".sink.k"]["shape"] == [2, 2, 1, 2, 4]

@@ -21,7 +21,7 @@ def test_the_backbone_and_the_tiny_host_keep_states_by_layer_name() -> None:
     with torch.no_grad():
         written = net.write(torch.randn(1, 2, 3, 8, 8), states, net.segment_positions(0, 1))
     assert isinstance(written, LayerStates) and written.names == states.names
-    assert written["blocks.1.attn"] is written[1] and int(written[1].win_valid.sum()) == 2
+    assert written["blocks.1.attn"] is written[1] and int(written[1].window.valid.sum()) == 2
     tiny = TinySegmentModel(3, 3, tokens_per_frame=4, dim=16, heads=2, memory=lambda i: memkit.FIFOMemory(2, 8, 4))
     _, tiny_states = tiny(torch.randn(1, 8, 3), tiny.init_states(1), torch.tensor([[0, 1]]), write=True)
     assert tiny_states.names == ("blocks.0.attn", "blocks.1.attn")

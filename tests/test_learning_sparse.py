@@ -101,8 +101,8 @@ def train(
 def retrieval_loss(memory: memkit.PromptBankMemory, state: Any, where: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of the prompt's relevance over the bank's candidates, the code frame the target."""
     b = where.shape[0]
-    relevance = memory.relevance(state.k, state.valid, PROMPT.expand(b, -1, -1), None)  # (b P), sums to 1
-    target = (state.pos == where[:, None]) & state.valid
+    relevance = memory.relevance(state.pool.k, state.pool.valid, PROMPT.expand(b, -1, -1), None)  # (b P), sums to 1
+    target = (state.pool.pos == where[:, None]) & state.pool.valid
     held = target.any(1)  # a stream whose bank already lost the code frame teaches nothing here
     if not bool(held.any()):
         return relevance.sum() * 0
@@ -131,7 +131,8 @@ def evaluate(model: TinySegmentModel, memory: Any = None, *, use_prompt: bool = 
     ctx = contexts[-1]  # the recall's
     frames = (ctx.positions == where[:, None, None]) & ctx.mask  # (b h m): slots holding the code frame
     state = states[0]
-    pos, valid = (state.pos, state.valid)
+    frames_held = state.pool if isinstance(state, memkit.memories.PromptBankState) else state.ring  # sparse_kv's ring
+    pos, valid = (frames_held.pos, frames_held.valid)
     return {
         "acc": float((logits.argmax(1) == code).float().mean()),
         "returned": float(frames.flatten(1).any(1).float().mean()),

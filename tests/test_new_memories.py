@@ -266,16 +266,16 @@ def test_quantized_codes_do_not_drift_across_writes() -> None:
     """A frame that stays in the window keeps its codes exactly however many writes pass."""
     q8 = memkit.quantized(memkit.FIFOMemory(H, D, T, frames=8))
     state = q8.write(q8.init_state(1), _chunk([0], 0))
-    first = state.codes.win_k[:, :, -1].clone()
+    first = state.codes.window.k[:, :, -1].clone()
     for i in range(1, 8):
         state = q8.write(state, _chunk([i], i))
-    assert torch.equal(state.codes.win_k[:, :, 0], first)
+    assert torch.equal(state.codes.window.k[:, :, 0], first)
 
 
 def test_quantized_state_is_a_quarter_and_refuses_what_it_cannot_hold() -> None:
     inner = memkit.SparseKVMemory(4, 16, 8, capacity=16, top_k=4)
     state = inner.init_state(2)
-    buffers = [state.k, state.v, state.sink_k, state.sink_v]  # the (b h F t d) frame buffers
+    buffers = [state.ring.k, state.ring.v, state.sink.k, state.sink.v]  # the (b h F t d) frame buffers
     saved = sum(x.numel() * 3 - x[..., 0, 0].numel() * 4 for x in buffers)  # 4 -> 1 byte, plus one scale a frame
     assert memkit.quantized(inner).init_state(2).nbytes == state.nbytes - saved
     assert memkit.quantized(inner).init_state(2).nbytes < 0.31 * state.nbytes
@@ -395,7 +395,7 @@ def test_malt_backbone_hands_the_camera_pose_to_pose_retrieval() -> None:
     layer = next(i for i, b in enumerate(net.block_list) if b.attn.has_memory)
     stored = states[layer].meta[0, :, 0]
     f = net.config.token_frames  # every token-frame of a segment is stored with its pose
-    assert torch.allclose(stored[states[layer].valid[0]], torch.tensor([0.1, 0.5, 0.9]).repeat_interleave(f))
+    assert torch.allclose(stored[states[layer].frames.valid[0]], torch.tensor([0.1, 0.5, 0.9]).repeat_interleave(f))
     c = net.config
     query = memkit.Query(torch.randn(1, c.heads, c.tokens_per_frame * f, c.dim // c.heads), torch.arange(f)[None],
                          c.tokens_per_frame, frame_meta=torch.full((1, f, 1), 0.52))  # fmt: skip

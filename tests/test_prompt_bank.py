@@ -71,13 +71,13 @@ def test_bank_bounded_no_duplicates_shapes_constant_and_pure(cfg: dict) -> None:
         assert [x.shape for x in torch.utils._pytree.tree_leaves(state)] == shapes
         assert state.nbytes == 2 * b * h * (bank + 1) * t * d * 4 + 17 * b * (bank + 1) + 8 * b
         for i in range(b):
-            kept = state.pos[i][state.valid[i]].tolist()
+            kept = state.pool.pos[i][state.pool.valid[i]].tolist()
             assert len(kept) == len(set(kept)) <= bank + 1  # no frame held twice
         ctx = mem.read(state, query_of(b, h, d, t, torch.randn(b, 2, h * d)))
         assert ctx.k.shape == (b, h, bank * t, d)
         assert (ctx.mask.sum(2) <= bank * t).all()
         for i, got in enumerate(selected_positions(ctx, t)):
-            assert len(got) == min(bank, int(state.valid[i].sum()))
+            assert len(got) == min(bank, int(state.pool.valid[i].sum()))
     # a write never changes the state it was given: replaying from a copy gives the same
     for state, chunk, nxt in zip(states[:-1], chunks, states[1:], strict=True):
         copy = memkit.map_tensors(torch.clone, state)
@@ -99,7 +99,7 @@ def test_write_keeps_exactly_what_reads_with_the_same_prompt_returned(cfg: dict,
     new_pos = 99  # a frame not yet in the pool
     nxt = mem.write(state, random_chunk(b, h, d, t, [new_pos], 7, prompt))
     for i in range(b):
-        assert set(nxt.pos[i][nxt.valid[i]].tolist()) == read_set[i] | {new_pos}
+        assert set(nxt.pool.pos[i][nxt.pool.valid[i]].tolist()) == read_set[i] | {new_pos}
 
 
 @settings(max_examples=40, deadline=None)
@@ -119,7 +119,8 @@ def test_retrieval_is_invariant_to_prompt_padding(cfg: dict, pad: int, real: int
     last = states[-1]
     w1 = mem.write(last, random_chunk(b, h, d, t, [50, 51], 3, prompt))
     w2 = mem.write(last, random_chunk(b, h, d, t, [50, 51], 3, padded, mask))
-    assert torch.equal(w1.pos, w2.pos) and torch.equal(w1.valid, w2.valid) and torch.equal(w1.k, w2.k)
+    assert torch.equal(w1.pool.pos, w2.pool.pos) and torch.equal(w1.pool.valid, w2.pool.valid)
+    assert torch.equal(w1.pool.k, w2.pool.k)
 
 
 @settings(max_examples=40, deadline=None)
@@ -153,7 +154,7 @@ def test_prompt_aligned_with_a_scene_retrieves_its_frames(
     assert b_frame <= got_b
     # the switch acts at the first read of the new segment, and the write agrees with it
     after = mem.write(state, chunk_of(torch.zeros(1, h, 2 * t, d), [10, 11], t, prompt_a))
-    assert set(after.pos[0][after.valid[0]].tolist()) == a_frames | {10}
+    assert set(after.pool.pos[0][after.pool.valid[0]].tolist()) == a_frames | {10}
 
 
 def test_without_prompt_recency_keeps_the_newest_frames() -> None:
@@ -162,7 +163,7 @@ def test_without_prompt_recency_keeps_the_newest_frames() -> None:
     for s in range(5):
         state = mem.write(state, random_chunk(1, 1, 2, 1, [3 * s, 3 * s + 1, 3 * s + 2], s))
     assert selected_positions(mem.read(state, query_of(1, 1, 2, 1)), 1) == [{9, 12}]
-    assert sorted(state.pos[0][state.valid[0]].tolist()) == [6, 9, 12]
+    assert sorted(state.pool.pos[0][state.pool.valid[0]].tolist()) == [6, 9, 12]
     all_padded = torch.zeros(1, 2, dtype=torch.bool)
     ctx = mem.read(state, query_of(1, 1, 2, 1, torch.randn(1, 2, 2), all_padded))
     assert selected_positions(ctx, 1) == [{9, 12}]
@@ -173,17 +174,17 @@ def test_rewritten_frame_replaces_its_entry() -> None:
     state = mem.init_state(1)
     state = mem.write(state, chunk_of(torch.ones(1, 1, 1, 2), [0], 1))
     state = mem.write(state, chunk_of(torch.ones(1, 1, 1, 2) * 3, [0], 1))  # frame 0 regenerated
-    assert state.valid.sum() == 1 and state.pos[0][state.valid[0]].tolist() == [0]
-    assert state.k[0, 0][state.valid[0]].flatten().tolist() == [3.0, 3.0]
+    assert state.pool.valid.sum() == 1 and state.pool.pos[0][state.pool.valid[0]].tolist() == [0]
+    assert state.pool.k[0, 0][state.pool.valid[0]].flatten().tolist() == [3.0, 3.0]
 
 
 def test_best_prototype_picks_the_frame_matching_the_prompt() -> None:
     mem = PromptBankMemory(1, 2, 1, bank_frames=1, prototype="best")
     keys = torch.tensor([[5.0, 0.0], [0.0, 5.0], [5.0, 0.0]]).reshape(1, 1, 3, 2)
     state = mem.write(mem.init_state(1), chunk_of(keys, [0, 1, 2], 1, torch.tensor([[[0.0, 2.0]]])))
-    assert state.pos[0][state.valid[0]].tolist() == [1]
+    assert state.pool.pos[0][state.pool.valid[0]].tolist() == [1]
     state = mem.write(mem.init_state(1), chunk_of(keys, [0, 1, 2], 1))  # no prompt: the first frame
-    assert state.pos[0][state.valid[0]].tolist() == [0]
+    assert state.pool.pos[0][state.pool.valid[0]].tolist() == [0]
 
 
 @settings(max_examples=25, deadline=None)
@@ -294,7 +295,7 @@ def test_record_interval_records_every_rth_write() -> None:
     state = mem.init_state(1)
     for pos in range(7):
         state = mem.write(state, chunk_of(torch.randn(1, 1, 1, 2), [pos], 1))
-    assert sorted(state.pos[0][state.valid[0]].tolist()) == [0, 3, 6]
+    assert sorted(state.pool.pos[0][state.pool.valid[0]].tolist()) == [0, 3, 6]
 
 
 def test_memflow_rule_keeps_top_b_minus_1_then_the_pending_prototype() -> None:
@@ -307,7 +308,7 @@ def test_memflow_rule_keeps_top_b_minus_1_then_the_pending_prototype() -> None:
     assert selected_positions(mem.read(state, query_of(1, 1, 2, 1, p)), 1)[0] == {1, 2}
     # the pending prototype is appended however poorly it scores; the next read appends it again
     state = mem.write(state, chunk_of(_frames([0.0, 1.0]), [3], 1, p))
-    assert sorted(state.pos[0].tolist()) == [1, 2, 3]  # bank {1, 2}, pending 3
+    assert sorted(state.pool.pos[0].tolist()) == [1, 2, 3]  # bank {1, 2}, pending 3
 
 
 @pytest.mark.parametrize(
@@ -355,9 +356,10 @@ def test_cutoff_masks_exactly_the_returned_frames_scoring_below_it(
         got = cut.read(state, query_of(b, h, d, t, prompt))
         # the same frames in the same slots: only the mask changes
         assert torch.equal(full.k, got.k) and torch.equal(full.v, got.v) and torch.equal(full.positions, got.positions)
-        scores = mem.relevance(state.k, state.valid, prompt, None)
+        scores = mem.relevance(state.pool.k, state.pool.valid, prompt, None)
         for i in range(b):
-            by_pos = {int(p): float(s) for p, s, ok in zip(state.pos[i], scores[i], state.valid[i], strict=True) if ok}
+            pool = zip(state.pool.pos[i], scores[i], state.pool.valid[i], strict=True)
+            by_pos = {int(p): float(s) for p, s, ok in pool if ok}
             want = {p for p in selected_positions(full, t)[i] if by_pos[p] >= cutoff}
             assert selected_positions(got, t)[i] == want
         assert not (got.mask & ~full.mask).any()  # the cut-off never adds a slot
@@ -428,7 +430,7 @@ def test_plan_applies_the_cutoff_as_read_does() -> None:
     for s in range(5):
         state = plain.write(state, random_chunk(1, 2, 4, 2, [2 * s, 2 * s + 1], s))
     prompt = 3 * torch.randn(1, 3, 8, generator=torch.Generator().manual_seed(1))
-    scores = sorted(plain.relevance(state.k, state.valid, prompt, None)[0].tolist())
+    scores = sorted(plain.relevance(state.pool.k, state.pool.valid, prompt, None)[0].tolist())
     mem = _with_cutoff(plain, (scores[1] + scores[2]) / 2)  # between the 2nd and 3rd of the 4 candidates
     q = query_of(1, 2, 4, 2, prompt)
     ctx = mem.read(state, q)

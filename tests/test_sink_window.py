@@ -37,8 +37,8 @@ def test_keeps_sink_plus_last_window_in_order(sink, window, segments):
     rest = written[sink:]
     expected_window = rest[-window:] if window else []
 
-    assert state.sink_pos[0, state.sink_valid[0]].tolist() == expected_sink
-    assert state.win_pos[0, state.win_valid[0]].tolist() == expected_window
+    assert state.sink.pos[0, state.sink.valid[0]].tolist() == expected_sink
+    assert state.window.pos[0, state.window.valid[0]].tolist() == expected_window
     # contents follow their positions: keys encode the frame index
     ctx = mem.read(state, memkit.Query(torch.randn(1, H, T, D), torch.tensor([[99]]), T))
     valid = ctx.mask[0, 0]
@@ -55,7 +55,7 @@ def test_fifo_is_window_without_sink():
     state = mem.init_state(1)
     for s in range(4):
         state = mem.write(state, chunk_for([2 * s, 2 * s + 1]))
-    assert state.win_pos.tolist() == [[6, 7]] and state.sink_k.shape[2] == 0
+    assert state.window.pos.tolist() == [[6, 7]] and state.sink.k.shape[2] == 0
 
 
 def test_wrong_frame_size_is_refused():

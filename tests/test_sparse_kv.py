@@ -38,8 +38,8 @@ def run(mem: SparseKVMemory, b: int, writes: list[int], seed: int) -> tuple[memk
 def dense_context(state: memkit.memories.SparseKVState) -> Context:
     return Context.concat(
         [
-            frames_to_context(state.sink_k, state.sink_v, state.sink_pos, state.sink_valid),
-            frames_to_context(state.k, state.v, state.pos, state.valid),
+            frames_to_context(state.sink.k, state.sink.v, state.sink.pos, state.sink.valid),
+            frames_to_context(state.ring.k, state.ring.v, state.ring.pos, state.ring.valid),
         ]
     )
 
@@ -72,7 +72,7 @@ def test_top_k_at_least_valid_equals_dense_attention(cfg: dict, extra: int) -> N
     b, h, d, t, c = cfg["b"], cfg["h"], cfg["d"], cfg["t"], cfg["capacity"]
     probe = SparseKVMemory(h, d, t, capacity=c, always_frames=cfg["always"])
     state, start = run(probe, b, cfg["writes"], cfg["seed"])
-    n_valid = int(state.valid.sum(1).max())
+    n_valid = int(state.ring.valid.sum(1).max())
     mem = SparseKVMemory(h, d, t, capacity=c, top_k=max(n_valid, 1) + extra, always_frames=cfg["always"])
     q = make_query(b, h, d, t, start, 2, cfg["seed"])
     sparse = rotated_attention(q, mem.read(state, q))
@@ -95,14 +95,16 @@ def test_selects_the_top_k_valid_frames_and_never_an_invalid_one(cfg: dict, top_
     sel_pos = ctx.positions[:, :, a * t :: t]
     routed = q.q.mean(2)
     for i in range(b):
-        valid_pos = state.pos[i][state.valid[i]].tolist()
+        valid_pos = state.ring.pos[i][state.ring.valid[i]].tolist()
         for j in range(h):
             chosen = sel_pos[i, j][sel_mask[i, j]].tolist()
             assert int(sel_mask[i, j].sum()) == min(kk, len(valid_pos))
             assert set(chosen) <= set(valid_pos) and len(set(chosen)) == len(chosen)
             # brute force: the chosen frames have the highest scores among valid frames
             scores = {
-                int(state.pos[i, s]): float(state.desc[i, j, s] @ routed[i, j]) for s in range(c) if state.valid[i, s]
+                int(state.ring.pos[i, s]): float(state.desc[i, j, s] @ routed[i, j])
+                for s in range(c)
+                if state.ring.valid[i, s]
             }
             if chosen:
                 worst_chosen = min(scores[p] for p in chosen)
@@ -146,18 +148,19 @@ def test_ring_holds_the_newest_non_sink_frames_and_the_sink_the_first(
     for f in writes:
         state = mem.write(state, position_chunk(1, 2, 4, t, len(written), f))
         written += range(len(written), len(written) + f)
-    assert state.sink_pos[0, state.sink_valid[0]].tolist() == written[:always]
-    assert sorted(state.pos[0, state.valid[0]].tolist()) == written[always:][-capacity:]
+    assert state.sink.pos[0, state.sink.valid[0]].tolist() == written[:always]
+    assert sorted(state.ring.pos[0, state.ring.valid[0]].tolist()) == written[always:][-capacity:]
     assert state.frames_seen.tolist() == [len(written)]
     # contents follow their positions; descriptors are the frame's mean key
     for buf, values, pos, valid in (
-        (state.k, state.v, state.pos, state.valid),
-        (state.sink_k, state.sink_v, state.sink_pos, state.sink_valid),
+        (state.ring.k, state.ring.v, state.ring.pos, state.ring.valid),
+        (state.sink.k, state.sink.v, state.sink.pos, state.sink.valid),
     ):
         p = pos[0, valid[0]].float()[None, :, None, None].expand(2, -1, t, 4)
         assert torch.equal(buf[0][:, valid[0]], p) and torch.equal(values[0][:, valid[0]], p + 0.5)
     assert torch.equal(
-        state.desc[0][:, state.valid[0]], state.pos[0, state.valid[0]].float()[None, :, None].expand(2, -1, 4)
+        state.desc[0][:, state.ring.valid[0]],
+        state.ring.pos[0, state.ring.valid[0]].float()[None, :, None].expand(2, -1, 4),
     )
     # a read with top_k = capacity returns the sink and the whole ring
     ctx = mem.read(state, Query(torch.randn(1, 2, t, 4), torch.tensor([[len(written)]]), t))
@@ -186,13 +189,13 @@ def test_ties_prefer_each_streams_own_newest_frames() -> None:
 def test_ring_keeps_newest_frames_and_sink_keeps_first() -> None:
     mem = SparseKVMemory(2, 4, 1, capacity=3, top_k=3, always_frames=2)
     state, _ = run(mem, 1, [4, 1, 7], seed=0)  # a chunk larger than the ring included
-    assert state.sink_pos.tolist() == [[0, 1]]
-    assert sorted(state.pos[0].tolist()) == [9, 10, 11]
-    assert state.valid.all() and state.frames_seen.tolist() == [12]
+    assert state.sink.pos.tolist() == [[0, 1]]
+    assert sorted(state.ring.pos[0].tolist()) == [9, 10, 11]
+    assert state.ring.valid.all() and state.frames_seen.tolist() == [12]
     # the stored keys are the chunk's own pre-rotary keys for those positions
     chunk = make_chunk(1, 2, 4, 1, 5, 7, seed=2)
-    for slot, p in enumerate(state.pos[0].tolist()):
-        torch.testing.assert_close(state.k[0, :, slot, 0], chunk.k[0, :, p - 5])
+    for slot, p in enumerate(state.ring.pos[0].tolist()):
+        torch.testing.assert_close(state.ring.k[0, :, slot, 0], chunk.k[0, :, p - 5])
         torch.testing.assert_close(state.desc[0, :, slot], chunk.k[0, :, p - 5])
 
 
@@ -289,4 +292,4 @@ def test_in_memory_attention_layer() -> None:
         pos = torch.tensor([[2 * s, 2 * s + 1]])
         y, state = attn.forward_and_write(x, state, pos)
         assert y.shape == (1, 4, 16)
-    assert state.sink_pos.tolist() == [[0]] and sorted(state.pos[0].tolist()) == [2, 3, 4, 5]
+    assert state.sink.pos.tolist() == [[0]] and sorted(state.ring.pos[0].tolist()) == [2, 3, 4, 5]

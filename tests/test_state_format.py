@@ -13,7 +13,7 @@ import torch
 import torch.utils._pytree as pytree
 
 import memkit
-from memkit.io import read_header
+from memkit.io import legacy_names, read_header
 from memkit.state import tensor_paths
 
 DATA = Path(__file__).parent / "data"
@@ -39,7 +39,8 @@ def test_files_saved_with_torch_key_names_still_load() -> None:
     mems = _memories()
     like = tuple(m.init_state(1) for m in mems)
     loaded = memkit.load_states(DATA / "legacy_states_v1.safetensors", like, mems)
-    assert [p for p, _ in tensor_paths(loaded)] == _header_keys(DATA / "legacy_states_v1.safetensors")
+    # format version 1 names (before the frame buffers), read through memkit.io.V1_NAMES
+    assert [old for _, old in legacy_names(loaded)] == _header_keys(DATA / "legacy_states_v1.safetensors")
     assert [type(s).__name__ for s in loaded] == ["SinkWindowState", "ComposeState", "RecurrentState"]
     assert loaded[2].latent.abs().sum() > 0  # the saved values, not the template's
     fifo, comp, _ = mems
@@ -53,8 +54,55 @@ def test_saving_today_writes_the_same_names(tmp_path: Path) -> None:
     mems = _memories()
     states = tuple(m.init_state(1) for m in mems)
     memkit.save_states(tmp_path / "now.safetensors", states, mems)
-    assert _header_keys(tmp_path / "now.safetensors") == _header_keys(DATA / "legacy_states_v1.safetensors")
-    assert read_header(tmp_path / "now.safetensors")["format_version"] == 1
+    names = dict(legacy_names(states))
+    today = _header_keys(tmp_path / "now.safetensors")
+    assert [names[n] for n in today] == _header_keys(DATA / "legacy_states_v1.safetensors")
+    assert "[0].window.k" in today and "[1].states[0].sink.valid" in today
+    assert read_header(tmp_path / "now.safetensors")["format_version"] == 2
+
+
+def _as_version_1(src: Path, dst: Path) -> None:
+    """``src`` with its header saying format version 1 (its tensors and names unchanged)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), framework="pt") as f:
+        header = json.loads(f.metadata()["memkit"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    header["format_version"] = 1
+    save_file(tensors, str(dst), metadata={"memkit": json.dumps(header)})
+
+
+def test_a_version_1_file_with_unknown_names_is_refused_clearly(tmp_path: Path) -> None:
+    fifo = memkit.FIFOMemory(heads=2, head_dim=4, tokens_per_frame=2, frames=2)
+    memkit.save_states(tmp_path / "v2.safetensors", fifo.init_state(1), fifo)
+    memkit.load_states(tmp_path / "v2.safetensors", fifo.init_state(1), fifo)  # today's file: fine
+    _as_version_1(tmp_path / "v2.safetensors", tmp_path / "v1.safetensors")  # today's names under version 1
+    with pytest.raises(memkit.CheckpointError) as err:
+        memkit.load_states(tmp_path / "v1.safetensors", fifo.init_state(1), fifo)
+    message = str(err.value)
+    assert "missing ['.sink_k'" in message and "unexpected ['.sink.k'" in message
+    assert "format version 1 names, memkit.io.V1_NAMES" in message
+
+
+def test_every_frame_buffer_of_a_registered_memory_has_a_version_1_name() -> None:
+    """A state class holding FrameBuffers must be in V1_NAMES (or be new since version 2 and say so here)."""
+    from memkit.memories.frames import FrameBuffer
+    from memkit.memories.registry import build_memory, memory_names
+    from memkit.state import _walk
+
+    new_since_v2: set[str] = set()
+    for name in memory_names():
+        kwargs = {"meta_dim": 2} if name == "pose_retrieval" else {}
+        if name == "quantized":
+            kwargs = {"memory": {"name": "fifo", "kwargs": {}}}
+        memory = build_memory(name, heads=2, head_dim=4, tokens_per_frame=4, dim=8, **kwargs)
+        state = memory.init_state(1)
+        old = [o for _, o in legacy_names(state)]
+        assert len(set(old)) == len(old), name
+        for (path, _, holders), o in zip(_walk(state), old, strict=True):
+            if isinstance(holders[-1][0], FrameBuffer) and type(holders[-2][0]).__name__ not in new_since_v2:
+                assert o != path, f"{name}: {path} has no version-1 name"
 
 
 def test_names_do_not_depend_on_torch_pytree_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

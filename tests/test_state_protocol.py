@@ -87,7 +87,11 @@ def test_to_casts_floats_and_keeps_integer_counters():
     state = mem.write(mem.init_state(2), make_chunk(torch.Generator().manual_seed(0), 2, 0))
     assert_to_casts_floats_only(state)
     cast = state.to(torch.float64)
-    assert cast.frames_seen.dtype == torch.long and cast.valid.dtype == torch.bool and cast.k.dtype == torch.float64
+    assert (
+        cast.frames_seen.dtype == torch.long
+        and cast.ring.valid.dtype == torch.bool
+        and cast.ring.k.dtype == torch.float64
+    )
     assert cast.nbytes > state.nbytes
 
 

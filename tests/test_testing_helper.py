@@ -277,7 +277,7 @@ class SharedStorage(memkit.SinkWindowMemory):
 
     def write(self, state: SinkWindowState, chunk: memkit.Chunk) -> SinkWindowState:
         new = super().write(state, memkit.Chunk(chunk.k, chunk.k, chunk.hidden, chunk.frame_positions, T))
-        return new.replace(win_v=new.win_k, sink_v=new.sink_k)
+        return new.replace(window=new.window.replace(v=new.window.k), sink=new.sink.replace(v=new.sink.k))
 
 
 @memkit.memory_state

@@ -195,7 +195,7 @@ class MemoryAttention(nn.Module):
         Example:
             >>> import torch, memkit
             >>> attn = memkit.MemoryAttention(32, 4, memory=memkit.FIFOMemory(4, 8, 2, frames=2)).to(torch.bfloat16)
-            >>> attn.init_state(1).win_k.dtype
+            >>> attn.init_state(1).window.k.dtype
             torch.bfloat16
         """
         if device is None:
@@ -401,7 +401,7 @@ class MemoryAttention(nn.Module):
             >>> attn = memkit.MemoryAttention(32, 4, memory=memkit.FIFOMemory(4, 8, 2, frames=2))
             >>> state = attn.init_state(1)
             >>> y, state = attn.step(torch.randn(1, 4, 32), state, torch.tensor([[0, 1]]), write=True)
-            >>> y.shape, int(state.win_valid.sum())
+            >>> y.shape, int(state.window.valid.sum())
             (torch.Size([1, 4, 32]), 2)
         """
         return self._step(x, state, frame_positions, prompt, prompt_mask, write=write, frame_meta=frame_meta)

@@ -51,7 +51,7 @@ def save_memory_states(path: str | os.PathLike[str], model: nn.Module, states: A
         >>> layers = torch.nn.ModuleList(memkit.MemoryAttention(8, 2, memkit.FIFOMemory(2, 4, 1)) for _ in range(2))
         >>> path = os.path.join(tempfile.mkdtemp(), "stream.safetensors")
         >>> save_memory_states(path, layers, memkit.init_memory_states(layers, batch_size=3))
-        >>> load_memory_states(path, layers)[1].win_k.shape[0]     # the batch size comes from the file
+        >>> load_memory_states(path, layers)[1].window.k.shape[0]     # the batch size comes from the file
         3
     """
     from memkit.io import save_states

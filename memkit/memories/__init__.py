@@ -2,6 +2,7 @@
 
 from memkit.memories.compose import ComposeMemory, ComposeState, compose
 from memkit.memories.compressed_window import CompressedWindowMemory, CompressedWindowState
+from memkit.memories.frames import FrameBuffer
 from memkit.memories.memflow import MemFlowMemory, MemFlowState
 from memkit.memories.none import NoMemory, NoState
 from memkit.memories.packed_history import PackedHistoryMemory, PackedHistoryState
@@ -43,4 +44,5 @@ __all__ = [
     "PoseRetrievalState",
     "QuantizedState",
     "quantized",
+    "FrameBuffer",
 ]

@@ -5,18 +5,8 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
-from memkit.memories.frames import (
-    check_chunk,
-    check_layout,
-    check_query,
-    check_state,
-    frames_to_context,
-    gather_frames,
-    keep_last_valid,
-    place_frames,
-    sink_sources,
-    split_frames,
-)
+from memkit.checks import check_chunk, check_layout, check_query, check_state
+from memkit.memories.frames import FrameBuffer, keep_last_valid
 from memkit.memories.registry import register_memory
 from memkit.protocol import Chunk, Context, Query, ReadLayout, ReadPlan
 from memkit.state import MemoryState, check_init_args, check_state_matches, memory_state
@@ -30,34 +20,27 @@ class CompressedWindowState(MemoryState):
     """State of :class:`CompressedWindowMemory`.
 
     Attributes:
-        sink_k, sink_v: ``(b h S t d)`` the first ``S`` frames ever written.
-        sink_pos, sink_valid: ``(b S)`` their frame positions and which slots are filled.
-        win_k, win_v: ``(b h W t d)`` the newest ``W`` frames after the sink, oldest first.
-        win_pos, win_valid: ``(b W)``.
+        sink: a :class:`memkit.memories.frames.FrameBuffer` of ``S`` slots: the first ``S`` frames ever written.
+        window: a ``FrameBuffer`` of ``W`` slots: the newest ``W`` frames after the sink, oldest first.
         long_k, long_v: ``(b h t d)`` the slow running average of every evicted frame.
         short_k, short_v: ``(b h t d)`` the fast running average.
         mem_pos: ``(b,)`` position of the newest evicted frame (the averages are read there).
         mem_valid: ``(b,)`` whether any frame was evicted yet.
         frames_seen: ``(b,)`` frames written so far.
+
+    Files saved before the buffers (format version 1) named them ``sink_k ... win_valid``;
+    :func:`memkit.load_states` maps the old names.
     """
 
     layouts: ClassVar[dict[str, str]] = {
-        **dict.fromkeys(("sink_k", "sink_v"), "b h S t d"),
-        **dict.fromkeys(("sink_pos", "sink_valid"), "b S"),
-        **dict.fromkeys(("win_k", "win_v"), "b h W t d"),
-        **dict.fromkeys(("win_pos", "win_valid"), "b W"),
+        "sink": "S",
+        "window": "W",
         **dict.fromkeys(("long_k", "long_v", "short_k", "short_v"), "b h t d"),
         **dict.fromkeys(("mem_pos", "mem_valid", "frames_seen"), "b"),
     }
 
-    sink_k: Tensor
-    sink_v: Tensor
-    sink_pos: Tensor
-    sink_valid: Tensor
-    win_k: Tensor
-    win_v: Tensor
-    win_pos: Tensor
-    win_valid: Tensor
+    sink: FrameBuffer
+    window: FrameBuffer
     long_k: Tensor
     long_v: Tensor
     short_k: Tensor
@@ -104,7 +87,7 @@ class CompressedWindowMemory:
         >>> state = mem.init_state(1)
         >>> k = torch.randn(1, 2, 20, 8)  # 5 frames of 4 tokens: 1 to the sink, 2 evicted, 2 kept
         >>> state = mem.write(state, memkit.Chunk(k, k, torch.randn(1, 20, 16), torch.arange(5)[None], 4))
-        >>> state.win_pos.tolist(), state.mem_pos.tolist(), state.mem_valid.tolist()
+        >>> state.window.pos.tolist(), state.mem_pos.tolist(), state.mem_valid.tolist()
         ([[3, 4]], [2], [True])
         >>> q = torch.randn(1, 2, 4, 8)
         >>> mem.read(state, memkit.Query(q, torch.tensor([[5]]), 4)).num_slots  # (1 + 2 + 2) frames x 4 tokens
@@ -145,19 +128,17 @@ class CompressedWindowMemory:
         dtype = dtype or torch.get_default_dtype()
         b, h, t, d = batch_size, self.heads, self.tokens_per_frame, self.head_dim
 
-        def buf(*frames: int) -> Tensor:
-            return torch.zeros((b, h, *frames, t, d), device=device, dtype=dtype)
+        def buf() -> Tensor:
+            return torch.zeros((b, h, t, d), device=device, dtype=dtype)
 
-        def ints(*frames: int) -> Tensor:
-            return torch.zeros((b, *frames), device=device, dtype=torch.long)
+        def frames(n: int) -> FrameBuffer:
+            return FrameBuffer.empty(b, h, n, t, d, device=device, dtype=dtype)
 
-        def flags(*frames: int) -> Tensor:
-            return torch.zeros((b, *frames), device=device, dtype=torch.bool)
-
-        s, w = self.sink_frames, self.window_frames
+        zeros = torch.zeros((b,), device=device, dtype=torch.long)
         return CompressedWindowState(
-            buf(s), buf(s), ints(s), flags(s), buf(w), buf(w), ints(w), flags(w),
-            buf(), buf(), buf(), buf(), ints(), flags(), ints(),
+            sink=frames(self.sink_frames), window=frames(self.window_frames),
+            long_k=buf(), long_v=buf(), short_k=buf(), short_v=buf(),
+            mem_pos=zeros, mem_valid=zeros.bool(), frames_seen=zeros.clone(),
         )  # fmt: skip
 
     def _checked(self, where: str, state: CompressedWindowState) -> None:
@@ -168,27 +149,28 @@ class CompressedWindowMemory:
     def read(self, state: CompressedWindowState, query: Query) -> Context:
         """Sink, slow average, fast average, window: ``(b h (S+2+W)*t d)``, with validity and positions."""
         self._checked("read", state)
-        check_query("CompressedWindowMemory", query, state.batch_size, self.heads, self.head_dim, state.win_k.device)
+        check_query("CompressedWindowMemory", query, state.batch_size, self.heads, self.head_dim, state.window.k.device)
         return self._context(state)
 
     @typechecked
     def plan(self, state: CompressedWindowState, layout: ReadLayout) -> ReadPlan:
         """The whole read, prepared once per segment: it does not depend on the queries."""
         self._checked("plan", state)
-        check_layout("CompressedWindowMemory", layout, state.batch_size, state.win_k.device)
+        check_layout("CompressedWindowMemory", layout, state.batch_size, state.window.k.device)
         return ReadPlan(parts=(self._context(state),), state=state)
 
     def read_dynamic(self, plan: ReadPlan, query: Query) -> tuple[Context, ...]:
         return ()
 
     def _context(self, state: CompressedWindowState) -> Context:
-        mem_pos = torch.stack([state.mem_pos - 1, state.mem_pos], dim=1)
-        return frames_to_context(
-            torch.cat([state.sink_k, state.long_k[:, :, None], state.short_k[:, :, None], state.win_k], dim=2),
-            torch.cat([state.sink_v, state.long_v[:, :, None], state.short_v[:, :, None], state.win_v], dim=2),
-            torch.cat([state.sink_pos, mem_pos, state.win_pos], dim=1),
-            torch.cat([state.sink_valid, state.mem_valid[:, None], state.mem_valid[:, None], state.win_valid], dim=1),
+        # the two averages as two slots, at the newest evicted frame's position (and the one before)
+        averages = FrameBuffer(
+            k=torch.stack([state.long_k, state.short_k], dim=2),
+            v=torch.stack([state.long_v, state.short_v], dim=2),
+            pos=torch.stack([state.mem_pos - 1, state.mem_pos], dim=1),
+            valid=torch.stack([state.mem_valid, state.mem_valid], dim=1),
         )
+        return state.sink.cat(averages, state.window).to_context()
 
     def _evicted_mean(self, frames: Tensor, evicted: Tensor) -> Tensor:
         """Mean ``(b h t d)`` of ``frames (b h F t d)`` where ``evicted (b F)`` (zeros where none is)."""
@@ -209,30 +191,19 @@ class CompressedWindowMemory:
             state.batch_size,
             self.heads,
             self.head_dim,
-            state.win_k.device,
+            state.window.k.device,
             self.tokens_per_frame,
         )
-        dtype = state.win_k.dtype
-        k = split_frames(chunk.k.to(dtype), self.tokens_per_frame)
-        v = split_frames(chunk.v.to(dtype), self.tokens_per_frame)
-        pos = chunk.frame_positions.long()
-        f = pos.shape[1]
-        to_sink = (state.frames_seen[:, None] + torch.arange(f, device=pos.device)) < self.sink_frames  # (b f)
-        src, take = sink_sources(state.frames_seen, self.sink_frames, f)
-        sink_k, sink_v, sink_pos, sink_valid = place_frames(
-            (state.sink_k, state.sink_v, state.sink_pos, state.sink_valid), (k, v, pos), src, take
-        )
-
-        cand_k, cand_v = torch.cat([state.win_k, k], dim=2), torch.cat([state.win_v, v], dim=2)
-        cand_pos = torch.cat([state.win_pos, pos], dim=1)
-        cand_valid = torch.cat([state.win_valid, ~to_sink], dim=1)
-        keep = keep_last_valid(cand_valid, self.window_frames)
-        kept = torch.zeros_like(cand_valid).scatter(1, keep, True)
-        evicted = cand_valid & ~kept  # (b W+f): valid frames sliding out of the window now
+        new = FrameBuffer.from_chunk(chunk, self.tokens_per_frame, state.window.k.dtype)
+        sink, past = state.sink.write_sink(new, state.frames_seen)
+        cand = state.window.cat(new.replace(valid=past))
+        keep = keep_last_valid(cand.valid, self.window_frames)
+        kept = torch.zeros_like(cand.valid).scatter(1, keep, True)
+        evicted = cand.valid & ~kept  # (b W+f): valid frames sliding out of the window now
         any_evicted = evicted.any(dim=1)  # (b,)
-        newest_evicted = torch.where(evicted, cand_pos, torch.iinfo(torch.long).min).amax(dim=1)
+        newest_evicted = torch.where(evicted, cand.pos, torch.iinfo(torch.long).min).amax(dim=1)
 
-        mean_k, mean_v = self._evicted_mean(cand_k, evicted), self._evicted_mean(cand_v, evicted)
+        mean_k, mean_v = self._evicted_mean(cand.k, evicted), self._evicted_mean(cand.v, evicted)
 
         def fold(old: Tensor, new: Tensor, alpha: float) -> Tensor:
             # the first eviction initialises the average; a write that evicts nothing leaves it
@@ -241,21 +212,15 @@ class CompressedWindowMemory:
             return old * (1 - rate) + new * rate
 
         return CompressedWindowState(
-            sink_k=sink_k,
-            sink_v=sink_v,
-            sink_pos=sink_pos,
-            sink_valid=sink_valid,
-            win_k=gather_frames(cand_k, keep, 2),
-            win_v=gather_frames(cand_v, keep, 2),
-            win_pos=cand_pos.gather(1, keep),
-            win_valid=cand_valid.gather(1, keep),
+            sink=sink,
+            window=cand.gather(keep),
             long_k=fold(state.long_k, mean_k, self.alpha_long),
             long_v=fold(state.long_v, mean_v, self.alpha_long),
             short_k=fold(state.short_k, mean_k, self.alpha_short),
             short_v=fold(state.short_v, mean_v, self.alpha_short),
             mem_pos=torch.where(any_evicted, newest_evicted, state.mem_pos),
             mem_valid=state.mem_valid | any_evicted,
-            frames_seen=state.frames_seen + f,
+            frames_seen=state.frames_seen + new.frames,
         )
 
     def __repr__(self) -> str:

@@ -1,18 +1,47 @@
-"""Pure functions on frame buffers: the building blocks of frame-storing memories.
+"""Frame buffers: the sub-state every frame-storing memory is made of, and the pure functions under it.
 
-Frame buffers keep keys/values as ``(b h F t d)`` (``F`` frame slots of ``t`` tokens)
-with per-frame ``positions (b F)`` and ``valid (b F)``. Every function keeps shapes fixed:
-choosing what to keep is a gather with computed indices, never a Python branch on data,
-so the same code runs eagerly and under ``torch.compile(fullgraph=True)``.
+A :class:`FrameBuffer` holds a fixed number of frame slots: keys/values ``(b h F t d)``
+(``F`` slots of ``t`` tokens, keys before rotary), per-slot ``pos (b F)`` and
+``valid (b F)``. Its operations (:meth:`FrameBuffer.empty`, :meth:`~FrameBuffer.place`,
+:meth:`~FrameBuffer.gather`, :meth:`~FrameBuffer.newest`, :meth:`~FrameBuffer.to_context`,
+and the sink rule :meth:`~FrameBuffer.write_sink`) are written once here, on top of the
+functions below. Every function keeps shapes fixed: choosing what to keep is a gather with
+computed indices, never a Python branch on data, so the same code runs eagerly and under
+``torch.compile(fullgraph=True)``.
+
+The door checks (``check_query``, ``check_chunk``, ``check_layout``, ``check_state``) serve
+memories that store no frames too; they live in :mod:`memkit.checks` and are re-exported
+here for code that imported them from this module.
 """
+
+from typing import ClassVar
 
 import torch
 from einops import rearrange
 from torch import Tensor
 
-from memkit.errors import ShapeError, StateError
-from memkit.protocol import Chunk, Context, Query, ReadLayout
-from memkit.typing import checking
+from memkit.checks import check_chunk, check_layout, check_query, check_state
+from memkit.protocol import Chunk, Context
+from memkit.state import MemoryState, memory_state
+
+__all__ = [
+    "FrameBuffer",
+    "split_frames",
+    "gather_frames",
+    "gather_per_head",
+    "keep_last_valid",
+    "frames_to_context",
+    "rank_frames",
+    "top_k_frames",
+    "sink_sources",
+    "ring_sources",
+    "place_frames",
+    # the door checks, re-exported from memkit.checks (their home since issue 13)
+    "check_query",
+    "check_chunk",
+    "check_layout",
+    "check_state",
+]
 
 
 def split_frames(x: Tensor, tokens_per_frame: int) -> Tensor:
@@ -53,76 +82,6 @@ def frames_to_context(k: Tensor, v: Tensor, positions: Tensor, valid: Tensor) ->
         mask=per_token_valid,
         positions=per_token_pos,
     )
-
-
-def _check_heads(
-    where: str, name: str, x: Tensor, batch_size: int, heads: int, head_dim: int, device: torch.device
-) -> None:
-    b, h, _, d = x.shape
-    if b != batch_size:
-        raise ShapeError(
-            f"{where}: dimension b (batch) of {name} should be {batch_size} (the state's batch size), got {b}"
-        )
-    if h != heads:
-        raise ShapeError(f"{where}: dimension h (heads) of {name} should be {heads}, got {h}")
-    if d != head_dim:
-        raise ShapeError(f"{where}: dimension d (head_dim) of {name} should be {head_dim}, got {d}")
-    if x.device != device:
-        raise ShapeError(f"{where}: {name.split('.')[0]} is on {x.device} but the state is on {device}")
-
-
-def check_query(owner: str, query: Query, batch_size: int, heads: int, head_dim: int, device: torch.device) -> None:
-    """Refuse a query whose batch, heads, head_dim or device does not match the memory/state."""
-    if not checking():  # switched off, or inside memkit where it was checked already
-        return
-    if not isinstance(query, Query):
-        raise ShapeError(f"{owner}.read: expected a memkit.Query, got {type(query).__name__}")
-    _check_heads(f"{owner}.read", "query.q", query.q, batch_size, heads, head_dim, device)
-
-
-def check_layout(owner: str, layout: ReadLayout, batch_size: int, device: torch.device) -> None:
-    """Refuse a segment layout whose batch or device does not match the state (at ``plan``)."""
-    if not checking():
-        return
-    if not isinstance(layout, ReadLayout):
-        raise ShapeError(f"{owner}.plan: expected a memkit.ReadLayout, got {type(layout).__name__}")
-    if layout.batch_size != batch_size:
-        raise ShapeError(
-            f"{owner}.plan: dimension b (batch) of layout.frame_positions should be {batch_size} (the state's), "
-            f"got {layout.batch_size}"
-        )
-    if layout.frame_positions.device != device:
-        raise ShapeError(f"{owner}.plan: layout is on {layout.frame_positions.device} but the state is on {device}")
-
-
-def check_chunk(
-    owner: str,
-    chunk: Chunk,
-    batch_size: int,
-    heads: int,
-    head_dim: int,
-    device: torch.device,
-    tokens_per_frame: int | None = None,
-) -> None:
-    """Refuse a chunk that does not fit the memory/state (and, if given, its frame size)."""
-    if not checking():  # switched off, or inside memkit where it was checked already
-        return
-    if not isinstance(chunk, Chunk):
-        raise ShapeError(f"{owner}.write: expected a memkit.Chunk, got {type(chunk).__name__}")
-    _check_heads(f"{owner}.write", "chunk.k", chunk.k, batch_size, heads, head_dim, device)
-    if tokens_per_frame is not None and chunk.tokens_per_frame != tokens_per_frame:
-        raise ShapeError(
-            f"{owner}.write: chunk.tokens_per_frame should be {tokens_per_frame} (the memory's frame size), "
-            f"got {chunk.tokens_per_frame}"
-        )
-
-
-def check_state(owner: str, state: object, expected: type) -> None:
-    """Refuse a state made by another kind of memory."""
-    if not checking():  # switched off, or inside memkit where it was checked already
-        return
-    if not isinstance(state, expected):
-        raise StateError(f"{owner}: expected a {expected.__name__}, got {type(state).__name__}")
 
 
 def gather_per_head(x: Tensor, index: Tensor) -> Tensor:
@@ -238,3 +197,161 @@ def ring_sources(start: Tensor, first: Tensor, num_frames: int, capacity: int) -
     take = last >= start[:, None]
     src = first[:, None] + last - start[:, None]
     return src.clamp(0, max(num_frames - 1, 0)), take
+
+
+def _slot_mask(mask: Tensor, x: Tensor) -> Tensor:
+    """A ``(b F)`` (or ``(b 1)``) slot mask shaped to broadcast against ``x``: ``(b F)`` or ``(b h F t d)``."""
+    return mask if x.ndim == 2 else mask[:, None, :, None, None]
+
+
+@memory_state
+class FrameBuffer(MemoryState):
+    """A fixed number of frame slots: keys, values, frame positions and which slots hold a frame.
+
+    The sub-state frame memories are made of (a sink, a sliding window, a ring, a bank...);
+    its operations are written once here. A memory's state holds one per buffer, so its
+    tensors are named ``state.sink.k``, ``state.window.pos`` (in files: ``.sink.k``). Like any
+    state it is a frozen pytree: every method returns a new buffer, shapes never change, and
+    no method branches on tensor values (``torch.compile(fullgraph=True)`` traces it).
+
+    Attributes:
+        k, v: ``(b h F t d)`` keys (before rotary) and values of ``F`` slots of ``t`` tokens.
+        pos: ``(b F)`` integer frame position of each slot (where its keys are rotated).
+        valid: ``(b F)`` which slots hold a frame (an empty slot is never attended to).
+
+    Example:
+        >>> import torch, memkit
+        >>> from memkit.memories.frames import FrameBuffer
+        >>> buf = FrameBuffer.empty(1, heads=2, frames=3, tokens_per_frame=4, head_dim=8)
+        >>> k = torch.randn(1, 2, 8, 8)   # a chunk of 2 frames of 4 tokens
+        >>> new = FrameBuffer.from_chunk(memkit.Chunk(k, k, torch.zeros(1, 8, 16), torch.tensor([[5, 6]]), 4))
+        >>> buf = buf.cat(new).newest(3)      # the newest 3 valid frames, oldest first
+        >>> buf.pos.tolist(), buf.valid.tolist(), buf.to_context().k.shape
+        ([[0, 5, 6]], [[False, True, True]], torch.Size([1, 2, 12, 8]))
+    """
+
+    #: each field's layout: how a buffer of another size is reported (the holding state may rename ``F``)
+    layouts: ClassVar[dict[str, str]] = {"k": "b h F t d", "v": "b h F t d", "pos": "b F", "valid": "b F"}
+
+    k: Tensor
+    v: Tensor
+    pos: Tensor
+    valid: Tensor
+
+    @classmethod
+    def empty(
+        cls,
+        batch_size: int,
+        heads: int,
+        frames: int,
+        tokens_per_frame: int,
+        head_dim: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> "FrameBuffer":
+        """``frames`` empty slots: zero keys and values (``dtype``), positions 0, nothing valid."""
+        dtype = dtype or torch.get_default_dtype()
+        shape = (batch_size, heads, frames, tokens_per_frame, head_dim)
+        return cls(
+            k=torch.zeros(shape, device=device, dtype=dtype),
+            v=torch.zeros(shape, device=device, dtype=dtype),
+            pos=torch.zeros((batch_size, frames), device=device, dtype=torch.long),
+            valid=torch.zeros((batch_size, frames), device=device, dtype=torch.bool),
+        )
+
+    @classmethod
+    def from_chunk(
+        cls, chunk: Chunk, tokens_per_frame: int | None = None, dtype: torch.dtype | None = None
+    ) -> "FrameBuffer":
+        """A finished segment's ``f`` frames as a buffer, every slot valid; keys and values cast to ``dtype``.
+
+        ``tokens_per_frame`` defaults to the chunk's own.
+        """
+        t = chunk.tokens_per_frame if tokens_per_frame is None else tokens_per_frame
+        pos = chunk.frame_positions.long()
+        return cls(
+            k=split_frames(chunk.k.to(dtype) if dtype is not None else chunk.k, t),
+            v=split_frames(chunk.v.to(dtype) if dtype is not None else chunk.v, t),
+            pos=pos,
+            valid=torch.ones_like(pos, dtype=torch.bool),
+        )
+
+    @property
+    def frames(self) -> int:
+        """``F``, the number of slots."""
+        return int(self.k.shape[2])
+
+    def to_context(self) -> Context:
+        """The buffer as a read's context: ``(b h F*t d)`` keys and values, per-slot mask and positions."""
+        return frames_to_context(self.k, self.v, self.pos, self.valid)
+
+    def cat(self, *others: "FrameBuffer") -> "FrameBuffer":
+        """This buffer's slots followed by ``others``' (same batch, heads, tokens per frame and head_dim)."""
+        parts = (self, *others)
+        return FrameBuffer(
+            k=torch.cat([p.k for p in parts], dim=2),
+            v=torch.cat([p.v for p in parts], dim=2),
+            pos=torch.cat([p.pos for p in parts], dim=1),
+            valid=torch.cat([p.valid for p in parts], dim=1),
+        )
+
+    def gather(self, index: Tensor) -> "FrameBuffer":
+        """The slots ``index (b F')`` of each batch item, in that order."""
+        return FrameBuffer(
+            k=gather_frames(self.k, index, 2),
+            v=gather_frames(self.v, index, 2),
+            pos=self.pos.gather(1, index),
+            valid=self.valid.gather(1, index),
+        )
+
+    def slots(self, start: int, stop: int | None = None) -> "FrameBuffer":
+        """Slots ``start .. stop-1`` (a fixed range, the same for every batch item)."""
+        return FrameBuffer(
+            k=self.k[:, :, start:stop],
+            v=self.v[:, :, start:stop],
+            pos=self.pos[:, start:stop],
+            valid=self.valid[:, start:stop],
+        )
+
+    def newest(self, capacity: int) -> "FrameBuffer":
+        """The newest ``capacity`` valid slots (by slot order), oldest first; empty slots first when fewer."""
+        return self.gather(keep_last_valid(self.valid, capacity))
+
+    def where(self, mask: Tensor, other: "FrameBuffer") -> "FrameBuffer":
+        """Per slot, this buffer's frame where ``mask (b F)`` (or ``(b 1)``, per batch item), else ``other``'s."""
+        return FrameBuffer(
+            *(
+                torch.where(_slot_mask(mask, a), a, b)
+                for a, b in ((self.k, other.k), (self.v, other.v), (self.pos, other.pos), (self.valid, other.valid))
+            )
+        )
+
+    def place(self, new: "FrameBuffer", src: Tensor, take: Tensor) -> "FrameBuffer":
+        """Slot ``j`` takes ``new``'s frame ``src[:, j]`` where ``take[:, j]`` (and becomes valid); others stay.
+
+        ``src, take (b F)`` come from :func:`sink_sources` or :func:`ring_sources`.
+        """
+        return FrameBuffer(*place_frames((self.k, self.v, self.pos, self.valid), (new.k, new.v, new.pos), src, take))
+
+    def write_sink(self, new: "FrameBuffer", frames_seen: Tensor) -> tuple["FrameBuffer", Tensor]:
+        """This buffer as a sink: the first ``F`` frames ever seen go here, and stay.
+
+        ``frames_seen (b,)`` counts the frames written before ``new``. Returns the sink after
+        ``new``'s frames and ``past (b f)``: which of them did not go to the sink (they go on to
+        the memory's other buffers).
+
+        Example:
+            >>> sink = FrameBuffer.empty(1, 1, 2, 1, 1)
+            >>> new = FrameBuffer(torch.ones(1, 1, 3, 1, 1), torch.ones(1, 1, 3, 1, 1), torch.tensor([[4, 5, 6]]),
+            ...                   torch.ones(1, 3, dtype=torch.bool))
+            >>> sink, past = sink.write_sink(new, torch.tensor([0]))   # the first frames ever written
+            >>> sink.pos.tolist(), sink.valid.tolist(), past.tolist()
+            ([[4, 5]], [[True, True]], [[False, False, True]])
+            >>> sink.write_sink(new, torch.tensor([3]))[0].pos.tolist()   # later frames never enter it
+            [[4, 5]]
+        """
+        f = new.pos.shape[1]
+        src, take = sink_sources(frames_seen, self.frames, f)
+        to_sink = (frames_seen[:, None] + torch.arange(f, device=new.pos.device)) < self.frames  # (b f)
+        return self.place(new, src, take), ~to_sink

@@ -6,15 +6,8 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from memkit.memories.frames import (
-    check_chunk,
-    check_layout,
-    check_query,
-    check_state,
-    frames_to_context,
-    gather_per_head,
-    top_k_frames,
-)
+from memkit.checks import check_chunk, check_layout, check_query, check_state
+from memkit.memories.frames import FrameBuffer, gather_per_head, top_k_frames
 from memkit.memories.prompt_bank import PromptBankMemory, PromptBankState
 from memkit.memories.registry import register_memory
 from memkit.memories.sink_window import SinkWindowMemory, SinkWindowState
@@ -36,7 +29,7 @@ class MemFlowState(MemoryState):
     Example:
         >>> import memkit
         >>> s = memkit.MemFlowMemory(heads=2, head_dim=8, tokens_per_frame=4).init_state(1)
-        >>> s.frames.sink_k.shape, s.frames.win_k.shape, s.bank.k.shape
+        >>> s.frames.sink.k.shape, s.frames.window.k.shape, s.bank.pool.k.shape
         (torch.Size([1, 2, 3, 4, 8]), torch.Size([1, 2, 6, 4, 8]), torch.Size([1, 2, 4, 4, 8]))
     """
 
@@ -147,71 +140,62 @@ class MemFlowMemory(nn.Module):
             bank=self.bank.init_state(batch_size, device=device, dtype=dtype),
         )
 
-    def _route(
-        self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, valid: Tensor, top_k: int, desc: Tensor | None = None
-    ) -> Context:
-        """SMA: each head's ``top_k`` frames of ``k, v (b h F t d)`` by mean query . mean key (``desc``, if given)."""
-        b, h, f, t, _ = k.shape
-        desc = k.float().mean(dim=3) if desc is None else desc
+    def _route(self, q: Tensor, pool: FrameBuffer, top_k: int, desc: Tensor | None = None) -> Context:
+        """SMA: each head's ``top_k`` frames of ``pool`` (``F`` slots) by mean query . mean key (``desc``, if given)."""
+        b, h, f, t, _ = pool.k.shape
+        desc = pool.k.float().mean(dim=3) if desc is None else desc
         scores = torch.einsum("bhfd,bhd->bhf", desc, q.float().mean(dim=2))
-        valid3 = valid[:, None, :].expand(b, h, f)
+        valid3 = pool.valid[:, None, :].expand(b, h, f)
         # ties (only between identical frames: a prototype held twice) go to the earlier slot
         index, ok = top_k_frames(scores, valid3, torch.zeros_like(valid3, dtype=torch.long), min(top_k, f))
         return Context(
-            k=rearrange(gather_per_head(k, index), "b h f t d -> b h (f t) d"),
-            v=rearrange(gather_per_head(v, index), "b h f t d -> b h (f t) d"),
+            k=rearrange(gather_per_head(pool.k, index), "b h f t d -> b h (f t) d"),
+            v=rearrange(gather_per_head(pool.v, index), "b h f t d -> b h (f t) d"),
             mask=ok.repeat_interleave(t, dim=2),
-            positions=pos[:, None, :].expand(b, h, f).gather(2, index).repeat_interleave(t, dim=2),
+            positions=pool.pos[:, None, :].expand(b, h, f).gather(2, index).repeat_interleave(t, dim=2),
         )
 
     def _pools(
         self, state: MemFlowState, prompt: Tensor | None, prompt_mask: Tensor | None
-    ) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], Context]:
-        """The routing pool and the window context.
-
-        The pool is the sink + the bank chosen for ``prompt``: ``k, v (b h S+B t d)``, ``pos, valid (b S+B)``.
+    ) -> tuple[FrameBuffer, Context]:
+        """The routing pool (the sink, then the bank chosen for ``prompt``: ``S + B`` slots) and the window context.
 
         Depends on the prompt, not on the queries: made once per segment, as the release
         compresses its bank once per chunk.
         """
-        fs = state.frames
-        bk, bv, bpos, bvalid = self.bank.select(state.bank, prompt, prompt_mask)
-        pool = (
-            torch.cat([fs.sink_k, bk.to(fs.sink_k.dtype)], dim=2),
-            torch.cat([fs.sink_v, bv.to(fs.sink_v.dtype)], dim=2),
-            torch.cat([fs.sink_pos, bpos], dim=1),
-            torch.cat([fs.sink_valid, bvalid], dim=1),
-        )
-        return pool, frames_to_context(fs.win_k, fs.win_v, fs.win_pos, fs.win_valid)
+        sink = state.frames.sink
+        bank = self.bank.select(state.bank, prompt, prompt_mask)
+        pool = sink.cat(bank.replace(k=bank.k.to(sink.k.dtype), v=bank.v.to(sink.v.dtype)))
+        return pool, state.frames.window.to_context()
 
     @typechecked
     def read(self, state: MemFlowState, query: Query) -> Context:
         """Routed (or all) sink + bank frames, then the whole local window."""
         check_state(f"{self._name}.read", state, MemFlowState)
         check_state_matches(f"{self._name}.read", state, self)
-        check_query(self._name, query, state.batch_size, self.heads, self.head_dim, state.frames.win_k.device)
+        check_query(self._name, query, state.batch_size, self.heads, self.head_dim, state.frames.window.k.device)
         self.bank._check_prompt("read", query.prompt)
         pool, window = self._pools(state, query.prompt, query.prompt_mask)
         if self.top_k is None:
-            return Context.concat([frames_to_context(*pool), window])
-        return Context.concat([self._route(query.q, *pool, self.top_k), window])
+            return Context.concat([pool.to_context(), window])
+        return Context.concat([self._route(query.q, pool, self.top_k), window])
 
     def plan(self, state: MemFlowState, layout: ReadLayout) -> ReadPlan:
         """Bank chosen and window prepared once per segment; SMA's routing waits for each step's queries."""
         check_state(f"{self._name}.plan", state, MemFlowState)
         check_state_matches(f"{self._name}.plan", state, self)
-        check_layout(self._name, layout, state.batch_size, state.frames.win_k.device)
+        check_layout(self._name, layout, state.batch_size, state.frames.window.k.device)
         self.bank._check_prompt("plan", layout.prompt, "layout.prompt")
         pool, window = self._pools(state, layout.prompt, layout.prompt_mask)
         if self.top_k is None:
-            return ReadPlan(parts=(frames_to_context(*pool), window), state=state)
-        return ReadPlan(parts=(None, window), state=state, extra=(*pool, pool[0].float().mean(dim=3)))
+            return ReadPlan(parts=(pool.to_context(), window), state=state)
+        return ReadPlan(parts=(None, window), state=state, extra=(pool, pool.k.float().mean(dim=3)))
 
     def read_dynamic(self, plan: ReadPlan, query: Query) -> tuple[Context, ...]:
         if self.top_k is None:
             return ()
-        k, v, pos, valid, desc = plan.extra  # the pool's frame descriptors, pooled once per segment
-        return (self._route(query.q, k, v, pos, valid, self.top_k, desc),)
+        pool, desc = plan.extra  # the pool's frame descriptors, pooled once per segment
+        return (self._route(query.q, pool, self.top_k, desc),)
 
     @typechecked
     def write(self, state: MemFlowState, chunk: Chunk) -> MemFlowState:
@@ -224,7 +208,7 @@ class MemFlowMemory(nn.Module):
             state.batch_size,
             self.heads,
             self.head_dim,
-            state.frames.win_k.device,
+            state.frames.window.k.device,
             self.tokens_per_frame,
         )
         return MemFlowState(frames=self.frames.write(state.frames, chunk), bank=self.bank.write(state.bank, chunk))

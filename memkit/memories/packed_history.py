@@ -1,20 +1,11 @@
 """``PackedHistoryMemory``: recent frames whole, older frames pooled into geometrically fewer tokens (FramePack)."""
 
-from typing import ClassVar
-
 import torch
 from einops import rearrange
 from torch import Tensor
 
-from memkit.memories.frames import (
-    check_chunk,
-    check_layout,
-    check_query,
-    check_state,
-    gather_frames,
-    keep_last_valid,
-    split_frames,
-)
+from memkit.checks import check_chunk, check_layout, check_query, check_state
+from memkit.memories.frames import FrameBuffer, keep_last_valid
 from memkit.memories.registry import register_memory
 from memkit.protocol import Chunk, Context, Query, ReadLayout, ReadPlan
 from memkit.state import MemoryState, check_init_args, check_state_matches, memory_state
@@ -26,17 +17,14 @@ class PackedHistoryState(MemoryState):
     """State of :class:`PackedHistoryMemory`: one frame buffer per level.
 
     Attributes:
-        k, v: tuples of ``L`` tensors; level ``i`` is ``(b h F t_i d)`` with ``t_i = t / 2**i``
-            tokens a frame, oldest frame first.
-        pos, valid: tuples of ``L`` tensors ``(b F)``: frame positions and filled slots.
+        levels: ``L`` :class:`memkit.memories.frames.FrameBuffer` s of ``F`` slots, oldest frame first;
+            level ``i``'s keys and values are ``(b h F t_i d)`` with ``t_i = t / 2**i`` tokens a frame.
+
+    Files saved before the buffers (format version 1) named the tensors ``k[i], v[i], pos[i],
+    valid[i]``; :func:`memkit.load_states` maps the old names.
     """
 
-    layouts: ClassVar[dict[str, str]] = {"pos": "b F", "valid": "b F"}
-
-    k: tuple[Tensor, ...]
-    v: tuple[Tensor, ...]
-    pos: tuple[Tensor, ...]
-    valid: tuple[Tensor, ...]
+    levels: tuple[FrameBuffer, ...]
 
 
 def pool_tokens(x: Tensor, frame_shape: tuple[int, int], level: int) -> Tensor:
@@ -107,11 +95,11 @@ class PackedHistoryMemory:
         >>> import torch, memkit
         >>> mem = memkit.PackedHistoryMemory(2, 8, 16, frames_per_level=2, levels=3, frame_shape=(4, 4))
         >>> state = mem.init_state(1)
-        >>> [k.shape[3] for k in state.k]  # tokens a frame at each level
+        >>> [level.k.shape[3] for level in state.levels]  # tokens a frame at each level
         [16, 8, 4]
         >>> k = torch.randn(1, 2, 5 * 16, 8)  # 5 frames
         >>> state = mem.write(state, memkit.Chunk(k, k, torch.randn(1, 80, 16), torch.arange(5)[None], 16))
-        >>> [p.tolist() for p in state.pos], [v.tolist() for v in state.valid]
+        >>> [level.pos.tolist() for level in state.levels], [level.valid.tolist() for level in state.levels]
         ([[[3, 4]], [[1, 2]], [[0, 0]]], [[[True, True]], [[True, True]], [[False, True]]])
         >>> mem.read(state, memkit.Query(torch.randn(1, 2, 16, 8), torch.tensor([[5]]), 16)).num_slots
         56
@@ -156,18 +144,12 @@ class PackedHistoryMemory:
         self, batch_size: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> PackedHistoryState:
         batch_size = check_init_args("PackedHistoryMemory.init_state", batch_size, device, dtype)
-        dtype = dtype or torch.get_default_dtype()
         b, h, d, f = batch_size, self.heads, self.head_dim, self.frames_per_level
-
-        def buf(level: int) -> Tensor:
-            return torch.zeros((b, h, f, self.level_tokens(level), d), device=device, dtype=dtype)
-
-        levels = range(self.levels)
         return PackedHistoryState(
-            k=tuple(buf(i) for i in levels),
-            v=tuple(buf(i) for i in levels),
-            pos=tuple(torch.zeros((b, f), device=device, dtype=torch.long) for _ in levels),
-            valid=tuple(torch.zeros((b, f), device=device, dtype=torch.bool) for _ in levels),
+            levels=tuple(
+                FrameBuffer.empty(b, h, f, self.level_tokens(i), d, device=device, dtype=dtype)
+                for i in range(self.levels)
+            )
         )
 
     def _checked(self, where: str, state: PackedHistoryState) -> None:
@@ -178,33 +160,21 @@ class PackedHistoryMemory:
     def read(self, state: PackedHistoryState, query: Query) -> Context:
         """Every level, oldest (most pooled) first: ``(b h F t (2 - 2**(1-L)) d)`` slots."""
         self._checked("read", state)
-        check_query("PackedHistoryMemory", query, state.batch_size, self.heads, self.head_dim, state.k[0].device)
+        check_query("PackedHistoryMemory", query, state.batch_size, self.heads, self.head_dim, state.levels[0].k.device)
         return self._context(state)
 
     @typechecked
     def plan(self, state: PackedHistoryState, layout: ReadLayout) -> ReadPlan:
         """The whole read, prepared once per segment: it does not depend on the queries."""
         self._checked("plan", state)
-        check_layout("PackedHistoryMemory", layout, state.batch_size, state.k[0].device)
+        check_layout("PackedHistoryMemory", layout, state.batch_size, state.levels[0].k.device)
         return ReadPlan(parts=(self._context(state),), state=state)
 
     def read_dynamic(self, plan: ReadPlan, query: Query) -> tuple[Context, ...]:
         return ()
 
     def _context(self, state: PackedHistoryState) -> Context:
-        ks, vs, masks, positions = [], [], [], []
-        for i in reversed(range(self.levels)):
-            b, h, _, t, _ = state.k[i].shape
-            ks.append(rearrange(state.k[i], "b h f t d -> b h (f t) d"))
-            vs.append(rearrange(state.v[i], "b h f t d -> b h (f t) d"))
-            masks.append(state.valid[i].repeat_interleave(t, dim=1)[:, None, :].expand(b, h, -1))
-            positions.append(state.pos[i].repeat_interleave(t, dim=1)[:, None, :].expand(b, h, -1))
-        return Context(
-            k=torch.cat(ks, dim=2),
-            v=torch.cat(vs, dim=2),
-            mask=torch.cat(masks, dim=2),
-            positions=torch.cat(positions, 2),
-        )
+        return Context.concat([level.to_context() for level in reversed(state.levels)])
 
     @typechecked
     def write(self, state: PackedHistoryState, chunk: Chunk) -> PackedHistoryState:
@@ -216,32 +186,21 @@ class PackedHistoryMemory:
             state.batch_size,
             self.heads,
             self.head_dim,
-            state.k[0].device,
+            state.levels[0].k.device,
             self.tokens_per_frame,
         )
-        dtype = state.k[0].dtype
         # frames entering the current level, in order; fixed count f at every level
-        in_k = split_frames(chunk.k.to(dtype), self.tokens_per_frame)
-        in_v = split_frames(chunk.v.to(dtype), self.tokens_per_frame)
-        in_pos = chunk.frame_positions.long()
-        in_valid = torch.ones_like(in_pos, dtype=torch.bool)
-        f, capacity = in_pos.shape[1], self.frames_per_level
-        ks, vs, poss, valids = [], [], [], []
-        for i in range(self.levels):
+        new = FrameBuffer.from_chunk(chunk, self.tokens_per_frame, state.levels[0].k.dtype)
+        f, capacity = new.frames, self.frames_per_level
+        levels = []
+        for i, level in enumerate(state.levels):
             if i > 0:  # what level i-1 evicted, pooled once more (an average of equal-size averages)
-                in_k, in_v = _pool_step(in_k, self.frame_shape, i), _pool_step(in_v, self.frame_shape, i)
-            cand_k, cand_v = torch.cat([state.k[i], in_k], dim=2), torch.cat([state.v[i], in_v], dim=2)
-            cand_pos = torch.cat([state.pos[i], in_pos], dim=1)
-            cand_valid = torch.cat([state.valid[i], in_valid], dim=1)
-            order = keep_last_valid(cand_valid, capacity + f)  # every candidate: dropped ones first, in order
-            keep, out = order[:, f:], order[:, :f]
-            ks.append(gather_frames(cand_k, keep, 2))
-            vs.append(gather_frames(cand_v, keep, 2))
-            poss.append(cand_pos.gather(1, keep))
-            valids.append(cand_valid.gather(1, keep))
-            in_k, in_v = gather_frames(cand_k, out, 2), gather_frames(cand_v, out, 2)
-            in_pos, in_valid = cand_pos.gather(1, out), cand_valid.gather(1, out)
-        return PackedHistoryState(k=tuple(ks), v=tuple(vs), pos=tuple(poss), valid=tuple(valids))
+                new = new.replace(k=_pool_step(new.k, self.frame_shape, i), v=_pool_step(new.v, self.frame_shape, i))
+            cand = level.cat(new)
+            order = keep_last_valid(cand.valid, capacity + f)  # every candidate: dropped ones first, in order
+            levels.append(cand.gather(order[:, f:]))
+            new = cand.gather(order[:, :f])
+        return PackedHistoryState(levels=tuple(levels))
 
     def __repr__(self) -> str:
         return (

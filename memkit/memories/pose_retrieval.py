@@ -5,18 +5,9 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
+from memkit.checks import check_chunk, check_layout, check_query, check_state
 from memkit.errors import ShapeError
-from memkit.memories.frames import (
-    check_chunk,
-    check_layout,
-    check_query,
-    check_state,
-    frames_to_context,
-    gather_frames,
-    keep_last_valid,
-    split_frames,
-    top_k_frames,
-)
+from memkit.memories.frames import FrameBuffer, gather_frames, keep_last_valid, top_k_frames
 from memkit.memories.registry import register_memory
 from memkit.protocol import Chunk, Context, Query, ReadLayout, ReadPlan
 from memkit.state import MemoryState, check_init_args, check_state_matches, memory_state
@@ -32,22 +23,18 @@ class PoseRetrievalState(MemoryState):
     """State of :class:`PoseRetrievalMemory`.
 
     Attributes:
-        k, v: ``(b h C t d)`` the newest ``C`` frames, oldest first.
+        frames: a :class:`memkit.memories.frames.FrameBuffer` of ``C`` slots: the newest ``C`` frames,
+            oldest first (keys before rotary, values, frame positions, filled slots).
         meta: ``(b C c)`` each frame's metadata (its pose), as the host gave it.
-        pos, valid: ``(b C)`` frame positions and filled slots.
+
+    Files saved before the buffer (format version 1) named the frames' tensors ``k, v, pos, valid``;
+    :func:`memkit.load_states` maps the old names.
     """
 
-    layouts: ClassVar[dict[str, str]] = {
-        **dict.fromkeys(("k", "v"), "b h C t d"),
-        "meta": "b C c",
-        **dict.fromkeys(("pos", "valid"), "b C"),
-    }
+    layouts: ClassVar[dict[str, str]] = {"frames": "C", "meta": "b C c"}
 
-    k: Tensor
-    v: Tensor
+    frames: FrameBuffer
     meta: Tensor
-    pos: Tensor
-    valid: Tensor
 
 
 class PoseRetrievalMemory:
@@ -122,11 +109,8 @@ class PoseRetrievalMemory:
         dtype = dtype or torch.get_default_dtype()
         b, h, c, t, d = batch_size, self.heads, self.capacity, self.tokens_per_frame, self.head_dim
         return PoseRetrievalState(
-            k=torch.zeros((b, h, c, t, d), device=device, dtype=dtype),
-            v=torch.zeros((b, h, c, t, d), device=device, dtype=dtype),
+            frames=FrameBuffer.empty(b, h, c, t, d, device=device, dtype=dtype),
             meta=torch.zeros((b, c, self.meta_dim), device=device, dtype=dtype),
-            pos=torch.zeros((b, c), device=device, dtype=torch.long),
-            valid=torch.zeros((b, c), device=device, dtype=torch.bool),
         )
 
     def _meta(self, where: str, meta: Tensor | None) -> Tensor:
@@ -156,7 +140,7 @@ class PoseRetrievalMemory:
         """The ``top_k`` stored frames nearest the segment's mean metadata: ``(b h K*t d)``."""
         check_state("PoseRetrievalMemory.read", state, PoseRetrievalState)
         check_state_matches("PoseRetrievalMemory.read", state, self)
-        check_query("PoseRetrievalMemory", query, state.batch_size, self.heads, self.head_dim, state.k.device)
+        check_query("PoseRetrievalMemory", query, state.batch_size, self.heads, self.head_dim, state.frames.k.device)
         return self._context(state, self._meta("read", query.frame_meta))
 
     @typechecked
@@ -164,7 +148,7 @@ class PoseRetrievalMemory:
         """The whole read, prepared once per segment: the choice depends on the segment's poses, not its queries."""
         check_state("PoseRetrievalMemory.plan", state, PoseRetrievalState)
         check_state_matches("PoseRetrievalMemory.plan", state, self)
-        check_layout("PoseRetrievalMemory", layout, state.batch_size, state.k.device)
+        check_layout("PoseRetrievalMemory", layout, state.batch_size, state.frames.k.device)
         return ReadPlan(parts=(self._context(state, self._meta("read", layout.frame_meta)),), state=state)
 
     def read_dynamic(self, plan: ReadPlan, query: Query) -> tuple[Context, ...]:
@@ -172,11 +156,9 @@ class PoseRetrievalMemory:
 
     def _context(self, state: PoseRetrievalState, meta: Tensor) -> Context:
         want = meta.mean(dim=1)  # (b c)
-        recency = torch.arange(self.capacity, device=state.k.device).expand_as(state.pos)
-        index, ok = top_k_frames(self.scores(state, want), state.valid, recency, self.top_k)  # (b K)
-        return frames_to_context(
-            gather_frames(state.k, index, 2), gather_frames(state.v, index, 2), state.pos.gather(1, index), ok
-        )
+        recency = torch.arange(self.capacity, device=state.frames.k.device).expand_as(state.frames.pos)
+        index, _ = top_k_frames(self.scores(state, want), state.frames.valid, recency, self.top_k)  # (b K)
+        return state.frames.gather(index).to_context()
 
     @typechecked
     def write(self, state: PoseRetrievalState, chunk: Chunk) -> PoseRetrievalState:
@@ -189,21 +171,15 @@ class PoseRetrievalMemory:
             state.batch_size,
             self.heads,
             self.head_dim,
-            state.k.device,
+            state.frames.k.device,
             self.tokens_per_frame,
         )
-        dtype = state.k.dtype
-        meta = self._meta("write", chunk.frame_meta).to(dtype)
-        k = split_frames(chunk.k.to(dtype), self.tokens_per_frame)
-        v = split_frames(chunk.v.to(dtype), self.tokens_per_frame)
-        valid = torch.cat([state.valid, torch.ones_like(chunk.frame_positions, dtype=torch.bool)], dim=1)
-        keep = keep_last_valid(valid, self.capacity)
+        new = FrameBuffer.from_chunk(chunk, self.tokens_per_frame, state.frames.k.dtype)
+        meta = self._meta("write", chunk.frame_meta).to(new.k.dtype)
+        cand = state.frames.cat(new)
+        keep = keep_last_valid(cand.valid, self.capacity)
         return PoseRetrievalState(
-            k=gather_frames(torch.cat([state.k, k], dim=2), keep, 2),
-            v=gather_frames(torch.cat([state.v, v], dim=2), keep, 2),
-            meta=gather_frames(torch.cat([state.meta, meta], dim=1), keep, 1),
-            pos=torch.cat([state.pos, chunk.frame_positions.long()], dim=1).gather(1, keep),
-            valid=valid.gather(1, keep),
+            frames=cand.gather(keep), meta=gather_frames(torch.cat([state.meta, meta], dim=1), keep, 1)
         )
 
     def __repr__(self) -> str:

@@ -7,18 +7,9 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from memkit.checks import check_chunk, check_layout, check_query, check_state
 from memkit.errors import ShapeError
-from memkit.memories.frames import (
-    check_chunk,
-    check_layout,
-    check_query,
-    check_state,
-    frames_to_context,
-    gather_frames,
-    rank_frames,
-    split_frames,
-    top_k_frames,
-)
+from memkit.memories.frames import FrameBuffer, rank_frames, top_k_frames
 from memkit.memories.registry import register_memory
 from memkit.protocol import Chunk, Context, Query, ReadLayout, ReadPlan
 from memkit.state import MemoryState, check_init_args, check_state_matches, memory_state
@@ -42,37 +33,27 @@ class PromptBankState(MemoryState):
     ``0 .. B-1`` are the bank the last segment read and slot ``B`` is the pending prototype.
 
     Attributes:
-        k, v: ``(b h P t d)`` the candidates' keys (before rotary) and values.
-        pos: ``(b P)`` frame position of each candidate.
-        valid: ``(b P)`` which slots hold a frame.
+        pool: a :class:`memkit.memories.frames.FrameBuffer` of ``P`` slots: the candidates' keys
+            (before rotary), values, frame positions and which slots hold a frame.
         stamp: ``(b P)`` the write (1, 2, ...) that inserted each candidate; ties prefer newer.
         writes: ``(b,)`` writes so far.
+
+    Files saved before the buffer (format version 1) named the pool's tensors ``k, v, pos, valid``;
+    :func:`memkit.load_states` maps the old names.
 
     Example:
         >>> import memkit
         >>> s = memkit.PromptBankMemory(heads=2, head_dim=8, tokens_per_frame=4, bank_frames=3).init_state(1)
-        >>> s.k.shape, s.valid.shape
+        >>> s.pool.k.shape, s.pool.valid.shape
         (torch.Size([1, 2, 4, 4, 8]), torch.Size([1, 4]))
     """
 
-    #: each field's layout: how a state of another configuration is reported
-    layouts: ClassVar[dict[str, str]] = {
-        **dict.fromkeys(("k", "v"), "b h P t d"),
-        **dict.fromkeys(("pos", "valid", "stamp"), "b P"),
-        "writes": "b",
-    }
+    #: each field's layout (the pool's: the letter of its slots): how a state of another configuration is reported
+    layouts: ClassVar[dict[str, str]] = {"pool": "P", "stamp": "b P", "writes": "b"}
 
-    k: Tensor
-    v: Tensor
-    pos: Tensor
-    valid: Tensor
+    pool: FrameBuffer
     stamp: Tensor
     writes: Tensor
-
-
-def _per_slot(mask: Tensor, x: Tensor) -> Tensor:
-    """A ``(b S)`` slot mask shaped to broadcast against ``x``: ``(b S)`` or ``(b h S t d)``."""
-    return mask if x.ndim == 2 else mask[:, None, :, None, None]
 
 
 class PromptBankMemory(nn.Module):
@@ -156,7 +137,7 @@ class PromptBankMemory(nn.Module):
         >>> for s in range(3):   # three segments of 2 frames; each offers its first frame
         ...     k, pos = torch.randn(1, 2, 4, 4), torch.tensor([[2 * s, 2 * s + 1]])
         ...     state = mem.write(state, memkit.Chunk(k, k, torch.randn(1, 4, 8), pos, 2))
-        >>> sorted(state.pos[0].tolist())
+        >>> sorted(state.pool.pos[0].tolist())
         [0, 2, 4]
         >>> q = memkit.Query(torch.randn(1, 2, 4, 4), torch.tensor([[6, 7]]), 2, prompt=torch.randn(1, 5, 8))
         >>> mem.read(state, q).k.shape   # the 2 candidates most relevant to the prompt
@@ -224,10 +205,7 @@ class PromptBankMemory(nn.Module):
         dtype = dtype or torch.get_default_dtype()
         b, h, p, t, d = batch_size, self.heads, self.bank_frames + 1, self.tokens_per_frame, self.head_dim
         return PromptBankState(
-            k=torch.zeros((b, h, p, t, d), device=device, dtype=dtype),
-            v=torch.zeros((b, h, p, t, d), device=device, dtype=dtype),
-            pos=torch.zeros((b, p), device=device, dtype=torch.long),
-            valid=torch.zeros((b, p), device=device, dtype=torch.bool),
+            pool=FrameBuffer.empty(b, h, p, t, d, device=device, dtype=dtype),
             stamp=torch.zeros((b, p), device=device, dtype=torch.long),
             writes=torch.zeros((b,), device=device, dtype=torch.long),
         )
@@ -285,94 +263,79 @@ class PromptBankMemory(nn.Module):
 
     def _memflow_bank(
         self, state: PromptBankState, prompt: Tensor | None, prompt_mask: Tensor | None
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """The release's bank for a segment with ``prompt``: ``(k, v, pos, valid, stamp)`` of ``B`` slots."""
+    ) -> tuple[FrameBuffer, Tensor]:
+        """The release's bank for a segment with ``prompt``: ``B`` slots and their stamps ``(b B)``."""
         bb = self.bank_frames
-        bank = (state.k[:, :, :bb], state.v[:, :, :bb], state.pos[:, :bb], state.valid[:, :bb], state.stamp[:, :bb])
-        pend = (state.k[:, :, bb:], state.v[:, :, bb:], state.pos[:, bb:], state.valid[:, bb:], state.stamp[:, bb:])
+        bank, pend = state.pool.slots(0, bb), state.pool.slots(bb)
+        bank_stamp, pend_stamp = state.stamp[:, :bb], state.stamp[:, bb:]
         recorded = torch.div(state.writes + self.record_interval - 1, self.record_interval, rounding_mode="floor")
-        slots = torch.arange(bb, device=state.k.device)
+        slots = torch.arange(bb, device=state.stamp.device)
         # filling: the pending prototype (re)written into slot recorded - 1, as the release's index arithmetic does
-        put = (slots == (recorded - 1)[:, None]) & pend[3]
-        fill = tuple(torch.where(_per_slot(put, x), p, x) for x, p in zip(bank, pend, strict=True))
-        fill = (*fill[:3], bank[3] | put, fill[4])
+        put = (slots == (recorded - 1)[:, None]) & pend.valid
+        fill, fill_stamp = pend.where(put, bank), torch.where(put, pend_stamp, bank_stamp)
         if bb > 1:
-            scores = self.relevance(bank[0], bank[3], prompt, prompt_mask)
-            idx, _ = top_k_frames(scores, bank[3], torch.zeros_like(bank[2]), bb - 1)  # best first, as torch.topk
-            kept = (
-                gather_frames(bank[0], idx, 2),
-                gather_frames(bank[1], idx, 2),
-                bank[2].gather(1, idx),
-                bank[3].gather(1, idx),
-                bank[4].gather(1, idx),
-            )
-            full = tuple(torch.cat([a, p], dim=2 if a.ndim == 5 else 1) for a, p in zip(kept, pend, strict=True))
+            scores = self.relevance(bank.k, bank.valid, prompt, prompt_mask)
+            idx, _ = top_k_frames(scores, bank.valid, torch.zeros_like(bank.pos), bb - 1)  # best first, as torch.topk
+            full, full_stamp = bank.gather(idx).cat(pend), torch.cat([bank_stamp.gather(1, idx), pend_stamp], dim=1)
         else:
-            full = pend
-        is_full = recorded > bb
-        k, v, pos, valid, stamp = (
-            torch.where(is_full.reshape(-1, *([1] * (a.ndim - 1))), a, f) for a, f in zip(full, fill, strict=True)
-        )
-        return k, v, pos, valid, stamp
+            full, full_stamp = pend, pend_stamp
+        is_full = (recorded > bb)[:, None]
+        return full.where(is_full, fill), torch.where(is_full, full_stamp, fill_stamp)
 
-    def select(
-        self, state: PromptBankState, prompt: Tensor | None, prompt_mask: Tensor | None = None
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The ``B`` frames a read with ``prompt`` returns: ``k, v (b h B t d)``, ``pos, valid (b B)``.
+    def select(self, state: PromptBankState, prompt: Tensor | None, prompt_mask: Tensor | None = None) -> FrameBuffer:
+        """The ``B`` frames a read with ``prompt`` returns, as a :class:`memkit.memories.frames.FrameBuffer`.
 
         Example:
             >>> import torch, memkit
             >>> mem = memkit.PromptBankMemory(heads=2, head_dim=4, tokens_per_frame=2, bank_frames=2)
-            >>> k, v, pos, valid = mem.select(mem.init_state(1), None)
-            >>> k.shape, valid.tolist()
+            >>> chosen = mem.select(mem.init_state(1), None)
+            >>> chosen.k.shape, chosen.valid.tolist()
             (torch.Size([1, 2, 2, 2, 4]), [[False, False]])
         """
         if self.rule == "memflow":
-            k, v, pos, valid, _ = self._memflow_bank(state, prompt, prompt_mask)
-            return k, v, pos, valid
-        scores = self.relevance(state.k, state.valid, prompt, prompt_mask)
-        index, ok = top_k_frames(scores, state.valid, state.stamp, self.bank_frames)  # (b B)
+            return self._memflow_bank(state, prompt, prompt_mask)[0]
+        scores = self.relevance(state.pool.k, state.pool.valid, prompt, prompt_mask)
+        index, _ = top_k_frames(scores, state.pool.valid, state.stamp, self.bank_frames)  # (b B)
+        chosen = state.pool.gather(index)
         if self.min_relevance is not None and prompt is not None:
             relevant = scores.gather(1, index) >= self.min_relevance
             if prompt_mask is not None and self.score == "softmax":
                 # every token padded: all scores are 0 and say nothing, so nothing is cut
                 relevant = relevant | ~prompt_mask.any(dim=1, keepdim=True)
-            ok = ok & relevant
-        return gather_frames(state.k, index, 2), gather_frames(state.v, index, 2), state.pos.gather(1, index), ok
+            chosen = chosen.replace(valid=chosen.valid & relevant)
+        return chosen
 
     @typechecked
     def read(self, state: PromptBankState, query: Query) -> Context:
         """The ``B`` frames chosen for ``query.prompt``: ``(b h B*t d)``."""
         check_state(f"{self._name}.read", state, PromptBankState)
         check_state_matches(f"{self._name}.read", state, self)
-        check_query(self._name, query, state.batch_size, self.heads, self.head_dim, state.k.device)
+        check_query(self._name, query, state.batch_size, self.heads, self.head_dim, state.pool.k.device)
         self._check_prompt("read", query.prompt)
-        return frames_to_context(*self.select(state, query.prompt, query.prompt_mask))
+        return self.select(state, query.prompt, query.prompt_mask).to_context()
 
     @typechecked
     def plan(self, state: PromptBankState, layout: ReadLayout) -> ReadPlan:
         """The prompt's choice of frames, made once per segment (the prompt is fixed within one)."""
         check_state(f"{self._name}.plan", state, PromptBankState)
         check_state_matches(f"{self._name}.plan", state, self)
-        check_layout(self._name, layout, state.batch_size, state.k.device)
+        check_layout(self._name, layout, state.batch_size, state.pool.k.device)
         self._check_prompt("plan", layout.prompt, "layout.prompt")
-        return ReadPlan(parts=(frames_to_context(*self.select(state, layout.prompt, layout.prompt_mask)),), state=state)
+        return ReadPlan(parts=(self.select(state, layout.prompt, layout.prompt_mask).to_context(),), state=state)
 
     def read_dynamic(self, plan: ReadPlan, query: Query) -> tuple[Context, ...]:
         return ()
 
-    def _prototype(self, chunk: Chunk, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-        """The finished segment's prototype: ``k, v (b h 1 t d)``, ``pos (b 1)``."""
-        k = split_frames(chunk.k, self.tokens_per_frame)  # (b h f t d)
-        v = split_frames(chunk.v, self.tokens_per_frame)
-        pos = chunk.frame_positions.long()
+    def _prototype(self, chunk: Chunk, dtype: torch.dtype) -> FrameBuffer:
+        """The finished segment's prototype: one slot."""
+        frames = FrameBuffer.from_chunk(chunk, self.tokens_per_frame)
         if self.prototype == "first":
-            src = torch.zeros_like(pos[:, :1])
+            src = torch.zeros_like(frames.pos[:, :1])
         else:
-            ok = torch.ones_like(pos, dtype=torch.bool)
-            fit = self.relevance(k, ok, chunk.prompt, chunk.prompt_mask)
-            src = rank_frames(fit, ok, torch.zeros_like(pos))[:, :1]  # ties: the earliest frame
-        return gather_frames(k, src, 2).to(dtype), gather_frames(v, src, 2).to(dtype), pos.gather(1, src)
+            fit = self.relevance(frames.k, frames.valid, chunk.prompt, chunk.prompt_mask)
+            src = rank_frames(fit, frames.valid, torch.zeros_like(frames.pos))[:, :1]  # ties: the earliest frame
+        proto = frames.gather(src)
+        return proto.replace(k=proto.k.to(dtype), v=proto.v.to(dtype))
 
     @typechecked
     def write(self, state: PromptBankState, chunk: Chunk) -> PromptBankState:
@@ -380,41 +343,34 @@ class PromptBankMemory(nn.Module):
         check_state(f"{self._name}.write", state, PromptBankState)
         check_state_matches(f"{self._name}.write", state, self)
         check_chunk(
-            self._name, chunk, state.batch_size, self.heads, self.head_dim, state.k.device, self.tokens_per_frame
+            self._name, chunk, state.batch_size, self.heads, self.head_dim, state.pool.k.device, self.tokens_per_frame
         )
         self._check_prompt("write", chunk.prompt)
         self._check_prompt("write", chunk.next_prompt, "chunk.next_prompt")
-        proto_k, proto_v, proto_pos = self._prototype(chunk, state.k.dtype)
-        record = torch.remainder(state.writes, self.record_interval) == 0  # (b,)
+        proto = self._prototype(chunk, state.pool.k.dtype)
+        record = (torch.remainder(state.writes, self.record_interval) == 0)[:, None]  # (b 1)
         writes = state.writes + 1
         if self.rule == "memflow":
-            k, v, pos, valid, stamp = self._memflow_bank(state, chunk.prompt, chunk.prompt_mask)
-            rec5 = record[:, None, None, None, None]
+            bank, stamp = self._memflow_bank(state, chunk.prompt, chunk.prompt_mask)
             return PromptBankState(
-                k=torch.cat([k, torch.where(rec5, proto_k, state.k[:, :, -1:])], dim=2),
-                v=torch.cat([v, torch.where(rec5, proto_v, state.v[:, :, -1:])], dim=2),
-                pos=torch.cat([pos, torch.where(record[:, None], proto_pos, state.pos[:, -1:])], dim=1),
-                valid=torch.cat([valid, state.valid[:, -1:] | record[:, None]], dim=1),
-                stamp=torch.cat([stamp, torch.where(record[:, None], writes[:, None], state.stamp[:, -1:])], dim=1),
+                pool=bank.cat(proto.where(record, state.pool.slots(-1))),
+                stamp=torch.cat([stamp, torch.where(record, writes[:, None], state.stamp[:, -1:])], dim=1),
                 writes=writes,
             )
-        slots = torch.arange(self.bank_frames + 1, device=state.k.device)
+        pool = state.pool
+        slots = torch.arange(self.bank_frames + 1, device=pool.k.device)
         if chunk.next_prompt is not None:  # the host knows the next prompt: let it decide what goes
-            scores = self.relevance(state.k, state.valid, chunk.next_prompt, chunk.next_prompt_mask)
+            scores = self.relevance(pool.k, pool.valid, chunk.next_prompt, chunk.next_prompt_mask)
         else:
-            scores = self.relevance(state.k, state.valid, chunk.prompt, chunk.prompt_mask)
-        freed = rank_frames(scores, state.valid, state.stamp)[:, -1]  # (b,) the one candidate reads left out
-        kept = state.valid & ((slots != freed[:, None]) | ~record[:, None])
+            scores = self.relevance(pool.k, pool.valid, chunk.prompt, chunk.prompt_mask)
+        freed = rank_frames(scores, pool.valid, state.stamp)[:, -1]  # (b,) the one candidate reads left out
+        kept = pool.valid & ((slots != freed[:, None]) | ~record)
 
-        dup = kept & (state.pos == proto_pos)
+        dup = kept & (pool.pos == proto.pos)
         target = torch.where(dup.any(dim=1), dup.long().argmax(dim=1), freed)
-        put = (slots == target[:, None]) & record[:, None]  # (b P)
-        put5 = put[:, None, :, None, None]
+        put = (slots == target[:, None]) & record  # (b P)
         return PromptBankState(
-            k=torch.where(put5, proto_k, state.k),
-            v=torch.where(put5, proto_v, state.v),
-            pos=torch.where(put, proto_pos, state.pos),
-            valid=kept | put,
+            pool=proto.where(put, pool).replace(valid=kept | put),
             stamp=torch.where(put, writes[:, None], state.stamp),
             writes=writes,
         )

@@ -1,16 +1,22 @@
 """``QuantizedMemory`` / :func:`quantized`: a frame memory whose stored keys and values are int8."""
 
-import dataclasses
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from memkit.checks import check_state
 from memkit.errors import StateError
-from memkit.memories.frames import check_state
 from memkit.memories.registry import build_from_spec, register_memory
 from memkit.protocol import Chunk, Context, Memory, Query, ReadLayout, ReadPlan, plan_read, read_dynamic
-from memkit.state import MemoryState, check_init_args, check_state_matches, memory_state
+from memkit.state import (
+    MemoryState,
+    check_init_args,
+    check_state_matches,
+    map_tensor_paths,
+    memory_state,
+    tensor_paths,
+)
 from memkit.typing import typechecked
 
 __all__ = ["QuantizedMemory", "QuantizedState", "quantized", "quantize_frames", "dequantize_frames"]
@@ -43,17 +49,22 @@ def dequantize_frames(codes: Tensor, scale: Tensor) -> Tensor:
     return codes.to(scale.dtype) * scale[..., None, None]
 
 
-def _frame_fields(state: MemoryState) -> tuple[str, ...]:
-    """Fields holding frames of keys/values: floating, laid out ``"b h <frames> t d"`` in the state's layouts."""
-    layouts: dict[str, str] = getattr(type(state), "layouts", {})
-    if not dataclasses.is_dataclass(state):
-        return ()
+def _frame_paths(state: Any) -> tuple[str, ...]:
+    """Paths (``.window.k``) of the tensors holding frames of keys/values, anywhere in ``state``.
+
+    Those the state holding them declares, in its ``layouts``, as floating ``"b h <frames> t d"``:
+    the keys and values of every :class:`memkit.memories.frames.FrameBuffer`, and such fields of a
+    memory's own state.
+    """
+    from memkit.state import _walk
+
     out = []
-    for f in dataclasses.fields(state):
-        dims = layouts.get(f.name, "").split()
-        x = getattr(state, f.name)
+    for path, x, holders in _walk(state):
+        owner, field = holders[-1] if holders else (None, "")
+        layout = getattr(type(owner), "layouts", {}).get(field, "")
+        dims = layout.split() if isinstance(layout, str) else []
         if len(dims) == 5 and dims[:2] == ["b", "h"] and dims[3:] == ["t", "d"] and x.is_floating_point():
-            out.append(f.name)
+            out.append(path)
     return tuple(out)
 
 
@@ -73,8 +84,9 @@ class QuantizedState(MemoryState):
 class QuantizedMemory(nn.Module):
     """Any frame memory, with its stored keys and values in int8 (per frame, per head scales).
 
-    The wrapped memory's frame buffers (the state fields its ``layouts`` declare as
-    ``"b h <frames> t d"``: :class:`FIFOMemory`, :class:`SinkWindowMemory`,
+    The wrapped memory's frame buffers (the keys and values of its state's
+    :class:`memkit.memories.frames.FrameBuffer` sub-states, and any field its state's
+    ``layouts`` declares as ``"b h <frames> t d"``: :class:`FIFOMemory`, :class:`SinkWindowMemory`,
     :class:`SparseKVMemory`, :class:`PromptBankMemory`, :class:`CompressedWindowMemory`)
     are kept as symmetric int8 codes with one float scale per frame and head: a quarter of
     the float32 bytes (half of bfloat16's) plus ``4 b h F`` bytes of scales. ``read``
@@ -99,7 +111,7 @@ class QuantizedMemory(nn.Module):
         >>> fifo = memkit.FIFOMemory(heads=2, head_dim=8, tokens_per_frame=4, frames=3)
         >>> mem = memkit.quantized(fifo)
         >>> state = mem.init_state(1)
-        >>> state.codes.win_k.dtype, state.nbytes, fifo.init_state(1).nbytes
+        >>> state.codes.window.k.dtype, state.nbytes, fifo.init_state(1).nbytes
         (torch.int8, 467, 1571)
         >>> k = torch.randn(1, 2, 8, 8)
         >>> state = mem.write(state, memkit.Chunk(k, k, torch.randn(1, 8, 16), torch.tensor([[0, 1]]), 4))
@@ -115,13 +127,14 @@ class QuantizedMemory(nn.Module):
         if isinstance(memory, nn.Module):
             self.add_module("inner", memory)
         self.memory = memory
-        fields = _frame_fields(memory.init_state(1, device="meta"))
-        if not fields:
+        paths = _frame_paths(memory.init_state(1, device="meta"))
+        if not paths:
             raise ValueError(
                 f"QuantizedMemory: {type(memory).__name__} declares no frame buffers (state fields laid out "
                 "'b h <frames> t d' in its state's layouts); only frame memories can be quantized"
             )
-        self.fields = fields
+        #: where the frames sit in the wrapped memory's state (``.sink.k``), one scale tensor each, in this order
+        self.paths = paths
 
     def init_state(
         self, batch_size: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
@@ -130,22 +143,22 @@ class QuantizedMemory(nn.Module):
         return self._quantize(self.memory.init_state(batch_size, device=device, dtype=dtype))
 
     def _quantize(self, inner: Any) -> QuantizedState:
-        pairs = [quantize_frames(getattr(inner, f)) for f in self.fields]
-        codes = dataclasses.replace(inner, **{f: c for f, (c, _) in zip(self.fields, pairs, strict=True)})
-        return QuantizedState(codes=codes, scales=tuple(s for _, s in pairs))
+        pairs = {path: quantize_frames(x) for path, x in tensor_paths(inner) if path in self.paths}
+        codes = map_tensor_paths(lambda path, x: pairs[path][0] if path in pairs else x, inner)
+        return QuantizedState(codes=codes, scales=tuple(pairs[path][1] for path in self.paths))
 
     def _dequantize(self, where: str, state: QuantizedState) -> Any:
         check_state(f"QuantizedMemory.{where}", state, QuantizedState)
-        if len(state.scales) != len(self.fields):
+        if len(state.scales) != len(self.paths):
             raise StateError(
-                f"QuantizedMemory.{where}: expected {len(self.fields)} scale tensors (one per frame buffer "
-                f"{self.fields}), got {len(state.scales)}"
+                f"QuantizedMemory.{where}: expected {len(self.paths)} scale tensors (one per frame buffer "
+                f"{self.paths}), got {len(state.scales)}"
             )
         check_state_matches(f"QuantizedMemory.{where}", state, self)
-        values = {
-            f: dequantize_frames(getattr(state.codes, f), s) for f, s in zip(self.fields, state.scales, strict=True)
-        }
-        return dataclasses.replace(state.codes, **values)
+        scales = dict(zip(self.paths, state.scales, strict=True))
+        return map_tensor_paths(
+            lambda path, x: dequantize_frames(x, scales[path]) if path in scales else x, state.codes
+        )
 
     @typechecked
     def read(self, state: QuantizedState, query: Query) -> Context:

@@ -5,18 +5,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from memkit.memories.frames import (
-    check_chunk,
-    check_layout,
-    check_query,
-    check_state,
-    frames_to_context,
-    gather_frames,
-    keep_last_valid,
-    place_frames,
-    sink_sources,
-    split_frames,
-)
+from memkit.checks import check_chunk, check_layout, check_query, check_state
+from memkit.memories.frames import FrameBuffer
 from memkit.memories.registry import register_memory
 from memkit.protocol import Chunk, Context, Query, ReadLayout, ReadPlan
 from memkit.state import MemoryState, check_init_args, check_state_matches, memory_state
@@ -25,33 +15,22 @@ from memkit.typing import typechecked
 
 @memory_state
 class SinkWindowState(MemoryState):
-    """State of :class:`SinkWindowMemory`.
+    """State of :class:`SinkWindowMemory`: two frame buffers and a counter.
 
     Attributes:
-        sink_k, sink_v: ``(b h S t d)`` the first ``S`` frames ever written.
-        sink_pos, sink_valid: ``(b S)`` their frame positions and which slots are filled.
-        win_k, win_v: ``(b h W t d)`` the newest ``W`` frames after the sink, oldest first.
-        win_pos, win_valid: ``(b W)``.
+        sink: a :class:`memkit.memories.frames.FrameBuffer` of ``S`` slots: the first ``S`` frames ever written.
+        window: a ``FrameBuffer`` of ``W`` slots: the newest ``W`` frames after the sink, oldest first.
         frames_seen: ``(b,)`` frames written so far.
+
+    Files saved before the buffers (format version 1) named these ``sink_k ... win_valid``;
+    :func:`memkit.load_states` maps the old names.
     """
 
-    #: each field's layout: how a state of another configuration is reported
-    layouts: ClassVar[dict[str, str]] = {
-        **dict.fromkeys(("sink_k", "sink_v"), "b h S t d"),
-        **dict.fromkeys(("sink_pos", "sink_valid"), "b S"),
-        **dict.fromkeys(("win_k", "win_v"), "b h W t d"),
-        **dict.fromkeys(("win_pos", "win_valid"), "b W"),
-        "frames_seen": "b",
-    }
+    #: each field's layout (a buffer's: the letter of its slots): how a state of another configuration is reported
+    layouts: ClassVar[dict[str, str]] = {"sink": "S", "window": "W", "frames_seen": "b"}
 
-    sink_k: Tensor
-    sink_v: Tensor
-    sink_pos: Tensor
-    sink_valid: Tensor
-    win_k: Tensor
-    win_v: Tensor
-    win_pos: Tensor
-    win_valid: Tensor
+    sink: FrameBuffer
+    window: FrameBuffer
     frames_seen: Tensor
 
 
@@ -78,7 +57,7 @@ class SinkWindowMemory:
         >>> state = mem.init_state(1)
         >>> k = torch.randn(1, 2, 12, 8)  # 3 frames of 4 tokens
         >>> state = mem.write(state, memkit.Chunk(k, k, torch.randn(1, 12, 16), torch.tensor([[0, 1, 2]]), 4))
-        >>> state.sink_pos.tolist(), state.win_pos.tolist()
+        >>> state.sink.pos.tolist(), state.window.pos.tolist()
         ([[0]], [[1, 2]])
     """
 
@@ -102,36 +81,19 @@ class SinkWindowMemory:
         self, batch_size: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> SinkWindowState:
         batch_size = check_init_args(f"{self._name}.init_state", batch_size, device, dtype)
-        dtype = dtype or torch.get_default_dtype()
-        b, h, t, d, s, w = (
-            batch_size,
-            self.heads,
-            self.tokens_per_frame,
-            self.head_dim,
-            self.sink_frames,
-            self.window_frames,
-        )
-
-        def buf(frames: int) -> Tensor:
-            return torch.zeros((b, h, frames, t, d), device=device, dtype=dtype)
-
-        def ints(frames: int) -> Tensor:
-            return torch.zeros((b, frames), device=device, dtype=torch.long)
-
-        def flags(frames: int) -> Tensor:
-            return torch.zeros((b, frames), device=device, dtype=torch.bool)
-
+        b, h, t, d = batch_size, self.heads, self.tokens_per_frame, self.head_dim
         return SinkWindowState(
-            buf(s), buf(s), ints(s), flags(s), buf(w), buf(w), ints(w), flags(w),
-            torch.zeros((b,), device=device, dtype=torch.long),
-        )  # fmt: skip
+            sink=FrameBuffer.empty(b, h, self.sink_frames, t, d, device=device, dtype=dtype),
+            window=FrameBuffer.empty(b, h, self.window_frames, t, d, device=device, dtype=dtype),
+            frames_seen=torch.zeros((b,), device=device, dtype=torch.long),
+        )
 
     @typechecked
     def read(self, state: SinkWindowState, query: Query) -> Context:
         """The sink then the window, ``(b h (S+W)*t d)``, with validity and positions."""
         check_state(f"{self._name}.read", state, SinkWindowState)
         check_state_matches(f"{self._name}.read", state, self)
-        check_query(self._name, query, state.batch_size, self.heads, self.head_dim, state.win_k.device)
+        check_query(self._name, query, state.batch_size, self.heads, self.head_dim, state.window.k.device)
         return self._context(state)
 
     @typechecked
@@ -139,19 +101,14 @@ class SinkWindowMemory:
         """The whole read, prepared once per segment: it does not depend on the queries."""
         check_state(f"{self._name}.plan", state, SinkWindowState)
         check_state_matches(f"{self._name}.plan", state, self)
-        check_layout(self._name, layout, state.batch_size, state.win_k.device)
+        check_layout(self._name, layout, state.batch_size, state.window.k.device)
         return ReadPlan(parts=(self._context(state),), state=state)
 
     def read_dynamic(self, plan: ReadPlan, query: Query) -> tuple[Context, ...]:
         return ()
 
     def _context(self, state: SinkWindowState) -> Context:
-        return frames_to_context(
-            torch.cat([state.sink_k, state.win_k], dim=2),
-            torch.cat([state.sink_v, state.win_v], dim=2),
-            torch.cat([state.sink_pos, state.win_pos], dim=1),
-            torch.cat([state.sink_valid, state.win_valid], dim=1),
-        )
+        return state.sink.cat(state.window).to_context()
 
     @typechecked
     def write(self, state: SinkWindowState, chunk: Chunk) -> SinkWindowState:
@@ -159,33 +116,12 @@ class SinkWindowMemory:
         check_state(f"{self._name}.write", state, SinkWindowState)
         check_state_matches(f"{self._name}.write", state, self)
         check_chunk(
-            self._name, chunk, state.batch_size, self.heads, self.head_dim, state.win_k.device, self.tokens_per_frame
+            self._name, chunk, state.batch_size, self.heads, self.head_dim, state.window.k.device, self.tokens_per_frame
         )
-        dtype = state.win_k.dtype
-        k = split_frames(chunk.k.to(dtype), self.tokens_per_frame)
-        v = split_frames(chunk.v.to(dtype), self.tokens_per_frame)
-        pos = chunk.frame_positions.long()
-        f = pos.shape[1]
-        arange_f = torch.arange(f, device=pos.device)
-        to_sink = (state.frames_seen[:, None] + arange_f) < self.sink_frames  # (b f)
-
-        src, take = sink_sources(state.frames_seen, self.sink_frames, f)
-        sink_k, sink_v, sink_pos, sink_valid = place_frames(
-            (state.sink_k, state.sink_v, state.sink_pos, state.sink_valid), (k, v, pos), src, take
-        )
-
-        keep = keep_last_valid(torch.cat([state.win_valid, ~to_sink], dim=1), self.window_frames)
-        return SinkWindowState(
-            sink_k=sink_k,
-            sink_v=sink_v,
-            sink_pos=sink_pos,
-            sink_valid=sink_valid,
-            win_k=gather_frames(torch.cat([state.win_k, k], dim=2), keep, 2),
-            win_v=gather_frames(torch.cat([state.win_v, v], dim=2), keep, 2),
-            win_pos=torch.cat([state.win_pos, pos], dim=1).gather(1, keep),
-            win_valid=torch.cat([state.win_valid, ~to_sink], dim=1).gather(1, keep),
-            frames_seen=state.frames_seen + f,
-        )
+        new = FrameBuffer.from_chunk(chunk, self.tokens_per_frame, state.window.k.dtype)
+        sink, past = state.sink.write_sink(new, state.frames_seen)
+        window = state.window.cat(new.replace(valid=past)).newest(self.window_frames)
+        return SinkWindowState(sink=sink, window=window, frames_seen=state.frames_seen + new.frames)
 
     def __repr__(self) -> str:
         return (
@@ -202,7 +138,7 @@ class FIFOMemory(SinkWindowMemory):
     Example:
         >>> import memkit
         >>> mem = memkit.FIFOMemory(heads=2, head_dim=8, tokens_per_frame=4, frames=3)
-        >>> mem.init_state(1).win_k.shape
+        >>> mem.init_state(1).window.k.shape
         torch.Size([1, 2, 3, 4, 8])
     """
 

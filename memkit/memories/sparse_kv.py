@@ -6,20 +6,8 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from memkit.memories.frames import (
-    check_chunk,
-    check_layout,
-    check_query,
-    check_state,
-    frames_to_context,
-    gather_frames,
-    gather_per_head,
-    place_frames,
-    ring_sources,
-    sink_sources,
-    split_frames,
-    top_k_frames,
-)
+from memkit.checks import check_chunk, check_layout, check_query, check_state
+from memkit.memories.frames import FrameBuffer, gather_frames, gather_per_head, ring_sources, top_k_frames
 from memkit.memories.registry import register_memory
 from memkit.protocol import Chunk, Context, Query, ReadLayout, ReadPlan
 from memkit.state import MemoryState, check_init_args, check_state_matches, memory_state
@@ -33,41 +21,29 @@ class SparseKVState(MemoryState):
     """State of :class:`SparseKVMemory`.
 
     Attributes:
-        k, v: ``(b h C t d)`` the ring buffer of past frames' keys (before rotary) and values.
-        desc: ``(b h C d)`` each frame's routing descriptor: its keys mean-pooled over its tokens.
-        pos: ``(b C)`` frame position of each slot.
-        valid: ``(b C)`` which slots hold a frame.
-        sink_k, sink_v: ``(b h A t d)`` the first ``A`` frames ever written (always returned).
-        sink_pos, sink_valid: ``(b A)``.
+        ring: a :class:`memkit.memories.frames.FrameBuffer` of ``C`` slots: past frames' keys (before
+            rotary), values, frame positions and which slots hold a frame.
+        desc: ``(b h C d)`` each ring frame's routing descriptor: its keys mean-pooled over its tokens.
+        sink: a ``FrameBuffer`` of ``A`` slots: the first ``A`` frames ever written (always returned).
         frames_seen: ``(b,)`` frames written so far (the ring's write counter is
             ``max(frames_seen - A, 0)``).
+
+    Files saved before the buffers (format version 1) named these ``k, v, pos, valid`` and
+    ``sink_k ... sink_valid``; :func:`memkit.load_states` maps the old names.
 
     Example:
         >>> import memkit
         >>> s = memkit.SparseKVMemory(heads=2, head_dim=8, tokens_per_frame=4, capacity=5).init_state(3)
-        >>> s.k.shape, s.desc.shape, s.valid.shape
+        >>> s.ring.k.shape, s.desc.shape, s.ring.valid.shape
         (torch.Size([3, 2, 5, 4, 8]), torch.Size([3, 2, 5, 8]), torch.Size([3, 5]))
     """
 
-    #: each field's layout: how a state of another configuration is reported
-    layouts: ClassVar[dict[str, str]] = {
-        **dict.fromkeys(("k", "v"), "b h C t d"),
-        "desc": "b h C d",
-        **dict.fromkeys(("pos", "valid"), "b C"),
-        **dict.fromkeys(("sink_k", "sink_v"), "b h A t d"),
-        **dict.fromkeys(("sink_pos", "sink_valid"), "b A"),
-        "frames_seen": "b",
-    }
+    #: each field's layout (a buffer's: the letter of its slots): how a state of another configuration is reported
+    layouts: ClassVar[dict[str, str]] = {"ring": "C", "desc": "b h C d", "sink": "A", "frames_seen": "b"}
 
-    k: Tensor
-    v: Tensor
+    ring: FrameBuffer
     desc: Tensor
-    pos: Tensor
-    valid: Tensor
-    sink_k: Tensor
-    sink_v: Tensor
-    sink_pos: Tensor
-    sink_valid: Tensor
+    sink: FrameBuffer
     frames_seen: Tensor
 
 
@@ -150,20 +126,11 @@ class SparseKVMemory:
         b, h, t, d = batch_size, self.heads, self.tokens_per_frame, self.head_dim
         c, a = self.capacity, self.always_frames
 
-        def zeros(*shape: int, dt: torch.dtype = dtype) -> Tensor:
-            return torch.zeros(shape, device=device, dtype=dt)
-
         return SparseKVState(
-            k=zeros(b, h, c, t, d),
-            v=zeros(b, h, c, t, d),
-            desc=zeros(b, h, c, d),
-            pos=zeros(b, c, dt=torch.long),
-            valid=zeros(b, c, dt=torch.bool),
-            sink_k=zeros(b, h, a, t, d),
-            sink_v=zeros(b, h, a, t, d),
-            sink_pos=zeros(b, a, dt=torch.long),
-            sink_valid=zeros(b, a, dt=torch.bool),
-            frames_seen=zeros(b, dt=torch.long),
+            ring=FrameBuffer.empty(b, h, c, t, d, device=device, dtype=dtype),
+            desc=torch.zeros((b, h, c, d), device=device, dtype=dtype),
+            sink=FrameBuffer.empty(b, h, a, t, d, device=device, dtype=dtype),
+            frames_seen=torch.zeros((b,), device=device, dtype=torch.long),
         )
 
     def _recency(self, state: SparseKVState) -> Tensor:
@@ -178,46 +145,44 @@ class SparseKVMemory:
         """The sink, then each head's top-k ring frames: ``(b h (A + K)*t d)``."""
         check_state(f"{self._name}.read", state, SparseKVState)
         check_state_matches(f"{self._name}.read", state, self)
-        check_query(self._name, query, state.batch_size, self.heads, self.head_dim, state.k.device)
+        check_query(self._name, query, state.batch_size, self.heads, self.head_dim, state.ring.k.device)
         selected = self._select(state, self._candidates(state), query.q)
         if self.always_frames == 0:
             return selected
-        sink = frames_to_context(state.sink_k, state.sink_v, state.sink_pos, state.sink_valid)
-        return Context.concat([sink, selected])
+        return Context.concat([state.sink.to_context(), selected])
 
     @typechecked
     def plan(self, state: SparseKVState, layout: ReadLayout) -> ReadPlan:
         """The sink prepared once per segment; the top-k choice waits for each step's queries."""
         check_state(f"{self._name}.plan", state, SparseKVState)
         check_state_matches(f"{self._name}.plan", state, self)
-        check_layout(self._name, layout, state.batch_size, state.k.device)
+        check_layout(self._name, layout, state.batch_size, state.ring.k.device)
         extra = self._candidates(state)
         if self.always_frames == 0:
             return ReadPlan(parts=(None,), state=state, extra=extra)
-        sink = frames_to_context(state.sink_k, state.sink_v, state.sink_pos, state.sink_valid)
-        return ReadPlan(parts=(sink, None), state=state, extra=extra)
+        return ReadPlan(parts=(state.sink.to_context(), None), state=state, extra=extra)
 
     def read_dynamic(self, plan: ReadPlan, query: Query) -> tuple[Context, ...]:
         return (self._select(plan.state, plan.extra, query.q),)
 
     def _candidates(self, state: SparseKVState) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """What routing needs that no query changes: descriptors, validity, recency, positions ``(b h C ...)``."""
-        b, h, c, _, _ = state.k.shape
-        valid = state.valid[:, None, :].expand(b, h, c)
+        b, h, c, _, _ = state.ring.k.shape
+        valid = state.ring.valid[:, None, :].expand(b, h, c)
         priority = self._recency(state)[:, None, :].expand(b, h, c)
-        return state.desc.float(), valid, priority, state.pos[:, None, :].expand(b, h, c)
+        return state.desc.float(), valid, priority, state.ring.pos[:, None, :].expand(b, h, c)
 
     def _select(self, state: SparseKVState, candidates: tuple[Tensor, Tensor, Tensor, Tensor], q: Tensor) -> Context:
         """Each head's top-k ring frames for queries ``q``: ``(b h K*t d)``."""
         desc, valid, priority, positions = candidates
-        t, c = state.k.shape[3], state.k.shape[2]
+        t, c = state.ring.k.shape[3], state.ring.k.shape[2]
         routed = q.float().mean(dim=2)  # (b h d)
         scores = torch.einsum("bhcd,bhd->bhc", desc, routed)
         index, ok = top_k_frames(scores, valid, priority, min(self.top_k, c))  # (b h K)
         pos = positions.gather(2, index)
         return Context(
-            k=rearrange(gather_per_head(state.k, index), "b h f t d -> b h (f t) d"),
-            v=rearrange(gather_per_head(state.v, index), "b h f t d -> b h (f t) d"),
+            k=rearrange(gather_per_head(state.ring.k, index), "b h f t d -> b h (f t) d"),
+            v=rearrange(gather_per_head(state.ring.v, index), "b h f t d -> b h (f t) d"),
             mask=ok.repeat_interleave(t, dim=2),
             positions=pos.repeat_interleave(t, dim=2),
         )
@@ -228,37 +193,20 @@ class SparseKVMemory:
         check_state(f"{self._name}.write", state, SparseKVState)
         check_state_matches(f"{self._name}.write", state, self)
         check_chunk(
-            self._name, chunk, state.batch_size, self.heads, self.head_dim, state.k.device, self.tokens_per_frame
+            self._name, chunk, state.batch_size, self.heads, self.head_dim, state.ring.k.device, self.tokens_per_frame
         )
-        dtype = state.k.dtype
-        k = split_frames(chunk.k.to(dtype), self.tokens_per_frame)  # (b h f t d)
-        v = split_frames(chunk.v.to(dtype), self.tokens_per_frame)
-        desc = k.float().mean(dim=3).to(dtype)  # (b h f d)
-        pos = chunk.frame_positions.long()
-        f = pos.shape[1]
-        seen = state.frames_seen
-
-        src, take = sink_sources(seen, self.always_frames, f)
-        sink_k, sink_v, sink_pos, sink_valid = place_frames(
-            (state.sink_k, state.sink_v, state.sink_pos, state.sink_valid), (k, v, pos), src, take
-        )
+        new = FrameBuffer.from_chunk(chunk, self.tokens_per_frame, state.ring.k.dtype)
+        desc = new.k.float().mean(dim=3).to(new.k.dtype)  # (b h f d)
+        f, seen = new.frames, state.frames_seen
+        sink, _ = state.sink.write_sink(new, seen)
 
         first = (self.always_frames - seen).clamp(0, f)  # the chunk's first frames went to the sink
         start = (seen - self.always_frames).clamp(min=0)
-        rsrc, rtake = ring_sources(start, first, f, self.capacity)
-        ring_k, ring_v, ring_pos, ring_valid = place_frames(
-            (state.k, state.v, state.pos, state.valid), (k, v, pos), rsrc, rtake
-        )
+        src, take = ring_sources(start, first, f, self.capacity)
         return SparseKVState(
-            k=ring_k,
-            v=ring_v,
-            desc=torch.where(rtake[:, None, :, None], gather_frames(desc, rsrc, 2), state.desc),
-            pos=ring_pos,
-            valid=ring_valid,
-            sink_k=sink_k,
-            sink_v=sink_v,
-            sink_pos=sink_pos,
-            sink_valid=sink_valid,
+            ring=state.ring.place(new, src, take),
+            desc=torch.where(take[:, None, :, None], gather_frames(desc, src, 2), state.desc),
+            sink=sink,
             frames_seen=seen + f,
         )
 
