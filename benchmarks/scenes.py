@@ -257,6 +257,11 @@ def scenes_section(st: ScenesSettings) -> Section:
             sec.add("reads_with_scene", reads_hit / reads, "fraction", params=p, n=reads)
             sec.add("frames_per_read", returned / reads, "frames", params=p, n=reads)
             sec.add("precision_long_return", long_hits / max(long_returned, 1), "fraction", params=p, n=long_returned)
+    for row in cutoff_precision(clips=2 if st.quick else 16):
+        p = {"memory": "PromptBankMemory (memory level)", "cutoff": row["cutoff"]}
+        for name in ("precision", "frames_per_read", "recall"):
+            unit = "frames" if name == "frames_per_read" else "fraction"
+            sec.add(f"memory_level_{name}", row[name], unit, params=p, n=row["reads"])
     sec.config = {
         "checkpoint": path.name,
         "sha256": hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()[:12],
@@ -267,6 +272,69 @@ def scenes_section(st: ScenesSettings) -> Section:
         "seconds": round(time.time() - t0, 1),
     }
     return sec
+
+
+CUTOFFS: tuple[float | None, ...] = (None, 0.15, 0.25, 0.35, 0.5)
+
+
+@torch.no_grad()
+def cutoff_precision(cutoffs: tuple[float | None, ...] = CUTOFFS, clips: int = 16) -> list[dict[str, Any]]:
+    """The memory-level retrieval of section 4b (text-aligned keys, 3 scenes, B = 3), per relevance cut-off.
+
+    Per cut-off: precision (share of the returned frames showing the prompted scene), frames a
+    read returns, and recall (share of the reads whose pool held a frame of the scene that
+    return at least one).
+    """
+    import math
+
+    import memkit
+    from benchmarks.quality import QualitySettings, _patch_tokens
+    from memkit.data import scene_clip
+
+    st = QualitySettings(clips=clips)
+    h, d, f, p = st.heads, st.head_dim, st.frames_per_segment, st.patch
+    e, t = h * d, (st.frame_size // p) ** 2
+    rows = []
+    for cutoff in cutoffs:
+        g = torch.Generator().manual_seed(st.seed)
+        proj = torch.randn(3 * p * p, e, generator=g) / math.sqrt(3 * p * p)
+        mem = memkit.PromptBankMemory(h, d, t, bank_frames=st.bank_frames, min_relevance=cutoff)
+        hits = returned = reads = held = recalled = 0
+        for clip_i in range(st.clips):
+            clip = scene_clip(st.seed + clip_i, f, st.segments, st.frame_size, num_scenes=3, prompt_dim=e)
+            ids = clip.scene_ids.tolist()
+            state = mem.init_state(1)
+            for s in range(st.segments):
+                prompt, pmask = clip.prompts[s][None], clip.prompt_mask[s][None]
+                pos = (s * f + torch.arange(f))[None]
+                if s > 0 and ids[s] in ids[:s]:
+                    ctx = mem.read(
+                        state, memkit.Query(torch.randn((1, h, f * t, d), generator=g), pos, t, prompt, pmask)
+                    )
+                    slots = zip(ctx.positions[0, 0, ::t], ctx.mask[0, 0, ::t], strict=True)
+                    got = [ids[int(x) // f] for x, ok in slots if ok]
+                    pool = [ids[int(q) // f] for q, ok in zip(state.pos[0], state.valid[0], strict=True) if ok]
+                    right = sum(1 for x in got if x == ids[s])
+                    hits, returned, reads = hits + right, returned + len(got), reads + 1
+                    if ids[s] in pool:
+                        held += 1
+                        recalled += int(right > 0)
+                frames = clip.video[s * f : (s + 1) * f]
+                real = clip.prompts[s][clip.prompt_mask[s]]
+                text = real[torch.arange(t) % real.shape[0]]
+                keys = st.text_weight * text[None] + st.pixel_weight * (_patch_tokens(frames, p) @ proj)
+                k = keys.reshape(f * t, h, d).permute(1, 0, 2)[None].contiguous()
+                state = mem.write(state, memkit.Chunk(k, k, torch.zeros(1, f * t, e), pos, t, prompt, pmask))
+        rows.append(
+            {
+                "cutoff": cutoff,
+                "precision": hits / max(returned, 1),
+                "frames_per_read": returned / max(reads, 1),
+                "recall": recalled / max(held, 1),
+                "reads": reads,
+            }
+        )
+    return rows
 
 
 def _val(sec: dict[str, Any], name: str, label: str) -> float | None:
@@ -300,7 +368,7 @@ def render_scenes(add: Callable[[str], None], sec: dict[str, Any] | None, plots:
     add("")
     labels = []
     for f in sec["figures"]:
-        if f["params"]["memory"] not in labels:
+        if f["params"]["memory"] not in labels and not f["name"].startswith("memory_level_"):
             labels.append(f["params"]["memory"])
 
     def show(x: float | None, unit: str = "") -> str:
@@ -340,6 +408,32 @@ def render_scenes(add: Callable[[str], None], sec: dict[str, Any] | None, plots:
         )
         + "\n"
     )
+    level = [f for f in sec["figures"] if f["name"] == "memory_level_precision"]
+    if level:
+        add(
+            "The cut-off at memory level, on the retrieval set-up of section 4b (text-aligned keys, 3 scenes, "
+            "B = 3, clips of 32 segments, 16 in a full run; every read of a scene shown before): precision, "
+            "frames a read returns, and recall (reads returning a frame of the prompted scene, of those whose "
+            "pool held one)."
+        )
+        add("")
+        rows = []
+        for f in level:
+            c = f["params"]["cutoff"]
+            other = {
+                g["name"]: g["value"]
+                for g in sec["figures"]
+                if g["name"].startswith("memory_level_") and g["params"]["cutoff"] == c
+            }
+            rows.append(
+                [
+                    "None (all B)" if c is None else f"{c:g}",
+                    f"{other['memory_level_precision']:.0%}",
+                    f"{other['memory_level_frames_per_read']:.2f}",
+                    f"{other['memory_level_recall']:.0%}",
+                ]
+            )
+        add(table(["min_relevance", "precision", "frames a read", "recall"], rows) + "\n")
     if "scenes.png" in plots:
         add(f"![PSNR at prompt switches]({image_dir}/scenes.png)\n")
     add(f"Measured in {cfg['seconds']:.0f} s.\n")
@@ -352,7 +446,7 @@ def scenes_plot(results: dict[str, Any], save: Callable[[Any, str], None], plt: 
         return
     labels = []
     for f in sec["figures"]:
-        if f["params"]["memory"] not in labels:
+        if f["params"]["memory"] not in labels and f["name"] == "psnr_recent":
             labels.append(f["params"]["memory"])
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(labels) + 1.5))
     y = range(len(labels))

@@ -258,18 +258,21 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "demo-scenes": {
         **_demo({"name": "prompt_bank", "kwargs": {"bank_frames": 3}}),
         **dict(
-            # rotary positions by time: every scene is shot from the same camera pose, so positions by pose
-            # would give every frame the same position, and a bank keeps one frame per position
+            # positions by time: every scene is shot from the same camera pose, so positions by pose would
+            # give every frame the same position, and a bank keeps one frame per position; memory keys are
+            # rotated at the segment's own position (memory_max_distance=0), the relative rotation at which
+            # the SparseKV backbone learnt to copy a frame (pose positions: the same place, distance 0)
             model={
                 **_demo({"name": "prompt_bank", "kwargs": {"bank_frames": 3}})["model"],
                 "prompt_dim": 16,
                 "positions": "time",
+                "memory_max_distance": 0,
             },
             data=dict(world="scenes", kwargs={"num_scenes": 4}, pose_actions=True),
             steps=400,
             segments=10,
             curriculum=[],
-            lr=1e-3,
+            lr=2e-3,
             checkpoint_every=100,
             init_from="demo-sparse_kv",
         ),
