@@ -22,11 +22,12 @@ from typing import Any
 
 import benchmarks  # noqa: F401  (switches shape checking off before memkit is imported)
 
-SECTIONS = ("cost_layer", "cost_backbone", "overhead", "wan", "sparse", "quality", "length", "swap", "scenes")
+SECTIONS = ("cost_layer", "cost_backbone", "overhead", "wan", "attend", "sparse", "quality", "length", "swap", "scenes")
 
 
 def plan(quick: bool) -> dict[str, Any]:
     """Every setting of a run, quick or full."""
+    from benchmarks.attend import AttendSettings
     from benchmarks.cost import StreamSettings
     from benchmarks.length import LengthSettings
     from benchmarks.overhead import OverheadSettings
@@ -55,6 +56,13 @@ def plan(quick: bool) -> dict[str, Any]:
             "overhead_model": "tiny",
             "overhead": OverheadSettings(steps=(2,), warm_segments=10, rounds=3, warmup_rounds=1),
             "wan": WanSettings(dim=64, heads=4, mlp=128, tokens_per_frame=8, prompt_tokens=6, rounds=2, capacity=8),
+            "attend": AttendSettings(
+                shapes={"tiny": (2, 16, 16, (16, 32))},
+                rounds=3,
+                wan_shapes={"tiny wan": (2, 16, 24, (24, 48))},
+                wan_rounds=2,
+                warmup=1,
+            ),
             "sparse": SparseSettings(
                 heads=2,
                 head_dim=16,
@@ -80,9 +88,12 @@ def plan(quick: bool) -> dict[str, Any]:
         "backbone_stream": StreamSettings(segments=256, steps=4, window=8, replay_rounds=3, full_history_budget_s=60),
         "rss": {"segments": 2048, "steps": 1, "budget_s": 45.0, "warmup": 16},
         "overhead_model": "bench",
-        "overhead": OverheadSettings(steps=(8, 4), warm_segments=48, rounds=20, warmup_rounds=2),
-        # a segment of the Wan-shaped block takes ~10-50 s on this CPU: few rounds (min/median/max reported)
-        "wan": WanSettings(rounds=2, warmup_rounds=0),
+        # 26 rounds: every one of the 13 memories twice in every position of a round
+        "overhead": OverheadSettings(steps=(8, 4), warm_segments=48, rounds=26, warmup_rounds=2),
+        # a segment of the Wan-shaped block takes ~5-15 s on 2 quiet cores: as many full rotations of the 8
+        # memories as fit in 14 min (sized from each memory's untimed first segment; at least one rotation)
+        "wan": WanSettings(rounds=0, budget_s=840.0, warmup_rounds=0),
+        "attend": AttendSettings(),
         "sparse": SparseSettings(),
         "quality": QualitySettings(),
         "length": LengthSettings(),
@@ -193,6 +204,10 @@ def run(args: argparse.Namespace) -> int:
         from benchmarks import wan
 
         attempt("wan", lambda: wan.wan_section(p["wan"]))
+    if "attend" in only:
+        from benchmarks import attend
+
+        attempt("attend", lambda: attend.attend_section(p["attend"]))
     if "sparse" in only:
         attempt("sparse", lambda: (sparse.sparse_vs_dense(p["sparse"]), sparse.attend_efficiency(p["sparse"])))
     if "quality" in only:

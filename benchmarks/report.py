@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from benchmarks.attend import render_attend
 from benchmarks.cost import cost_plots, render_cost
 from benchmarks.length import length_plots, length_targets, render_length
 from benchmarks.markdown import STATUS, figures, find, fmt, fmt_load, overhead_host, primary_steps, table
@@ -46,6 +47,12 @@ WHY: dict[str, str] = {
         "{memory} cost {value:.3f}x a dense window attending to as many keys ({control}): selection, gathers, "
         "rotation of the chosen keys, the write and Python per segment (rounds ranged {min:.3f}-{max:.3f}x; "
         "the load on this machine makes differences of a few percent hard to resolve)."
+    ),
+    "attend_vs_sdpa": (
+        "At {shape} ({queries} queries over {keys} keys) memkit.attend took {value:.3f}x the hand-written call "
+        "(rounds ranged {min:.3f}-{max:.3f}x). What attend adds: the checks at the door, the backend choice, "
+        "and, only when a context has an invalid slot, zeroing those slots and the masked kernel; at a shape "
+        "whose attention takes well under a millisecond these fixed costs and the machine's load weigh most."
     ),
     "cost_flat": (
         "{memory} took {value:.2f}x as long at segment {last} as at segment {reference} (replays ranged "
@@ -145,6 +152,16 @@ def _wan_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _attend_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 15: memkit.attend <= 1.05x the hand-written call, at every shape section 2d measures."""
+    figs = [f for f in figures(results, "attend") if f["name"] == "ratio_vs_by_hand"]
+    asks = "attend / (torch.cat + one scaled_dot_product_attention call) <= 1.05"
+    if not figs:
+        return [_target("attend vs raw SDPA", "attend_vs_sdpa", asks, None, "<=", 1.05,
+                        missing=_missing(results, "attend", "attend"))]  # fmt: skip
+    return [_target(f"attend vs raw SDPA: {f['params']['shape']}", "attend_vs_sdpa", asks, f, "<=", 1.05) for f in figs]
+
+
 def _target(
     name: str, key: str, description: str, fig: dict[str, Any] | None, op: str, threshold: float, **context: Any
 ) -> dict[str, Any]:
@@ -219,9 +236,10 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             )
     host, steps = overhead_host(results), primary_steps(results)
     for key, mem, base, limit in (
-        ("overhead_composed_vs_sink", COMPOSED, "SinkWindowMemory", 1.05),
+        # issue 15's targets (1.10, 1.15); PromptBank+SparseKV vs NoMemory keeps the earlier 1.12
+        ("overhead_composed_vs_sink", COMPOSED, "SinkWindowMemory", 1.10),
         ("overhead_composed_vs_none", COMPOSED, "NoMemory", 1.12),
-        ("overhead_recurrent_vs_none", "RecurrentMemory", "NoMemory", 1.10),
+        ("overhead_recurrent_vs_none", "RecurrentMemory", "NoMemory", 1.15),
     ):
         fig = find(results, "overhead", f"ratio_vs_{base}", memory=mem, host=host, steps=steps)
         out.append(
@@ -237,13 +255,27 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             )
         )
     out.extend(_wan_targets(results))
+    out.extend(_attend_targets(results))
     fig = find(results, "sparse", "speedup", capacity=256, top_k=8)
     out.append(
         _target(
             "sparse vs dense at capacity 256, k = 8",
             "sparse_speedup",
-            "read + attend >= 8x faster than dense",
+            "read + attend >= 8x faster than dense (median of the rounds)",
             fig,
+            ">=",
+            8.0,
+            missing=_missing(results, "sparse", "capacity 256"),
+        )
+    )
+    # "in every run, with margin": the slowest round must clear 8x too, not only the median
+    slowest = None if fig is None or fig.get("min") is None else {**fig, "value": fig["min"]}
+    out.append(
+        _target(
+            "sparse vs dense at capacity 256, k = 8 (slowest round)",
+            "sparse_speedup",
+            "every round's read + attend >= 8x faster than dense",
+            slowest,
             ">=",
             8.0,
             missing=_missing(results, "sparse", "capacity 256"),
@@ -436,6 +468,7 @@ def render_page(
     )
     render_overhead(add, secs.get("overhead"), results, plots, image_dir)
     render_wan(add, secs.get("wan"))
+    render_attend(add, secs.get("attend"))
     render_sparse(add, secs.get("sparse"), secs.get("attend_efficiency"), plots, image_dir)
     render_quality(add, secs.get("quality"), secs.get("retrieval"))
     render_length(add, secs.get("length"), plots, image_dir)

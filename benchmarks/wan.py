@@ -18,7 +18,9 @@ write, Python). All of them take turns in every round (interleaved in one proces
 """
 
 import dataclasses
+import math
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -46,10 +48,13 @@ class WanSettings:
     window: int = 12  # frames of keys in the local window, the chunk's own included
     top_k: int = 3
     capacity: int = 24  # SparseKV ring (frames)
-    rounds: int = 3
-    warmup_rounds: int = 1
+    # timed rounds; 0: as many full rotations (every memory once in every position of a round) as fit in
+    # budget_s, at least one, sized from each memory's untimed first segment
+    rounds: int = 0
+    budget_s: float = 840.0
+    warmup_rounds: int = 0
     warm_segments: int = 10  # segments written into each memory before timing (chunks, no block pass)
-    warm_pass: bool = True  # one untimed block pass per memory before the rounds
+    warm_pass: bool = True  # one untimed segment per memory before the rounds (first-call allocations; sizing)
     compile: bool = False  # also time torch.compile(fullgraph) of read + attend (see compiled_read_attend)
     seed: int = 0
 
@@ -151,9 +156,11 @@ class _Host:
                 state = mem.write(state, memkit.Chunk(k, k, hidden, pos, t, inputs["prompt"]))
         self.state = state
         self.pos = (s.warm_segments * f + torch.arange(f))[None]
-        if s.warm_pass:  # one untimed pass: first-call allocations stay out of the timed rounds
-            with torch.no_grad():
-                self.block(inputs["x"], self.state, self.pos, inputs["prompt"], inputs["e"], False)
+        self.first_s = 0.0
+        if s.warm_pass:  # one untimed segment: first-call allocations stay out of the timed rounds
+            start = time.perf_counter()
+            self.segment()
+            self.first_s = time.perf_counter() - start
 
     @torch.no_grad()
     def segment(self) -> Any:
@@ -190,8 +197,21 @@ def wan_section(s: WanSettings) -> Section:
     }
     hosts = {name: _Host(s, make, inputs) for name, (make, _, _) in mems.items()}
     fns = {name: h.segment for name, h in hosts.items()}
-    with tqdm(total=s.rounds, desc="wan block", unit="round") as bar:
-        samples = interleave(fns, repeats=s.rounds, warmup=s.warmup_rounds, progress=bar)
+    rounds = s.rounds
+    if rounds <= 0:
+        # a round runs every memory once: fit whole rotations (len(hosts) rounds each) into the budget
+        per_round = sum(h.first_s for h in hosts.values()) or 1.0
+        rotations = max(1, math.floor(s.budget_s / (per_round * len(hosts))))
+        rounds = rotations * len(hosts)
+        sec.config["sizing"] = {
+            "first_segment_s": {n: round(h.first_s, 2) for n, h in hosts.items()},
+            "round_s": round(per_round, 1),
+            "rotations": rotations,
+            "budget_s": s.budget_s,
+        }
+    sec.config["rounds"] = rounds
+    with tqdm(total=rounds, desc="wan block", unit="round") as bar:
+        samples = interleave(fns, repeats=rounds, warmup=s.warmup_rounds, progress=bar)
     sec.config["load_average_end"] = list(os.getloadavg())
     base = f"local window {s.window}"
     for name, xs in samples.items():
@@ -213,7 +233,8 @@ def wan_section(s: WanSettings) -> Section:
             r = ratio_stats(samples["MemFlow NAM+SMA"], samples["SinkWindow"])
             sec.add("ratio_vs_sinkwindow", r["median"], "x", spread=r, params={"memory": "MemFlow NAM+SMA"})
     sec.notes.append(
-        f"{s.rounds} rounds after {s.warmup_rounds} warm-up round(s), every memory once per round (order rotating); "
+        f"{rounds} rounds after {s.warmup_rounds} warm-up round(s) and one untimed segment per memory, every "
+        "memory once per round (order rotating); "
         f"load average {sec.config['load_average_start'][0]:.1f} at the start, "
         f"{sec.config['load_average_end'][0]:.1f} at the end, on {os.cpu_count()} CPUs"
     )

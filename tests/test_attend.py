@@ -152,3 +152,47 @@ def test_errors_name_the_dimension_with_typechecking_switched_off():
         set_typecheck(old)
     with pytest.raises(memkit.ShapeError, match="Type-check error"):  # the jaxtyping report is back
         memkit.attend(q, torch.randn(1, 3, 3, 8), torch.randn(1, 3, 3, 8))
+
+
+@given(shape=shapes, parts=st.lists(st.integers(1, 12), min_size=1, max_size=3), seed=st.integers(0, 2**16))
+def test_all_valid_contexts_skip_the_mask_bit_for_bit(shape, parts, seed):
+    """Every slot valid (a full memory): no zeroing, no mask, and the same bits as the masked call."""
+    b, h, n, d = shape
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, h, n, d, generator=gen) for _ in range(3))
+    ctxs = [random_context(gen, b, h, m, d, 1.0) for m in parts]
+    keys = torch.cat([k, *(c.k for c in ctxs)], dim=2)
+    values = torch.cat([v, *(c.v for c in ctxs)], dim=2)
+    mask = torch.ones(b, h, 1, keys.shape[2], dtype=torch.bool)
+    want = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    assert torch.equal(memkit.attend(q, k, v, *ctxs), want)
+
+
+def test_a_mask_changed_in_place_is_seen():
+    """Validity is remembered per mask tensor and version: an in-place change is read again."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 4, 8, generator=gen) for _ in range(3))
+    ctx = random_context(gen, 1, 2, 6, 8, 1.0)
+    memkit.attend(q, k, v, ctx)  # all valid: remembered
+    ctx.mask[0, 0, 2] = False
+    ctx.k[0, 0, 2] = float("nan")  # an invalid slot may hold anything
+    got = memkit.attend(q, k, v, ctx)
+    assert torch.isfinite(got).all()
+    want = dense_reference(
+        q,
+        torch.cat([k, ctx.k], 2),
+        torch.cat([v, ctx.v], 2),
+        torch.cat([torch.ones(1, 2, 4, dtype=torch.bool), ctx.mask], 2),
+    )
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_deleted_backend_leaves_auto():
+    from memkit.attention import Backend, backends, register_backend
+    from memkit.attention.backends import attend_sdpa
+
+    q = torch.zeros(1, 1, 1, 1)
+    register_backend(Backend("first", attend_sdpa, lambda q: None, priority=99))
+    assert get_backend("auto", q).name == "first"
+    del backends._REGISTRY["first"]
+    assert get_backend("auto", q).name == "sdpa"

@@ -22,6 +22,7 @@ SECTIONS = {
     "cost_backbone",
     "rss",
     "overhead",
+    "attend",
     "sparse",
     "attend_efficiency",
     "quality",
@@ -89,7 +90,14 @@ def test_quick_run_writes_a_complete_finite_report(tmp_path: Path) -> None:
         if t["value"] is not None:
             assert math.isfinite(t["value"])
     names = " ".join(t["name"] for t in results["targets"])
-    for expected in ("cost flat (layer)", "overhead", "sparse vs dense", "attend efficiency", "retrieval precision"):
+    for expected in (
+        "cost flat (layer)",
+        "overhead",
+        "sparse vs dense",
+        "attend efficiency",
+        "attend vs raw SDPA",
+        "retrieval precision",
+    ):
         assert expected in names, expected
     # the length section (issue 11) runs on the bundled sweep-world checkpoints; with none bundled it says why
     length = results["sections"]["length"]

@@ -17,7 +17,9 @@ priority is tried first. :func:`attention_backend` changes what ``auto`` means i
 import contextlib
 import dataclasses
 import importlib.util
+import weakref
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +51,23 @@ class Backend:
     priority: int | None = None
 
 
-_REGISTRY: dict[str, Backend] = {}
+# the backends "auto" tries, best first (rebuilt after the registry changes)
+_RANKED: list[Backend] = []
+
+
+class _Registry(dict[str, Backend]):
+    """The backends by name; any change drops ``auto``'s ranking (tests and examples delete entries)."""
+
+    def __setitem__(self, name: str, backend: Backend) -> None:
+        super().__setitem__(name, backend)
+        _RANKED.clear()
+
+    def __delitem__(self, name: str) -> None:
+        super().__delitem__(name)
+        _RANKED.clear()
+
+
+_REGISTRY: dict[str, Backend] = _Registry()
 
 # what "auto" means now: the innermost attention_backend() block's choice, if any. Process-wide
 # (like torch.backends flags), not per thread; a plain list, so torch.compile reads it as a constant.
@@ -140,8 +158,11 @@ def get_backend(name: str, q: Tensor) -> Backend:
     if name == "auto" and _CHOSEN:
         name = _CHOSEN[-1]
     if name == "auto":
-        ranked = sorted((b for b in _REGISTRY.values() if b.priority is not None), key=lambda b: -(b.priority or 0))
-        for backend in ranked:
+        if not _RANKED:
+            _RANKED.extend(
+                sorted((b for b in _REGISTRY.values() if b.priority is not None), key=lambda b: -(b.priority or 0))
+            )
+        for backend in _RANKED:
             if backend.why_not(q) is None:
                 return backend
         raise BackendUnavailableError(f"no attention backend can run on a tensor on {q.device}")
@@ -153,12 +174,45 @@ def get_backend(name: str, q: Tensor) -> Backend:
     return backend
 
 
+# masks already seen, by identity and version: a read plan hands the same mask tensor to every
+# denoising step of a segment, so each is reduced once (weakref: a freed tensor's id is reused)
+_VALID_SEEN: dict[int, tuple[Any, int, bool]] = {}
+
+
+def _all_valid(masks: list[Tensor]) -> bool:
+    """Whether every slot of every context mask is valid, when that is cheap to know: on the CPU, eagerly.
+
+    Then the slots need no zeroing and attention no mask (the output is the same, bit for
+    bit: an all-True mask adds nothing, ``where(True, x, 0)`` is ``x``), which saves a copy
+    of every context and the masked kernel. A mask seen before unchanged (same tensor, same
+    version counter) is not reduced again. On an accelerator the answer would cost a device
+    sync per call, and under ``torch.compile`` a branch on data breaks the graph: there the
+    mask is always applied.
+    """
+    if masks[0].device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    for m in masks:
+        hit = _VALID_SEEN.get(id(m))
+        if hit is not None and hit[0]() is m and hit[1] == m._version:
+            ok = hit[2]
+        else:
+            ok = bool(m.all())
+            if len(_VALID_SEEN) >= 64:
+                _VALID_SEEN.clear()
+            _VALID_SEEN[id(m)] = (weakref.ref(m), m._version, ok)
+        if not ok:
+            return False
+    return True
+
+
 def _concat(
     k: Tensor, v: Tensor, contexts: list[tuple[Tensor, Tensor, Tensor]]
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Keys, values and a (b h m) key mask (None when every key is valid) over all sources."""
     if not contexts:
         return k, v, None
+    if _all_valid([c[2] for c in contexts]):
+        return torch.cat([k, *(c[0] for c in contexts)], dim=2), torch.cat([v, *(c[1] for c in contexts)], dim=2), None
     # a masked-out slot contributes nothing, whatever it holds: the attention mask alone is not
     # enough (a NaN or Inf key or value still reaches the arithmetic), so zero such slots first
     keys = torch.cat([k, *(torch.where(c[2][..., None], c[0], 0) for c in contexts)], dim=2)
@@ -179,8 +233,19 @@ def _sdpa_why_not(q: Tensor) -> str | None:
     return None
 
 
+# whether xformers is installed, asked once: "auto" asks at every call (xformers ranks first) and a
+# find_spec stats the file system each time (a plain list, which torch.compile reads as a constant)
+_XFORMERS_INSTALLED: list[bool] = []
+
+
+def _xformers_installed() -> bool:
+    if not _XFORMERS_INSTALLED:
+        _XFORMERS_INSTALLED.append(importlib.util.find_spec("xformers") is not None)
+    return _XFORMERS_INSTALLED[0]
+
+
 def _xformers_why_not(q: Tensor) -> str | None:
-    if importlib.util.find_spec("xformers") is None:
+    if not _xformers_installed():
         return "xformers is not installed (pip install 'memkit-video[xformers]')"
     if q.device.type != "cuda":
         return f"xformers runs only on CUDA tensors, got a tensor on {q.device}"
