@@ -1,6 +1,6 @@
 """Profile one denoising step of each memory on the reference backbone (issue 15 item 3).
 
-``python -m benchmarks.profile_step [--typecheck 0|1] [--checks 0|1] [--steps N] [--top K]``
+``python -m benchmarks.profile_step [--plans] [--typecheck 0|1] [--checks 0|1] [--steps N] [--top K]``
 
 For every bounded memory of the roster, at the ``bench`` backbone (the overhead section's
 network: 4 blocks of width 256, 3 frames of 32 tokens a segment, memory at every block),
@@ -10,10 +10,16 @@ warmed with enough written segments that every buffer is full, this times one ne
 attention, the memory's read) by cumulative time. Not part of ``python -m benchmarks run``
 and never run by the tests: it is a tool to find costs, its numbers are the profiler's
 (inflated by the profiler itself), and ratios belong to the benchmark sections.
+
+``--plans`` profiles the step as :class:`memkit.models.malt.EulerSampler` runs it: through the
+segment's read plans (``net.plan_reads`` once, untimed; each profiled step reads through
+them), so work a plan does once per segment is out of the step. It also reports the cost of
+making the plans (per segment) and of the clean pass that writes (per segment).
 """
 
 import argparse
 import cProfile
+import functools
 import os
 import pstats
 import statistics
@@ -41,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checks", default=None, help="MEMKIT_CHECKS for this run (0 or 1; default: unset)")
     parser.add_argument("--steps", type=int, default=40, help="profiled steps per memory")
     parser.add_argument("--top", type=int, default=12, help="functions listed per memory")
+    parser.add_argument("--plans", action="store_true", help="profile the step through read plans (the sampler's path)")
     parser.add_argument("--memories", default=None, help="comma-separated roster names (default: every bounded one)")
     args = parser.parse_args(argv)
     os.environ["MEMKIT_BENCH_TYPECHECK"] = args.typecheck
@@ -63,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         entries = [e for e in entries if e.name in wanted]
     inputs = make_inputs((1, cfg.frames_per_segment, cfg.channels, cfg.height, cfg.width), 8, cfg.prompt_dim, 0)
     print(f"MEMKIT_TYPECHECK={args.typecheck} MEMKIT_CHECKS={os.environ.get('MEMKIT_CHECKS', '(unset)')}; "
-          f"load average {os.getloadavg()[0]:.1f}; bench backbone, one denoising step (network call)")  # fmt: skip
+          f"load average {os.getloadavg()[0]:.1f}; bench backbone, one denoising step (network call)"
+          f"{' through read plans' if args.plans else ' reading the states'}")  # fmt: skip
     for e in entries:
         host = BackboneHost(e, cfg, 8, inputs, 0)
         states = _warm(host, 24)
@@ -72,8 +80,18 @@ def main(argv: list[str] | None = None) -> int:
         x = inputs.x[0]
         prompt, mask = inputs.prompt(s)
         t = torch.full((1,), 0.5)
+        net = host.net
+        if args.plans:
+            with torch.no_grad():
+                read_from = net.plan_reads(states, pos, prompt=prompt, prompt_mask=mask)
+            per_segment = {
+                "plan_reads": functools.partial(net.plan_reads, states, pos, prompt=prompt, prompt_mask=mask),
+                "write (clean pass)": functools.partial(net.write, x, states, pos, prompt=prompt, prompt_mask=mask),
+            }
+        else:
+            read_from, per_segment = states, {}
 
-        def step(net: Any = host.net, states: Any = states, args: tuple[Any, ...] = (x, t, pos, prompt, mask)) -> Any:
+        def step(net: Any = net, states: Any = read_from, args: tuple[Any, ...] = (x, t, pos, prompt, mask)) -> Any:
             x, t, pos, prompt, mask = args
             with torch.no_grad():
                 return net(x, t, states, pos, prompt=prompt, prompt_mask=mask)
@@ -105,6 +123,15 @@ def main(argv: list[str] | None = None) -> int:
         print("   top own time:")
         for tt, _ct, label in sorted(rows, reverse=True)[: args.top]:
             print(f"     {tt / args.steps * 1000:8.3f} ms  {label}")
+        for name, fn in per_segment.items():
+            with torch.no_grad():
+                fn()
+                times = []
+                for _ in range(max(3, args.steps // 4)):
+                    t0 = time.perf_counter()
+                    fn()
+                    times.append(time.perf_counter() - t0)
+            print(f"   per segment: {name:<20} {statistics.median(times) * 1000:8.2f} ms (median, unprofiled)")
     return 0
 
 

@@ -19,8 +19,9 @@ def rotary_angles(positions: Tensor, dim: int, theta: float = 10000.0) -> tuple[
     inv_freq = theta ** (-torch.arange(0, dim, 2, device=positions.device, dtype=torch.float64) / dim)
     # float64 angles: frame indices in the tens of thousands keep their precision
     angles = positions.to(torch.float64)[..., None] * inv_freq
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float(), angles.sin().float()
+    # the two halves share their angles: cos and sin of one half, then each copied (same values, half the work)
+    cos, sin = angles.cos().float(), angles.sin().float()
+    return torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
 
 
 def apply_rotary(x: Tensor, positions: Tensor, theta: float = 10000.0, rotary_dim: int | None = None) -> Tensor:
@@ -29,6 +30,9 @@ def apply_rotary(x: Tensor, positions: Tensor, theta: float = 10000.0, rotary_di
     rd = d if rotary_dim is None else rotary_dim
     if positions.ndim == 2:
         positions = positions[:, None, :]
+    elif positions.shape[1] > 1 and positions.stride(1) == 0:
+        # positions shared by every head (a context expanded over h): one table, broadcast over the heads
+        positions = positions[:, :1]
     cos, sin = rotary_angles(positions, rd, theta)
     return rotate_with(x, cos, sin)
 
@@ -39,10 +43,12 @@ def rotate_with(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     Equals :func:`apply_rotary` at the table's positions (the same arithmetic, so the same bits).
     """
     rd = cos.shape[-1]
-    rot, rest = x[..., :rd], x[..., rd:]
-    x1, x2 = rot.float().chunk(2, dim=-1)
-    rotated = rot.float() * cos + torch.cat([-x2, x1], dim=-1) * sin
-    return torch.cat([rotated.to(x.dtype), rest], dim=-1)
+    rot = x[..., :rd].float()
+    x1, x2 = rot.chunk(2, dim=-1)
+    rotated = (rot * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
+    if rd == x.shape[-1]:  # every channel rotates: nothing to append (and no copy to make)
+        return rotated
+    return torch.cat([rotated, x[..., rd:]], dim=-1)
 
 
 # the segment's own tokens sit at the same positions in every layer and at every denoising step
