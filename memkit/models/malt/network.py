@@ -365,6 +365,32 @@ class MALTNetwork(nn.Module):
             for block, state in zip(self.block_list, states, strict=True)
         )
 
+    def compile_reads(self, **options: Any) -> "MALTNetwork":
+        """Compile every block's read + rotary + attention with ``torch.compile(fullgraph=True, **options)``.
+
+        An opt-in (see :meth:`memkit.MemoryAttention.compile_read_attend`): each block's
+        memory read (through a read plan or a state), the rotary embedding of the keys and the
+        attention run as one compiled graph per block; the projections, MLPs and the write
+        stay eager. Outputs equal the eager network's (``backend="eager"`` traces only, for a
+        quick check; the default inductor backend generates code, which is where a speed-up
+        can come from, after a first call that compiles). Returns the network.
+
+        Example:
+            >>> import torch
+            >>> from memkit.models.malt import MALTConfig, MALTNetwork
+            >>> net = MALTNetwork(MALTConfig.preset("tiny", memory={"name": "fifo", "kwargs": {"frames": 4}}))
+            >>> eager = MALTNetwork(net.config)
+            >>> _ = eager.load_state_dict(net.state_dict())
+            >>> _ = net.compile_reads(backend="eager")
+            >>> states, pos = net.init_states(1), net.segment_positions(1, 1)
+            >>> x, t = torch.randn(1, 2, 3, 8, 8), torch.ones(1)
+            >>> torch.equal(net(x, t, states, pos), eager(x, t, states, pos))
+            True
+        """
+        for block in self.block_list:
+            block.attn.compile_read_attend(**options)
+        return self
+
     @typechecked
     def forward(
         self,
