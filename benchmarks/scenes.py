@@ -313,7 +313,8 @@ def cutoff_precision(cutoffs: tuple[float | None, ...] = CUTOFFS, clips: int = 1
                     )
                     slots = zip(ctx.positions[0, 0, ::t], ctx.mask[0, 0, ::t], strict=True)
                     got = [ids[int(x) // f] for x, ok in slots if ok]
-                    pool = [ids[int(q) // f] for q, ok in zip(state.pool.pos[0], state.pool.valid[0], strict=True) if ok]
+                    held_slots = zip(state.pool.pos[0], state.pool.valid[0], strict=True)
+                    pool = [ids[int(x) // f] for x, ok in held_slots if ok]
                     right = sum(1 for x in got if x == ids[s])
                     hits, returned, reads = hits + right, returned + len(got), reads + 1
                     if ids[s] in pool:
