@@ -21,7 +21,7 @@ ROWS = [
     ["memkit/integrations/"],
     ["memkit/data/"],
     ["memkit/train/"],
-    ["memkit/testing.py"],
+    ["memkit/testing/"],
     ["memkit/cli.py", "memkit/demo.py", "memkit/tour.py"],
 ]
 
