@@ -44,3 +44,26 @@ def test_reads_and_writes_of_every_memory_compile_in_one_process():
             context = torch.compile(mem.read, fullgraph=True, backend="eager")(written, query)
             eager = mem.read(mem.write(state, chunk), query)
             assert torch.equal(context.k, eager.k) and torch.equal(context.mask, eager.mask)
+
+
+def test_frame_buffer_memories_compile_fullgraph():
+    """The memories made of FrameBuffer sub-states (issue 13), quantized ones included, trace whole."""
+    memories = [
+        memkit.CompressedWindowMemory(H, D, T, sink_frames=1, window_frames=2),
+        memkit.PackedHistoryMemory(H, D, T, frames_per_level=2, levels=2),
+        memkit.PoseRetrievalMemory(H, D, T, meta_dim=3, capacity=3, top_k=2),
+        memkit.quantized(memkit.SinkWindowMemory(H, D, T, sink_frames=1, window_frames=2)),
+        memkit.quantized(memkit.SparseKVMemory(H, D, T, capacity=4, top_k=2, always_frames=1)),
+    ]
+    gen = torch.Generator().manual_seed(0)
+    k, meta = torch.randn(1, H, 2 * T, D, generator=gen), torch.randn(1, 2, 3, generator=gen)
+    hidden = torch.randn(1, 2 * T, DIM, generator=gen)
+    chunk = memkit.Chunk(k, k, hidden, torch.tensor([[0, 1]]), T, frame_meta=meta)
+    query = memkit.Query(torch.randn(1, H, 2 * T, D, generator=gen), torch.tensor([[2, 3]]), T, frame_meta=meta)
+    with torch.no_grad():
+        for mem in memories:
+            state = mem.init_state(1)
+            written = torch.compile(mem.write, fullgraph=True, backend="eager")(state, chunk)
+            context = torch.compile(mem.read, fullgraph=True, backend="eager")(written, query)
+            eager = mem.read(mem.write(state, chunk), query)
+            assert torch.equal(context.k, eager.k) and torch.equal(context.mask, eager.mask), mem
