@@ -14,6 +14,7 @@ memories that store no frames too; they live in :mod:`memkit.checks` and are re-
 here for code that imported them from this module.
 """
 
+import math
 from typing import ClassVar
 
 import torch
@@ -51,6 +52,15 @@ def split_frames(x: Tensor, tokens_per_frame: int) -> Tensor:
 
 def gather_frames(x: Tensor, index: Tensor, axis: int) -> Tensor:
     """Select frames of ``x`` along ``axis`` with a per-batch ``index (b F')``."""
+    if 0 < axis < x.ndim - 1 and x.is_contiguous() and x.shape[axis] and index.shape[0] == x.shape[0]:
+        # a frame is a contiguous row of everything after ``axis``: copying rows (index_select) is
+        # several times faster than an element-wise gather with the index expanded over every element
+        b, frames = x.shape[0], x.shape[axis]
+        lead = x.shape[1:axis]
+        outer = math.prod(lead)
+        base = (torch.arange(b * outer, device=index.device) * frames).view(b, outer, 1)
+        rows = x.reshape(b * outer * frames, -1).index_select(0, (base + index[:, None, :]).reshape(-1))
+        return rows.view(b, *lead, index.shape[1], *x.shape[axis + 1 :])
     shape = [1] * x.ndim
     shape[0], shape[axis] = index.shape
     expanded = index.reshape(shape).expand(*x.shape[:axis], index.shape[1], *x.shape[axis + 1 :])
