@@ -144,23 +144,23 @@ def test_printed_layers_show_their_memory() -> None:
 
 # ------------------------------------------------------------------------------- atomic writes
 def test_one_atomic_helper_writes_every_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import memkit.io
+    import memkit.atomic
 
     written: list[str] = []
-    real = memkit.io.atomic_path
+    real = memkit.atomic.atomic_path
 
     def spy(path: str | os.PathLike[str]):  # type: ignore[no-untyped-def]
         written.append(Path(path).name)
         return real(path)
 
-    monkeypatch.setattr(memkit.io, "atomic_path", spy)
+    monkeypatch.setattr(memkit.atomic, "atomic_path", spy)
     mem = memkit.FIFOMemory(2, 4, 1, frames=2)
     memkit.save_states(tmp_path / "s.safetensors", mem.init_state(1), mem)
     _net().save_pretrained(tmp_path / "ckpt")
     assert written == ["s.safetensors", "model.safetensors", "config.json"]
     for name in ("s.safetensors", "ckpt/model.safetensors", "ckpt/config.json"):
         # the permissions of any new file (0o666 less the umask), not the temporary file's private 0o600
-        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~memkit.io._umask(), name
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~memkit.atomic._umask(), name
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
 
 

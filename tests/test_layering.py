@@ -15,7 +15,7 @@ ROWS = [
     ["memkit/protocol.py", "memkit/state.py", "memkit/checks.py"],
     ["memkit/attention/"],
     ["memkit/memories/"],
-    ["memkit/io.py", "memkit/media.py"],
+    ["memkit/io.py", "memkit/atomic.py", "memkit/media.py"],
     ["memkit/layers/"],
     ["memkit/models/"],
     ["memkit/integrations/"],

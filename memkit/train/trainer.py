@@ -199,14 +199,14 @@ def _optimizer(net: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
 def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 
-    from memkit.io import atomic_path
+    from memkit.atomic import atomic_path
 
     with atomic_path(path) as tmp:
         save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def _atomic_text(text: str, path: Path) -> None:
-    from memkit.io import atomic_write_text
+    from memkit.atomic import atomic_write_text
 
     atomic_write_text(path, text)
 
@@ -257,7 +257,7 @@ def save_training(
     import shutil
     import tempfile
 
-    from memkit.io import fsync_dir
+    from memkit.atomic import fsync_dir
 
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{_TRAIN_DIR}-", suffix=".tmp", dir=out))

@@ -595,7 +595,7 @@ class MALTNetwork(nn.Module):
         """
         from safetensors.torch import save_file
 
-        from memkit.io import atomic_path, atomic_write_text
+        from memkit.atomic import atomic_path, atomic_write_text
 
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
