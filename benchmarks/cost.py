@@ -163,8 +163,10 @@ class BackboneHost:
         pos = self.net.segment_positions(s, 1)
         noise = self.inputs.x[s % len(self.inputs.x)]
         prompt, mask = self.inputs.prompt(s)
-        x = self.sampler.sample(self.net, noise, states, pos, prompt=prompt, prompt_mask=mask)
-        return self.net.write(x, states, pos, prompt=prompt, prompt_mask=mask)
+        # as memkit's stream runs a segment: one read plan for the denoising steps and the clean pass
+        plans = self.net.plan_reads(states, pos, prompt=prompt, prompt_mask=mask)
+        x = self.sampler.sample(self.net, noise, plans, pos, prompt=prompt, prompt_mask=mask)
+        return self.net.write(x, plans, pos, prompt=prompt, prompt_mask=mask)
 
 
 class TinyHost:

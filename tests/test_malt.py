@@ -261,3 +261,29 @@ def test_layer_text_keys_reach_each_prompt_bank_as_that_layers_cross_attention_k
     assert not torch.allclose(seen[0], seen[1])  # each layer scores with its own keys
     with pytest.raises(ConfigError, match="needs prompt_mode='cross'"):
         MALTConfig.preset("tiny", prompt_dim=6, memory_text_keys="layer")
+
+
+@pytest.mark.parametrize(
+    "memory",
+    [
+        {"name": "sink_window", "kwargs": {"sink_frames": 1, "window_frames": 2}},
+        {"name": "sparse_kv", "kwargs": {"capacity": 4, "top_k": 2, "always_frames": 1}},
+    ],
+)
+def test_the_clean_pass_through_plans_writes_the_same_states(memory) -> None:
+    """``write`` through the segment's read plans (as ``stream`` does) writes what ``write`` through the states
+    writes, bit for bit, and hands back states (not plans); the last block only writes."""
+    torch.manual_seed(0)
+    net = MALTNetwork(MALTConfig.preset("tiny", memory=memory)).eval()
+    states = net.init_states(1)
+    with torch.no_grad():
+        for s in range(3):
+            states = net.write(torch.randn(1, 2, 3, 8, 8), states, net.segment_positions(s, 1))
+        pos, x = net.segment_positions(3, 1), torch.randn(1, 2, 3, 8, 8)
+        plans = net.plan_reads(states, pos)
+        through_plans = net.write(x, plans, pos)
+        through_states = net.write(x, states, pos)
+    assert not any(isinstance(s, memkit.layers.LayerPlan) for s in through_plans)
+    got, want = torch.utils._pytree.tree_leaves(through_plans), torch.utils._pytree.tree_leaves(through_states)
+    assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(got, torch.utils._pytree.tree_leaves(states), strict=True))

@@ -324,6 +324,17 @@ class MemoryAttention(nn.Module):
         chunk = Chunk(k, v, x, frame_positions, t, prompt, prompt_mask, frame_meta=frame_meta)
         return y, self.memory.write(state, chunk)
 
+    def _write_only(
+        self, x: Tensor, state: Any, frame_positions: Tensor, prompt: Tensor | None, prompt_mask: Tensor | None,
+        frame_meta: Tensor | None = None,
+    ) -> Any:  # fmt: skip
+        """What ``step(..., write=True)`` writes, without the attention (a host that discards ``y``)."""
+        t = x.shape[1] // frame_positions.shape[1]
+        _, k, v = self._project(x)
+        if isinstance(state, LayerPlan):
+            state = state.state
+        return self.memory.write(state, Chunk(k, v, x, frame_positions, t, prompt, prompt_mask, frame_meta=frame_meta))
+
     def compile_read_attend(self, **options: Any) -> "MemoryAttention":
         """Run each step's read + rotary + attention through ``torch.compile(fullgraph=True, **options)``.
 

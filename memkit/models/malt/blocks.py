@@ -124,7 +124,9 @@ class MALTBlock(nn.Module):
         mem_prompt_mask: Tensor | None,
         cross_ctx: tuple[Tensor, Tensor] | None,
         frame_meta: Tensor | None = None,
+        output: bool = True,
     ) -> tuple[Tensor, Any]:
+        """``(h, state)``; ``output=False``: only the memory write (``h`` returned as it came in)."""
         t = h.shape[1] // frame_positions.shape[1]
         mod = self.ada(cond).repeat_interleave(t, dim=1)  # (b n 6D)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
@@ -132,6 +134,10 @@ class MALTBlock(nn.Module):
         if self.layer_text_keys and self.cross is not None and mem_prompt is not None:
             # this block's own text keys (the key half of its cross-attention projection), as MemFlow scores its bank
             mem_prompt = self.cross.to_kv(mem_prompt)[..., : mem_prompt.shape[-1]]
+        if not output:  # the clean pass's last block: its output is never used, only the write is
+            if write:
+                state = self.attn._write_only(x, state, frame_positions, mem_prompt, mem_prompt_mask, frame_meta)
+            return h, state
         a, state = self.attn.step(
             x, state, frame_positions, mem_prompt, mem_prompt_mask, write=write, frame_meta=frame_meta
         )

@@ -22,7 +22,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from memkit.errors import CheckpointError, ShapeError
-from memkit.layers import init_memory_states
+from memkit.layers import LayerPlan, init_memory_states
 from memkit.memories.registry import build_from_spec
 from memkit.models.malt.blocks import MALTBlock, _modulate, patchify, sincos_2d, timestep_embedding, unpatchify
 from memkit.models.malt.config import MALTConfig, MemorySpec
@@ -283,9 +283,12 @@ class MALTNetwork(nn.Module):
         return _Stream(h, cond, frame_positions, mem_prompt, mem_mask, cross_ctx, frame_meta)
 
     def _blocks(
-        self, s: "_Stream", states: tuple[Any, ...], blocks: range, *, write: bool
+        self, s: "_Stream", states: tuple[Any, ...], blocks: range, *, write: bool, last_output: bool = True
     ) -> tuple["_Stream", tuple[Any, ...]]:
-        """Run ``blocks`` (indices) on the stream; with ``write``, their memories write the segment."""
+        """Run ``blocks`` (indices) on the stream; with ``write``, their memories write the segment.
+
+        ``last_output=False``: the last block only writes its memory (the clean pass discards its output).
+        """
         h, new_states = s.h, list(states)
         for i in blocks:
             block = self.block_list[i]
@@ -299,6 +302,7 @@ class MALTNetwork(nn.Module):
                 mem_prompt_mask=s.mem_mask,
                 cross_ctx=s.cross_ctx,
                 frame_meta=s.frame_meta,
+                output=last_output or i != blocks[-1],
             )
         return dataclasses.replace(s, h=h), like_states(states, new_states)
 
@@ -428,13 +432,19 @@ class MALTNetwork(nn.Module):
         """The clean pass: run the finished segment ``x`` through the network at noise level
         ``t`` (default 0) and write every memory layer; returns the next states.
 
-        Only blocks up to the last memory block run (later blocks write nothing).
+        Only blocks up to the last memory block run (later blocks write nothing). ``states``
+        may be the segment's read plans (:meth:`plan_reads`, as the sampler made them for its
+        denoising steps): the clean pass then reads through them too, and the states they hold
+        are written (the result is the same, bit for bit).
         """
         if t is None:
             t = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
         stream = self._embed(x, t, states, frame_positions, prompt, prompt_mask, actions, None)
-        _, new = self._blocks(stream, states, range(self.write_depth), write=True)
-        return new
+        # the last block's attention output and MLP would be discarded: it only writes
+        _, new = self._blocks(stream, states, range(self.write_depth), write=True, last_output=False)
+        # written through read plans (the sampler's, reused by the clean pass): blocks past the
+        # last memory block kept their plan; hand back the state it holds
+        return tuple(s.state if isinstance(s, LayerPlan) else s for s in new)
 
     @typechecked
     def recache(

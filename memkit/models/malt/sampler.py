@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from memkit.errors import ShapeError
+from memkit.layers import LayerPlan
 from memkit.models.malt.codec import IdentityCodec, LatentCodec
 from memkit.models.malt.diffusion import FlowMatching
 from memkit.models.malt.network import MALTNetwork
@@ -77,9 +78,10 @@ class EulerSampler:
         b = x.shape[0]
         times = torch.linspace(1.0, 0.0, self.steps + 1, dtype=torch.float64).tolist()
         guided = prompt is not None and self.cfg_scale != 1.0
-        # what no step's queries change is read once for the segment (outputs unchanged, bit for bit)
+        # what no step's queries change is read once for the segment (outputs unchanged, bit for bit);
+        # states that are already the segment's plans (net.plan_reads) are read through as they are
         plan_reads = getattr(net, "plan_reads", None)  # any velocity model will do; a MALTNetwork plans
-        if plan_reads is not None:
+        if plan_reads is not None and not any(isinstance(s, LayerPlan) for s in states):
             states = plan_reads(states, frame_positions, prompt=prompt, prompt_mask=prompt_mask, actions=actions)
         for t, t_next in itertools.pairwise(times):
             tt = torch.full((b,), t, device=x.device, dtype=x.dtype)
@@ -251,6 +253,10 @@ def stream(
                 x = ctx_latents[:, j * F_ : (j + 1) * F_]
             else:
                 noise = torch.randn(shape, generator=generator, device=generator.device).to(device=device, dtype=dtype)
+                # one plan for the denoising steps and the clean pass: the write reads through it too
+                plan_reads = getattr(net, "plan_reads", None)
+                if plan_reads is not None:
+                    states = plan_reads(states, pos, prompt=p, prompt_mask=pm, actions=act)
                 x = sampler.sample(net, noise, states, pos, prompt=p, prompt_mask=pm, actions=act)
             written, t_w = x, None
             if sampler.write_noise > 0:  # drawn only then: the default keeps every seed's video unchanged
