@@ -75,6 +75,13 @@ class TrainConfig:
             parameter whose name and shape match is copied (its EMA weights); the others (a new
             memory's) keep their fresh initialisation. Only at step 0: a resumed run ignores it.
             ``None`` = train from scratch.
+        retrieval_weight: weight of the auxiliary retrieval loss that trains a
+            :class:`memkit.PromptBankMemory`'s relevance (:mod:`memkit.train.retrieval`: a
+            segment's prompt should score the frames written under the same prompt above the
+            others). ``0`` (default): none, the flow-matching loss alone.
+        retrieval_detach_keys: the retrieval loss trains only the prompt projection (written
+            keys detached); ``False`` lets it also shape the keys, which must carry the prompt
+            they were written under when a clip's prompts and pictures are drawn afresh.
 
     Example:
         >>> cfg = TrainConfig.preset("tiny")
@@ -104,6 +111,8 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 500
     init_from: str | None = None
+    retrieval_weight: float = 0.0
+    retrieval_detach_keys: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
@@ -122,6 +131,10 @@ class TrainConfig:
             raise ConfigError(f"truncate_segments must be None or positive, got {self.truncate_segments}")
         if not 0.0 <= self.write_noise <= 1.0 or not 0.0 <= self.prompt_dropout <= 1.0:
             raise ConfigError("write_noise and prompt_dropout must lie in [0, 1]")
+        weight = self.retrieval_weight
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0.0 <= weight < float("inf"):
+            raise ConfigError(f"retrieval_weight must be a finite number >= 0, got {weight!r}")
+        self.retrieval_weight = float(weight)
         want_actions = 4 if self.data.pose_actions else 2
         if self.model.action_dim not in (0, want_actions):
             raise ConfigError(

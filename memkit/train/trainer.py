@@ -60,6 +60,11 @@ class UnrolledLoss(nn.Module):
             segment's loss). ``None``: backprop through the whole unroll.
         fused: run each segment's denoising and clean passes as one batch
             (:meth:`MALTNetwork.denoise_and_write`; same loss, fewer layer calls).
+        retrieval_weight: weight of the auxiliary retrieval loss of the
+            :class:`memkit.PromptBankMemory` layers (:mod:`memkit.train.retrieval`), added to
+            the flow-matching loss; ``0`` (default) computes none.
+        retrieval_detach_keys: the retrieval loss sees the written keys detached, so it trains
+            only the prompt projection(s); ``False`` also lets it shape the keys.
 
     Example:
         >>> import torch
@@ -79,9 +84,14 @@ class UnrolledLoss(nn.Module):
         prompt_dropout: float = 0.0,
         truncate_segments: int | None = None,
         fused: bool = True,
+        retrieval_weight: float = 0.0,
+        retrieval_detach_keys: bool = False,
     ) -> None:
         super().__init__()
         self.net, self.flow, self.fused = net, flow, fused
+        self.retrieval_weight, self.retrieval_detach_keys = retrieval_weight, retrieval_detach_keys
+        #: the last forward's retrieval loss (a float), or None without one
+        self.last_retrieval: float | None = None
         self.write_noise, self.prompt_dropout, self.truncate_segments = write_noise, prompt_dropout, truncate_segments
 
     def forward(
@@ -110,6 +120,8 @@ class UnrolledLoss(nn.Module):
         if prompt is not None:
             drop = (torch.rand(b, generator=g) < self.prompt_dropout).to(device)
         losses = []
+        retrieval = self.retrieval_weight > 0 and prompt is not None
+        written: list[tuple[Any, ...]] = []
         for s in range(segments):
             x0 = video[:, s]
             pos = net.segment_positions(s, b, device)
@@ -134,10 +146,30 @@ class UnrolledLoss(nn.Module):
                     v = net(xt, t, states, pos, drop_prompt=drop, **cond)
                     write_from = map_tensors(Tensor.detach, states) if cut else states
                     states = net.write(xw, write_from, pos, t=tw, **cond)
+                if retrieval:
+                    written.append(states)
             else:
                 v = net(xt, t, states, pos, drop_prompt=drop, **cond)
             losses.append(flow.loss(v, x0, noise))
-        return torch.stack(losses).mean()
+        loss = torch.stack(losses).mean()
+        self.last_retrieval = None
+        if retrieval and prompt is not None:
+            aux = self._retrieval(written, prompt, prompt_mask)
+            self.last_retrieval = float(aux.detach())
+            loss = loss + self.retrieval_weight * aux
+        return loss
+
+    def _retrieval(self, written: list[tuple[Any, ...]], prompt: Tensor, prompt_mask: Tensor | None) -> Tensor:
+        """The banks' retrieval loss over the clip's writes (:func:`memkit.train.retrieval.bank_retrieval_loss`)."""
+        from memkit.train.retrieval import bank_retrieval_loss, collect_bank_keys, same_prompt
+
+        banks = collect_bank_keys(self.net, written)
+        if self.retrieval_detach_keys:
+            banks = [(mem, keys.detach(), ok) for mem, keys, ok in banks]
+        seen = prompt
+        if self.net.prompt_proj is not None:  # what the memories are handed (MALTNetwork._embed)
+            seen = self.net.prompt_proj(prompt.to(self.net.patch_in.weight.dtype))
+        return bank_retrieval_loss(banks, seen, prompt_mask, same_prompt(prompt, prompt_mask))
 
 
 @dataclasses.dataclass
@@ -416,7 +448,10 @@ def train(
         write_noise=config.write_noise,
         prompt_dropout=config.prompt_dropout,
         truncate_segments=config.truncate_segments,
+        retrieval_weight=config.retrieval_weight,
+        retrieval_detach_keys=config.retrieval_detach_keys,
     )
+    unrolled = module
     if world > 1:
         # with one-segment unrolls the memory's write parameters take no part in the loss
         unused = min(config.segments_at(s) for s in range(step, max(total, step + 1))) < 2
@@ -472,6 +507,8 @@ def train(
                     "grad_norm": float(grad_norm),
                     "seconds": time.perf_counter() - started,
                 }
+                if isinstance(unrolled, UnrolledLoss) and unrolled.last_retrieval is not None:
+                    record["retrieval"] = unrolled.last_retrieval
                 log.write(json.dumps(record) + "\n")
                 log.flush()
             if bar is not None:
