@@ -17,7 +17,8 @@ Figures: PSNR and SSIM of the generated frames against the truth (recent returns
 segments before the last; the long return: the last), and for the banks the precision of a
 read (the share of the frames it returns that show the prompted scene), the share of reads
 that return at least one frame of it, and the frames a read returns; averaged over the memory
-layers, read with the network's own projected prompt, as the backbone reads.
+layers, read with the network's own projected prompt, as the backbone reads. A reference row
+scores a flat grey frame on the same frames.
 """
 
 import dataclasses
@@ -257,6 +258,18 @@ def scenes_section(st: ScenesSettings) -> Section:
             sec.add("reads_with_scene", reads_hit / reads, "fraction", params=p, n=reads)
             sec.add("frames_per_read", returned / reads, "frames", params=p, n=reads)
             sec.add("precision_long_return", long_hits / max(long_returned, 1), "fraction", params=p, n=long_returned)
+    # a reference on the same frames: a flat grey frame, what a model that knows nothing should beat (a scene's
+    # frames repeat exactly when it returns, so perfect recall would reproduce them)
+    truth = video[:, k0:]
+    references = {"reference: grey frame": torch.zeros_like(truth)}
+    for label, guess in references.items():
+        p = {"memory": label, "recache": False}
+        recent = slice(0, long_return - k0)
+        flat = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731
+        sec.add("psnr_recent", _psnr(flat(guess[:, recent]), flat(truth[:, recent])), "dB", params=p)
+        sec.add("psnr_long_return", _psnr(guess[:, -1], truth[:, -1]), "dB", params=p)
+        sec.add("ssim_recent", _ssim(flat(guess[:, recent]), flat(truth[:, recent])), "", params=p)
+        sec.add("ssim_long_return", _ssim(guess[:, -1], truth[:, -1]), "", params=p)
     for row in cutoff_precision(clips=2 if st.quick else 16):
         p = {"memory": "PromptBankMemory (memory level)", "cutoff": row["cutoff"]}
         for name in ("precision", "frames_per_read", "recall"):

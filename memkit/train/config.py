@@ -267,7 +267,8 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # the scenes world (prompt switches, returns to a scene not prompted for a while): 4 scenes a clip,
     # the scene switching at every one-frame segment; a PromptBank of 3 frames (parameter-free, so
     # SinkWindow, SparseKV... swap in), fine-tuned from the bundled SparseKV backbone (only the prompt
-    # projection is new); a short run on CPU (docs/guides/training.md, "The scenes checkpoint")
+    # projection is new) with the retrieval loss; ~19 min on one CPU core (docs/guides/training.md,
+    # "The scenes checkpoint")
     "demo-scenes": {
         **_demo({"name": "prompt_bank", "kwargs": {"bank_frames": 3}}),
         **dict(
@@ -282,12 +283,15 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
                 "memory_max_distance": 0,
             },
             data=dict(world="scenes", kwargs={"num_scenes": 4}, pose_actions=True),
-            steps=400,
+            steps=700,
             segments=10,
             curriculum=[],
             lr=2e-3,
             checkpoint_every=100,
             init_from="demo-sparse_kv",
+            # the bank's top-B choice gives the prompt projection no gradient: the retrieval loss trains it
+            # (and lets the written keys carry the prompt they were written under; memkit.train.retrieval)
+            retrieval_weight=1.0,
         ),
     },
     # MALT's memory as far as the paper establishes it (docs/memories/recurrent.md): each memory
