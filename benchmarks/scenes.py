@@ -33,7 +33,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from benchmarks.common import Section
-from benchmarks.markdown import table
+from benchmarks.markdown import skipped, table
 
 SECTION = "scenes"
 
@@ -359,12 +359,10 @@ def _val(sec: dict[str, Any], name: str, label: str) -> float | None:
 
 def render_scenes(add: Callable[[str], None], sec: dict[str, Any] | None, plots: list[str], image_dir: str) -> None:
     """The prompt-switch table (and its plot when drawn)."""
+    if skipped(add, sec, "Prompt switches (scenes world)") or sec is None:
+        return
     add("## Prompt switches (scenes world)")
     add("")
-    if not sec or sec.get("status") == "skipped":
-        add("Not measured in this run" + (f": {sec['notes'][-1]}" if sec and sec.get("notes") else "") + ".")
-        add("")
-        return
     cfg = sec["config"]
     st = cfg["settings"]
     k0, schedule = st["context_segments"], st["schedule"]

@@ -19,6 +19,7 @@ from typing import Any
 
 from benchmarks.common import Section
 from benchmarks.length import _first_memory, candidate_checkpoints
+from benchmarks.markdown import skipped
 
 CANVASES = ("procedural", "photos")
 AS_TRAINED = "as trained"
@@ -223,12 +224,10 @@ def _show(vals: tuple[float | None, ...], digits: int) -> str:
 
 def render_swap(add: Callable[[str], None], sec: dict[str, Any] | None) -> None:
     """The interchangeability table: one row per memory swapped in, one column group per weights."""
+    if skipped(add, sec, "Interchangeability") or sec is None:
+        return
     add("## Interchangeability")
     add("")
-    if not sec or sec.get("status") == "skipped":
-        add("Not measured in this run" + (f": {sec['notes'][-1]}" if sec and sec.get("notes") else "") + ".")
-        add("")
-        return
     cfg = sec["config"]
     m = cfg["multiple"]
     add(

@@ -10,9 +10,7 @@ configured memory, the others :class:`memkit.NoMemory`. The MALT life cycle:
 """
 
 import dataclasses
-import json
 import math
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -32,7 +30,6 @@ from memkit.typing import Bool, Float, Int, at_door, check_shape, typechecked
 
 __all__ = ["MALTNetwork", "CheckpointError", "patchify", "unpatchify"]
 
-_WEIGHTS, _CONFIG = "model.safetensors", "config.json"
 
 #: ``prediction="x0"``: the velocity ``(x_t - x0) / t`` divides by at least this (as JiT does),
 #: so the velocity loss weights the clean-sample error by at most ``1 / 0.05**2``.
@@ -575,27 +572,9 @@ class MALTNetwork(nn.Module):
             >>> net.with_memory("fifo").config.memory.name
             'fifo'
         """
-        spec = MemorySpec.from_dict(memory)
-        other = MALTNetwork(self.config.replace(memory=spec), trust_remote_code=trust_remote_code)
-        other = other.to(device=self.spatial.device, dtype=self.spatial.dtype)
-        own = self.state_dict()
-        target = other.state_dict()
-        shared = {k: v for k, v in own.items() if k in target and ".attn.memory." not in k}
-        for k, v in target.items():
-            if k in own and ".attn.memory." in k and own[k].shape == v.shape and spec.name == self.config.memory.name:
-                shared[k] = own[k]
-        fresh = [k for k in target if k not in shared]
-        other.load_state_dict(shared, strict=False)
-        if fresh:
-            shown = ", ".join(fresh[:3]) + (f", ... ({len(fresh)} in all)" if len(fresh) > 3 else "")
-            warnings.warn(
-                f"with_memory({spec.name!r}): {len(fresh)} parameter tensor(s) of the new memory were not in this "
-                f"network and keep their fresh initialisation ({shown}); train them before relying on the memory",
-                UserWarning,
-                stacklevel=2,
-            )
-        other.train(self.training)
-        return other
+        from memkit.models.malt.pretrained import copy_with_memory
+
+        return copy_with_memory(self, memory, trust_remote_code=trust_remote_code)
 
     def save_pretrained(self, directory: str | Path, state_dict: dict[str, Tensor] | None = None) -> Path:
         """Write ``model.safetensors`` and ``config.json`` into ``directory`` (created).
@@ -603,17 +582,9 @@ class MALTNetwork(nn.Module):
         Each file is written atomically (:func:`memkit.io.atomic_path`): a crash leaves the
         old file or the new one, never half of one.
         """
-        from safetensors.torch import save_file
+        from memkit.models.malt.pretrained import save_pretrained
 
-        from memkit.atomic import atomic_path, atomic_write_text
-
-        path = Path(directory)
-        path.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in (state_dict or self.state_dict()).items()}
-        with atomic_path(path / _WEIGHTS) as tmp:
-            save_file(tensors, str(tmp))
-        atomic_write_text(path / _CONFIG, json.dumps(self.config.to_dict(), indent=2) + "\n")
-        return path
+        return save_pretrained(self, directory, state_dict)
 
     @classmethod
     def from_pretrained(
@@ -642,35 +613,9 @@ class MALTNetwork(nn.Module):
             UntrustedCodeError: the config names ``"module:Class"`` and ``trust_remote_code``
                 is false (nothing was imported).
         """
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from memkit.models.malt.pretrained import load_pretrained
 
-        path = Path(directory)
-        if not path.is_dir():
-            raise CheckpointError(f"checkpoint folder {str(path)!r} does not exist")
-        for name in (_CONFIG, _WEIGHTS):
-            if not (path / name).is_file():
-                raise CheckpointError(f"checkpoint {str(path)!r} has no {name}")
-        try:
-            config = MALTConfig.from_dict(json.loads((path / _CONFIG).read_text()))
-        except (json.JSONDecodeError, TypeError) as err:
-            raise CheckpointError(f"cannot read {path / _CONFIG}: {err}") from err
-        try:
-            weights = load_file(str(path / _WEIGHTS))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-            raise CheckpointError(f"cannot read {path / _WEIGHTS}: {err}") from err
-        net = cls(config, trust_remote_code=trust_remote_code)
-        try:
-            net.load_state_dict(weights)
-        except RuntimeError as err:
-            first = str(err).strip().splitlines()[0:2]
-            raise CheckpointError(f"{path / _WEIGHTS} does not match its config: {' '.join(first)}") from err
-        if device is not None:
-            net = net.to(device)
-        net.eval()
-        if memory is not None:
-            net = net.with_memory(memory, trust_remote_code=trust_remote_code)
-        return net
+        return load_pretrained(cls, directory, memory=memory, device=device, trust_remote_code=trust_remote_code)
 
     def __repr__(self) -> str:
         c = self.config
