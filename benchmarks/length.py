@@ -65,7 +65,31 @@ def _variants(places: int, quick: bool) -> dict[str, dict[str, Any]]:
             "name": "sparse_kv",
             "kwargs": {"capacity": capacity, "top_k": 4, "always_frames": always},
         }
+    if not quick:
+        out.update(later_memories(places))
     return out
+
+
+def later_memories(places: int) -> dict[str, dict[str, Any]]:
+    """The memories issue 14 added (and MemFlow's as released), at the sizes the swap section uses."""
+    return {
+        f"compressed_window {places}+4": {
+            "name": "compressed_window",
+            "kwargs": {"sink_frames": places, "window_frames": 4, "pool": "token"},
+        },
+        "packed_history F8 L2": {
+            "name": "packed_history",
+            "kwargs": {"frames_per_level": 8, "levels": 2, "frame_shape": (4, 4)},
+        },
+        "pose_retrieval C40 k4": {"name": "pose_retrieval", "kwargs": {"meta_dim": 1, "capacity": 40, "top_k": 4}},
+        f"quantized sparse_kv C16 k4 A{places}": {
+            "name": "quantized",
+            "kwargs": {
+                "memory": {"name": "sparse_kv", "kwargs": {"capacity": 16, "top_k": 4, "always_frames": places}}
+            },
+        },
+        "MemFlow NAM+SMA": {"name": "memflow", "kwargs": {}},
+    }
 
 
 @dataclasses.dataclass
@@ -83,6 +107,7 @@ class LengthSettings:
     steps: int = 8
     variants: bool = True  # swap the frame memories of several sizes into the frame-memory checkpoint
     quick_variants: bool = False  # only one size per kind (a smoke run)
+    only: tuple[str, ...] = ()  # only these variants, no references (a run to merge into an earlier one)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -223,8 +248,13 @@ def length_section(st: LengthSettings) -> Section:
         world = dict(tc.data.kwargs)
         places = int(world.get("places", 8))
         is_host = path == host
+        if st.only and not is_host:
+            continue
         refs = ("grey",) if mem == "none" else (("none", "grey", "full") if is_host else ("none", "grey"))
         variants = _variants(places, st.quick_variants) if is_host and st.variants else {}
+        if st.only:
+            variants = {k: v for k, v in variants.items() if k in st.only}
+            refs = ()
         # a size equal to the trained memory is the trained memory: not run twice
         trained_repr = repr(_first_memory(net))
         same = [k for k, spec in variants.items() if repr(_first_memory(net.with_memory(spec))) == trained_repr]
@@ -317,7 +347,8 @@ def length_section(st: LengthSettings) -> Section:
     }
     for s in scored:
         _record(sec, s, st.multiple, at)
-    _judge(sec, scored, at)
+    if not st.only:  # a partial run to merge: its references (and so its targets) are in the earlier run
+        _judge(sec, scored, at)
     sec.series = {
         "memories": {
             f"{s.label} [{s.weights}]": {
