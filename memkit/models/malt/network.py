@@ -361,9 +361,13 @@ class MALTNetwork(nn.Module):
                 if prompt_mask is not None
                 else torch.ones(prompt.shape[:2], dtype=torch.bool, device=prompt.device)
             )
-        return tuple(
-            block.attn.plan(state, frame_positions, c.tokens_per_frame, mem_prompt, mem_mask, frame_meta)
-            for block, state in zip(self.block_list, states, strict=True)
+        # plans keep the states' names, so what a write through them returns is named too
+        return like_states(
+            states,
+            [
+                block.attn.plan(state, frame_positions, c.tokens_per_frame, mem_prompt, mem_mask, frame_meta)
+                for block, state in zip(self.block_list, states, strict=True)
+            ],
         )
 
     def compile_reads(self, **options: Any) -> "MALTNetwork":
@@ -441,7 +445,7 @@ class MALTNetwork(nn.Module):
         _, new = self._blocks(stream, states, range(self.write_depth), write=True, last_output=False)
         # written through read plans (the sampler's, reused by the clean pass): blocks past the
         # last memory block kept their plan; hand back the state it holds
-        return tuple(s.state if isinstance(s, LayerPlan) else s for s in new)
+        return like_states(states, [s.state if isinstance(s, LayerPlan) else s for s in new])
 
     @typechecked
     def recache(
