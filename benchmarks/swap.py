@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import Section
-from benchmarks.length import _first_memory, candidate_checkpoints
+from benchmarks.length import _first_memory, candidate_checkpoints, later_memories
 from benchmarks.markdown import skipped
 
 CANVASES = ("procedural", "photos")
@@ -47,6 +47,7 @@ def eval_with(places: int, quick: bool) -> dict[str, dict[str, Any]]:
     }
     if quick:
         return specs
+    later = later_memories(places)  # the memories the length section also scores, at the same sizes
     specs.update(
         {
             "sparse_kv C16 k4": {"name": "sparse_kv", "kwargs": {"capacity": 16, "top_k": 4}},
@@ -54,30 +55,19 @@ def eval_with(places: int, quick: bool) -> dict[str, dict[str, Any]]:
                 "name": "sparse_kv",
                 "kwargs": {"capacity": 16, "top_k": 4, "always_frames": places},
             },
-            f"compressed_window {places}+4": {
-                "name": "compressed_window",
-                "kwargs": {"sink_frames": places, "window_frames": 4, "pool": "token"},
-            },
+            f"compressed_window {places}+4": later[f"compressed_window {places}+4"],
             "compressed_window 0+4": {
                 "name": "compressed_window",
                 "kwargs": {"sink_frames": 0, "window_frames": 4, "pool": "token"},
             },
-            "packed_history F8 L2": {
-                "name": "packed_history",
-                "kwargs": {"frames_per_level": 8, "levels": 2, "frame_shape": (4, 4)},
-            },
-            "pose_retrieval C40 k4": {"name": "pose_retrieval", "kwargs": {"meta_dim": 1, "capacity": 40, "top_k": 4}},
-            f"quantized sparse_kv C16 k4 A{places}": {
-                "name": "quantized",
-                "kwargs": {
-                    "memory": {"name": "sparse_kv", "kwargs": {"capacity": 16, "top_k": 4, "always_frames": places}}
-                },
-            },
+            "packed_history F8 L2": later["packed_history F8 L2"],
+            "pose_retrieval C40 k4": later["pose_retrieval C40 k4"],
+            f"quantized sparse_kv C16 k4 A{places}": later[f"quantized sparse_kv C16 k4 A{places}"],
             # the published settings (issue 16), at one-frame segments: LongLive's 12-frame budget is
             # sink 3 + the frame being generated + 8 past; MemFlow's release defaults
             "LongLive 3+8": {"name": "sink_window", "kwargs": {"sink_frames": 3, "window_frames": 8}},
             "MemFlow NAM": {"name": "memflow", "kwargs": {"top_k": None}},
-            "MemFlow NAM+SMA": {"name": "memflow", "kwargs": {}},
+            "MemFlow NAM+SMA": later["MemFlow NAM+SMA"],
             "recurrent 32": {"name": "recurrent", "kwargs": {"slots": 32}},
         }
     )
