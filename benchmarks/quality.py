@@ -24,7 +24,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,13 +72,46 @@ def _patch_tokens(frames: Tensor, patch: int) -> Tensor:
 
 
 @torch.no_grad()
+def bank_reads(st: QualitySettings, mem: Any, clips: Iterable[int]) -> Iterator[tuple[int, list[int], list[int]]]:
+    """Every read of a scene shown before, by a PromptBank on text-aligned keys (section 4b's set-up).
+
+    Yields ``(prompted scene, scenes of the pool's valid frames, scenes of the returned valid
+    frames in slot order)``; ``clips`` are the clip indices (``st.seed + i`` seeds the clip).
+    """
+    from memkit.data import scene_clip
+
+    h, d, f, p = st.heads, st.head_dim, st.frames_per_segment, st.patch
+    e, t = h * d, (st.frame_size // p) ** 2
+    g = torch.Generator().manual_seed(st.seed)
+    proj = torch.randn(3 * p * p, e, generator=g) / math.sqrt(3 * p * p)
+    for clip_i in clips:
+        clip = scene_clip(st.seed + clip_i, f, st.segments, st.frame_size, num_scenes=3, prompt_dim=e)
+        ids = clip.scene_ids.tolist()
+        state = mem.init_state(1)
+        for s in range(st.segments):
+            prompt, pmask = clip.prompts[s][None], clip.prompt_mask[s][None]
+            pos = (s * f + torch.arange(f))[None]
+            if s > 0 and ids[s] in ids[:s]:
+                pool = [ids[int(x) // f] for x, ok in zip(state.pool.pos[0], state.pool.valid[0], strict=True) if ok]
+                q = torch.randn((1, h, f * t, d), generator=g)
+                ctx = mem.read(state, memkit.Query(q, pos, t, prompt, pmask))
+                slots = zip(ctx.positions[0, 0, ::t].tolist(), ctx.mask[0, 0, ::t].tolist(), strict=True)
+                yield ids[s], pool, [ids[int(x) // f] for x, ok in slots if ok]
+            # the segment's frames, keyed as a text-aligned model would key them
+            frames = clip.video[s * f : (s + 1) * f]
+            real = clip.prompts[s][clip.prompt_mask[s]]  # (p_real e)
+            text = real[torch.arange(t) % real.shape[0]]  # (t e)
+            keys = st.text_weight * text[None] + st.pixel_weight * (_patch_tokens(frames, p) @ proj)  # (f t e)
+            k = keys.reshape(f * t, h, d).permute(1, 0, 2)[None].contiguous()
+            state = mem.write(state, memkit.Chunk(k, k, torch.zeros(1, f * t, e), pos, t, prompt, pmask))
+
+
 def prompt_bank_precision(st: QualitySettings) -> Section:
     """Section 4b: PromptBank's retrieval precision on the scenes world, at memory level."""
     sec = Section("retrieval", "PromptBank retrieval precision (scenes world, memory level)")
     if not hasattr(memkit, "PromptBankMemory"):
         sec.skip("skipped: not available yet: memkit.PromptBankMemory")
         return sec
-    from memkit.data import scene_clip
 
     h, d, f, p = st.heads, st.head_dim, st.frames_per_segment, st.patch
     e = h * d
@@ -96,43 +129,19 @@ def prompt_bank_precision(st: QualitySettings) -> Section:
         "precision_all": "share of the prompted scene among all valid returned frames",
         "available": "share of evaluated reads whose pool held at least one frame of the prompted scene",
     }
-    g = torch.Generator().manual_seed(st.seed)
-    proj = torch.randn(3 * p * p, e, generator=g) / math.sqrt(3 * p * p)
     mem = memkit.PromptBankMemory(h, d, t, bank_frames=st.bank_frames)
     hits_r, total_r, hits_all, total_all, evaluated, available = 0, 0, 0, 0, 0, 0
-    for clip_i in tqdm(range(st.clips), desc="retrieval precision", unit="clip"):
-        clip = scene_clip(st.seed + clip_i, f, st.segments, st.frame_size, num_scenes=3, prompt_dim=e)
-        ids = clip.scene_ids.tolist()
-        state = mem.init_state(1)
-        for s in range(st.segments):
-            prompt, pmask = clip.prompts[s][None], clip.prompt_mask[s][None]
-            pos = (s * f + torch.arange(f))[None]
-            if s > 0 and ids[s] in ids[:s]:
-                evaluated += 1
-                pool_scenes = [
-                    ids[int(q) // f] for q, ok in zip(state.pool.pos[0], state.pool.valid[0], strict=True) if ok
-                ]
-                in_pool = sum(1 for x in pool_scenes if x == ids[s])
-                q = torch.randn((1, h, f * t, d), generator=g)
-                ctx = mem.read(state, memkit.Query(q, pos, t, prompt, pmask))
-                frame_pos = ctx.positions[0, 0, ::t].tolist()
-                frame_ok = ctx.mask[0, 0, ::t].tolist()
-                got = [ids[int(q) // f] for q, ok in zip(frame_pos, frame_ok, strict=True) if ok]
-                hits_all += sum(1 for x in got if x == ids[s])
-                total_all += len(got)
-                if in_pool:
-                    available += 1
-                    r = min(st.bank_frames, in_pool)
-                    hits_r += sum(1 for x in got[:r] if x == ids[s])
-                    total_r += r
-            # the segment's frames, keyed as a text-aligned model would key them
-            frames = clip.video[s * f : (s + 1) * f]
-            real = clip.prompts[s][clip.prompt_mask[s]]  # (p_real e)
-            text = real[torch.arange(t) % real.shape[0]]  # (t e)
-            keys = st.text_weight * text[None] + st.pixel_weight * (_patch_tokens(frames, p) @ proj)  # (f t e)
-            k = keys.reshape(f * t, h, d).permute(1, 0, 2)[None].contiguous()
-            chunk = memkit.Chunk(k, k, torch.zeros(1, f * t, e), pos, t, prompt, pmask)
-            state = mem.write(state, chunk)
+    clips = tqdm(range(st.clips), desc="retrieval precision", unit="clip")
+    for want, pool_scenes, got in bank_reads(st, mem, clips):
+        evaluated += 1
+        in_pool = sum(1 for x in pool_scenes if x == want)
+        hits_all += sum(1 for x in got if x == want)
+        total_all += len(got)
+        if in_pool:
+            available += 1
+            r = min(st.bank_frames, in_pool)
+            hits_r += sum(1 for x in got[:r] if x == want)
+            total_r += r
     if total_r == 0:
         sec.skip("skipped: no evaluated read found a frame of its scene in the pool")
         return sec

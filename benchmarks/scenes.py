@@ -298,47 +298,21 @@ def cutoff_precision(cutoffs: tuple[float | None, ...] = CUTOFFS, clips: int = 1
     read returns, and recall (share of the reads whose pool held a frame of the scene that
     return at least one).
     """
-    import math
-
     import memkit
-    from benchmarks.quality import QualitySettings, _patch_tokens
-    from memkit.data import scene_clip
+    from benchmarks.quality import QualitySettings, bank_reads
 
     st = QualitySettings(clips=clips)
-    h, d, f, p = st.heads, st.head_dim, st.frames_per_segment, st.patch
-    e, t = h * d, (st.frame_size // p) ** 2
+    t = (st.frame_size // st.patch) ** 2
     rows = []
     for cutoff in cutoffs:
-        g = torch.Generator().manual_seed(st.seed)
-        proj = torch.randn(3 * p * p, e, generator=g) / math.sqrt(3 * p * p)
-        mem = memkit.PromptBankMemory(h, d, t, bank_frames=st.bank_frames, min_relevance=cutoff)
+        mem = memkit.PromptBankMemory(st.heads, st.head_dim, t, bank_frames=st.bank_frames, min_relevance=cutoff)
         hits = returned = reads = held = recalled = 0
-        for clip_i in range(st.clips):
-            clip = scene_clip(st.seed + clip_i, f, st.segments, st.frame_size, num_scenes=3, prompt_dim=e)
-            ids = clip.scene_ids.tolist()
-            state = mem.init_state(1)
-            for s in range(st.segments):
-                prompt, pmask = clip.prompts[s][None], clip.prompt_mask[s][None]
-                pos = (s * f + torch.arange(f))[None]
-                if s > 0 and ids[s] in ids[:s]:
-                    ctx = mem.read(
-                        state, memkit.Query(torch.randn((1, h, f * t, d), generator=g), pos, t, prompt, pmask)
-                    )
-                    slots = zip(ctx.positions[0, 0, ::t], ctx.mask[0, 0, ::t], strict=True)
-                    got = [ids[int(x) // f] for x, ok in slots if ok]
-                    held_slots = zip(state.pool.pos[0], state.pool.valid[0], strict=True)
-                    pool = [ids[int(x) // f] for x, ok in held_slots if ok]
-                    right = sum(1 for x in got if x == ids[s])
-                    hits, returned, reads = hits + right, returned + len(got), reads + 1
-                    if ids[s] in pool:
-                        held += 1
-                        recalled += int(right > 0)
-                frames = clip.video[s * f : (s + 1) * f]
-                real = clip.prompts[s][clip.prompt_mask[s]]
-                text = real[torch.arange(t) % real.shape[0]]
-                keys = st.text_weight * text[None] + st.pixel_weight * (_patch_tokens(frames, p) @ proj)
-                k = keys.reshape(f * t, h, d).permute(1, 0, 2)[None].contiguous()
-                state = mem.write(state, memkit.Chunk(k, k, torch.zeros(1, f * t, e), pos, t, prompt, pmask))
+        for want, pool, got in bank_reads(st, mem, range(st.clips)):
+            right = sum(1 for x in got if x == want)
+            hits, returned, reads = hits + right, returned + len(got), reads + 1
+            if want in pool:
+                held += 1
+                recalled += int(right > 0)
         rows.append(
             {
                 "cutoff": cutoff,
