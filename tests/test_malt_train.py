@@ -4,6 +4,7 @@ import json
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -161,32 +162,15 @@ def test_bundled_memory_holds_at_4x_the_trained_length() -> None:
     """
     from memkit.demo import asset_dir
     from memkit.models.malt import MALTNetwork
-    from memkit.train import TrainConfig
-    from memkit.train.long_eval import evaluate_long, trained_length
-    from memkit.typing import set_typecheck
 
-    path = asset_dir("sparse_kv")
-    net = MALTNetwork.from_pretrained(path).eval()
-    config = TrainConfig.load(path / "train_config.json")
-    kwargs = dict(net.config.memory.kwargs)
-    checking = set_typecheck(False)
-    try:
-        res = evaluate_long(
-            net,
-            name="sparse_kv",
-            trained_length=trained_length(config),
-            world={**config.data.kwargs, "sources": ("procedural",)},
-            multiple=4,
-            seeds=(100_000, 100_001),
-            steps=8,
-            references=("none", "grey"),
-            variants={
-                "newest": {"name": "fifo", "kwargs": {"frames": kwargs["top_k"]}},
-                "sink": {"name": "sparse_kv", "kwargs": {**kwargs, "always_frames": 8}},
-            },
-        )
-    finally:
-        set_typecheck(checking)
+    kwargs = dict(MALTNetwork.from_pretrained(asset_dir("sparse_kv")).config.memory.kwargs)
+    res = _evaluate_bundled(
+        "sparse_kv",
+        variants={
+            "newest": {"name": "fifo", "kwargs": {"frames": kwargs["top_k"]}},
+            "sink": {"name": "sparse_kv", "kwargs": {**kwargs, "always_frames": 8}},
+        },
+    )
     floor = {m: max(res["none"].at(m), res["grey"].at(m)) for m in (1, 4)}
     at = {k: (r.at(1), r.at(4)) for k, r in res.items()}
     assert at["sparse_kv"][0] > floor[1] + MARGIN_OVER_FLOOR, at
@@ -201,31 +185,38 @@ MARGIN_OVER_FLOOR = 6.0
 MARGIN_OVER_BLIND = 3.0
 
 
-def test_bundled_recurrent_memory_finds_places_at_4x_the_trained_length() -> None:
-    """RecurrentMemory with slots at the place they saw (docs/memories/recurrent.md), on its own
-    bundled weights and 8 held-out clips: at 4x it beats max(none, grey) and its generated frames
-    show the right place, on the 'pauses' family too (timing and place disagree there)."""
+def _evaluate_bundled(memory: str, variants: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The bundled ``demo-<memory>`` weights at 4x their trained length on 2 held-out procedural
+    clips per evaluation path family, beside none and grey (and ``variants`` swapped in)."""
     from memkit.demo import asset_dir
     from memkit.train.long_eval import evaluate_long, trained_length
     from memkit.typing import set_typecheck
 
-    path = asset_dir("recurrent")
+    path = asset_dir(memory)
     net = MALTNetwork.from_pretrained(path).eval()
     config = TrainConfig.load(path / "train_config.json")
     checking = set_typecheck(False)
     try:
-        res = evaluate_long(
+        return evaluate_long(
             net,
-            name="recurrent",
+            name=memory,
             trained_length=trained_length(config),
             world={**config.data.kwargs, "sources": ("procedural",)},
             multiple=4,
             seeds=(100_000, 100_001),
             steps=8,
             references=("none", "grey"),
+            variants=variants,
         )
     finally:
         set_typecheck(checking)
+
+
+def test_bundled_recurrent_memory_finds_places_at_4x_the_trained_length() -> None:
+    """RecurrentMemory with slots at the place they saw (docs/memories/recurrent.md), on its own
+    bundled weights and 8 held-out clips: at 4x it beats max(none, grey) and its generated frames
+    show the right place, on the 'pauses' family too (timing and place disagree there)."""
+    res = _evaluate_bundled("recurrent")
     floor = max(res["none"].at(4), res["grey"].at(4))
     assert res["recurrent"].at(4) > floor + RECURRENT_MARGIN_OVER_FLOOR, (res["recurrent"].at(4), floor)
     assert res["recurrent"].at(4, "recall") > 0.8, res["recurrent"].at(4, "recall")
