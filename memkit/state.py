@@ -25,6 +25,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 
 from memkit.errors import ShapeError, StateError
+from memkit.layer_states import LayerStates
 from memkit.typing import DIM_NAMES, checking
 
 __all__ = [
@@ -112,73 +113,6 @@ def memory_state(cls: type[T]) -> type[T]:
     dc = dataclasses.dataclass(frozen=True, eq=False)(cls)
     pytree.register_dataclass(dc)
     return dc
-
-
-class LayerStates(tuple):
-    """A model's memory states, one per memory layer in module order, each under its layer's name.
-
-    A tuple (``states[i]``, ``len``, iteration and unpacking work as on the tuple models
-    returned before), that also answers by layer name (``states["blocks.0.attn"]``,
-    :meth:`items`). It is a pytree like any state, so :func:`map_tensors`, ``torch.compile``
-    and :func:`memkit.save_states` see through it; its tensors are named in a file exactly
-    as a plain tuple's (``[0].window.k``), so files saved from tuples load into it and back.
-
-    Its life cycle: :func:`memkit.init_memory_states` makes it (a fresh one is the reset),
-    :func:`memkit.layers.save_memory_states` / :func:`memkit.layers.load_memory_states`
-    save and load it with the model's memories recorded and checked.
-
-    Attributes:
-        names: the layers' names (``model.named_modules()``), in the order of the states.
-
-    Example:
-        >>> import torch, memkit
-        >>> model = torch.nn.ModuleDict({"a": memkit.MemoryAttention(8, 2, memkit.FIFOMemory(2, 4, 1, frames=2)),
-        ...                              "b": memkit.MemoryAttention(8, 2)})
-        >>> states = memkit.init_memory_states(model, 1)
-        >>> states.names, type(states["a"]).__name__, states[1] is states["b"]
-        (('a', 'b'), 'SinkWindowState', True)
-    """
-
-    names: tuple[str, ...]
-
-    def __new__(cls, states: Any, names: Any) -> "LayerStates":
-        self = super().__new__(cls, states)
-        self.names = tuple(str(n) for n in names)
-        if len(self.names) != len(self) or len(set(self.names)) != len(self.names):
-            raise StateError(
-                f"LayerStates: expected one distinct name per state ({len(self)} states), got names {self.names}"
-            )
-        return self
-
-    def __getitem__(self, key: Any) -> Any:
-        if isinstance(key, str):
-            try:
-                return super().__getitem__(self.names.index(key))
-            except ValueError:
-                raise KeyError(f"no memory layer named {key!r}; layers: {', '.join(self.names)}") from None
-        return super().__getitem__(key)
-
-    def items(self) -> list[tuple[str, Any]]:
-        """``(layer name, state)`` pairs, in layer order."""
-        return list(zip(self.names, self, strict=True))
-
-    def with_states(self, states: Any) -> "LayerStates":
-        """The same layers holding ``states`` (one per layer, in order)."""
-        return LayerStates(states, self.names)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (LayerStates, (tuple(self), self.names))
-
-    def __repr__(self) -> str:
-        return "LayerStates(" + ", ".join(f"{n}={type(s).__name__}" for n, s in self.items()) + ")"
-
-
-pytree.register_pytree_node(
-    LayerStates,
-    lambda s: (list(s), s.names),
-    lambda children, names: LayerStates(children, names),
-    serialized_type_name="memkit.state.LayerStates",
-)
 
 
 def state_classes(tree: Any) -> list[type]:

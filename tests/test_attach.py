@@ -231,7 +231,8 @@ def test_states_are_values_a_stream_can_branch_from() -> None:
     model = model_()
     with attach(model, fifo(), batch_size=1) as session:
         nbytes = session.nbytes
-        assert nbytes > 0 and set(session.states) == {"blocks.0.attn", "blocks.1.attn"}
+        assert nbytes > 0 and session.states.names == ("blocks.0.attn", "blocks.1.attn")
+        assert set(session.states.keys()) == set(dict(session.states)) == {"blocks.0.attn", "blocks.1.attn"}
         step(model, session, 0, seg(0))
         saved = session.states
         y1 = step(model, session, 1, seg(1))

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ROWS = [
     ["memkit/errors.py"],
     ["memkit/typing.py"],
-    ["memkit/protocol.py", "memkit/state.py", "memkit/checks.py"],
+    ["memkit/protocol.py", "memkit/layer_states.py", "memkit/state.py", "memkit/checks.py"],
     ["memkit/attention/"],
     ["memkit/memories/"],
     ["memkit/io.py", "memkit/atomic.py", "memkit/media.py"],

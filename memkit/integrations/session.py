@@ -20,8 +20,9 @@ from memkit.integrations.layer_attend import AttachedLayer, AttentionAdapter
 from memkit.integrations.layout import SegmentLayout, as_frame_positions
 from memkit.integrations.selection import LayerMemories, LayerSelector, resolve_adapter, resolve_memory, select_layers
 from memkit.layers.memory_attention import Rotate
+from memkit.layers.states import load_layer_states, save_layer_states
 from memkit.protocol import Memory
-from memkit.state import check_state_matches, map_tensors, state_nbytes
+from memkit.state import LayerStates, check_state_matches, map_tensors, state_nbytes
 from memkit.typing import check_floating, check_shape
 
 __all__ = ["MemorySession", "attach_layers"]
@@ -87,6 +88,21 @@ class MemorySession:
     every attached layer. States are pure memkit states: ``session.states`` can be saved,
     branched and put back with :meth:`set_states`.
 
+    States: ``session.states`` is a :class:`memkit.state.LayerStates`, the container the
+    reference backbone and :func:`memkit.init_memory_states` use, named by the attached
+    layers (:attr:`layer_names`, in module order), with the same life cycle: made at attach
+    and by :meth:`reset`, saved by :meth:`save_states` and loaded by :meth:`load_states`
+    through :func:`memkit.layers.save_layer_states` / :func:`memkit.layers.load_layer_states`
+    (the tensors of a file are named ``[0].window.k`` as for any per-layer states).
+
+    Before first use: with ``batch_size`` given, every layer's empty state is made at
+    attach (and at each :meth:`reset`), on ``device`` (default: the layer's parameters').
+    With ``batch_size=None`` (the default), a layer's entry is ``None`` until the layer
+    first runs; its state is then made from that call's queries (batch size, device,
+    dtype), one layer at a time. Lazily, per layer, because a host may keep its layers
+    on different devices or in different dtypes, or move them in only when they run
+    (offloading): each state is made where its layer computes.
+
     Activation: several sessions may be attached to one model (say, two streams); exactly
     one is *active*, and only its states are read or written when the model runs. The
     active session is the one attached or :meth:`activate`-d most recently;
@@ -144,7 +160,8 @@ class MemorySession:
             raise AttachError("attach: a layer was selected twice")
         self.rotary, self.backend = rotary, backend
         self._init = (batch_size, device, dtype)
-        self._states: dict[str, Any] = {}
+        self._index = {name: i for i, name in enumerate(names)}
+        self._states = LayerStates([None] * len(names), names)
         self._segment: SegmentLayout | None = None
         self._staged: dict[str, Any] | None = None
         self.reset()
@@ -166,31 +183,73 @@ class MemorySession:
         return {layer.name: layer.memory for layer in self._layers}
 
     @property
-    def states(self) -> dict[str, Any]:
-        """``{layer name: state}`` (a copy of the dict; ``None`` for a layer not run yet when created lazily)."""
-        return {layer.name: self._states.get(layer.name) for layer in self._layers}
+    def states(self) -> LayerStates:
+        """The per-layer states, a :class:`memkit.state.LayerStates` named by :attr:`layer_names`.
 
-    def set_states(self, states: Mapping[str, Any]) -> None:
-        """Replace the per-layer states (e.g. with ones saved from ``states`` earlier).
+        ``None`` for a layer that has not run yet when the session was made with
+        ``batch_size=None``. Read by name (``states["blocks.0.attn1"]``, ``keys()``,
+        ``items()``, ``dict(states)``) or by position; iterating yields the states, not the
+        names. States are immutable values: keep one to branch the stream and put it back
+        with :meth:`set_states`.
 
-        Every layer needs an entry; ``None`` means "not created yet" (made at first use).
+        Example:
+            >>> import torch, memkit
+            >>> from torch import nn
+            >>> from memkit.integrations import multihead_attention_adapter
+            >>> class Host(nn.Module):
+            ...     def __init__(self):
+            ...         super().__init__()
+            ...         self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+            ...     def forward(self, x):
+            ...         return self.attn(x, x, x, need_weights=False)[0]
+            >>> session = memkit.attach(Host().eval(), memkit.FIFOMemory(2, 8, 4, frames=2), layers=["attn"],
+            ...                         adapter=multihead_attention_adapter)
+            >>> session.states                                       # no state before the layer first runs
+            LayerStates(attn=None)
+            >>> session.set_segment([0, 1])
+            >>> x = torch.randn(3, 8, 16)                           # 3 streams, 2 frames of 4 tokens
+            >>> _ = session.commit(x)
+            >>> session.states, session.states["attn"].batch_size
+            (LayerStates(attn=SinkWindowState), 3)
+            >>> kept = session.states
+            >>> _ = session.commit(x)
+            >>> session.set_states(kept)                            # back to the branch point
+            >>> session.states["attn"] is kept["attn"]
+            True
+            >>> session.detach()
+        """
+        return self._states
+
+    def set_states(self, states: LayerStates | Mapping[str, Any]) -> None:
+        """Replace the per-layer states (e.g. with ones kept from :attr:`states` earlier).
+
+        Takes a :class:`memkit.state.LayerStates` or a ``{layer name: state}`` mapping; every
+        attached layer needs an entry, in any order, and no other name may appear (else
+        :class:`memkit.AttachError`). ``None`` means "not created yet" (made at first use).
         A state its layer's memory would not have made (another class or configuration,
         e.g. a window of 5 frames for a window of 2) is refused with :class:`memkit.StateError`
         naming the layer, the field and the dimension.
         """
-        if not isinstance(states, Mapping):
-            raise AttachError(f"set_states: expected a {{layer name: state}} dict, got {type(states).__name__}")
-        unknown = sorted(set(states) - set(self.layer_names), key=str)
+        if isinstance(states, LayerStates):
+            given: Mapping[str, Any] = dict(states.items())
+        elif isinstance(states, Mapping):
+            given = states
+        else:
+            raise AttachError(
+                f"set_states: expected a LayerStates or a {{layer name: state}} dict, got {type(states).__name__} "
+                f"(a plain tuple does not say which layer each state is for: LayerStates(states, names))"
+            )
+        unknown = sorted(set(given) - set(self.layer_names), key=str)
         if unknown:
             raise AttachError(f"set_states: {unknown[0]!r} is not an attached layer (layers: {self.layer_names})")
-        missing = sorted(set(self.layer_names) - set(states))
+        missing = sorted(set(self.layer_names) - set(given))
         if missing:
             raise AttachError(f"set_states: no state for layer {missing[0]!r}")
         for layer in self._layers:
-            state = states[layer.name]
+            state = given[layer.name]
             if state is not None:
                 check_state_matches(f"set_states: layer {layer.name!r}", state, layer.memory)
-        self._states = {name: states[name] for name in self.layer_names}
+        self._states = LayerStates((given[name] for name in self.layer_names), self.layer_names)
 
     def to(self, *args: Any, **kwargs: Any) -> "MemorySession":
         """Move (or cast) every state as ``Tensor.to`` does; integer and boolean tensors keep their dtype.
@@ -205,7 +264,7 @@ class MemorySession:
             device = kwargs.get("device", next((a for a in args if isinstance(a, (torch.device, str))), None))
             return x.to(device=device) if device is not None else x
 
-        self._states = {name: map_tensors(move, s) for name, s in self._states.items()}
+        self._states = map_tensors(move, self._states)
         return self
 
     def save_states(self, path: str | os.PathLike[str]) -> None:
@@ -214,12 +273,10 @@ class MemorySession:
         Works at any point of the stream, also before the first segment (a session made
         with ``batch_size=None`` then holds no state yet, and the file says so). Each
         layer's memory class and configuration are recorded and checked by :meth:`load_states`.
+        Saved by :func:`memkit.layers.save_layer_states`, as every container of per-layer
+        states: the tensors are named by the layer's place (``[0].window.k``).
         """
-        from memkit.io import save_states
-
-        states = [(layer.name, self._states.get(layer.name)) for layer in self._layers]
-        present = {name: state for name, state in states if state is not None}
-        save_states(path, present, [layer.memory for layer in self._layers])
+        save_layer_states(path, self._states, [layer.memory for layer in self._layers])
 
     def load_states(self, path: str | os.PathLike[str], *, device: torch.device | str | None = None) -> None:
         """Load states saved by :meth:`save_states` into this session (no template needed).
@@ -228,34 +285,25 @@ class MemorySession:
         (default: the session's ``device``, else each layer's parameters' device). Refused
         with :class:`memkit.CheckpointError`, saying what differs, when the file was saved by
         a session with other layers or memories, or is damaged. Layers the file holds no
-        state for start empty. Works before the first segment.
+        state for start empty (``None`` until first use with ``batch_size=None``). Works
+        before the first segment. Read by :func:`memkit.layers.load_layer_states`, which also
+        reads files saved before sessions kept a :class:`memkit.state.LayerStates` (tensors
+        named by layer, ``['blocks.0.attn1'].window.k``).
         """
-        from memkit.io import load_states, read_header
+        layers = self._layers
 
-        header = read_header(path)
-        shapes: dict[str, Any] = header["tensors"]
-        names = list(shapes)
+        def template(i: int, batch: int, dtype: torch.dtype | None) -> Any:
+            return self._new_state(layers[i], batch, device=device, dtype=dtype)
 
-        def held(layer: AttachedLayer) -> list[str]:
-            prefix = f"[{layer.name!r}]"
-            return [n for n in names if n == prefix or n.startswith((f"{prefix}.", f"{prefix}["))]
-
-        present = [layer for layer in self._layers if held(layer)]
-        template: dict[str, Any] = {}
-        for layer in present:
-            saved = [shapes[n] for n in held(layer)]
-            batch = int(saved[0]["shape"][0]) if saved[0]["shape"] else 1
-            floats = [getattr(torch, s["dtype"].removeprefix("torch."), None) for s in saved]
-            dtype = next((d for d in floats if isinstance(d, torch.dtype) and d.is_floating_point), None)
-            template[layer.name] = self._new_state(layer, batch, device=device, dtype=dtype)
-        loaded = load_states(path, template, [layer.memory for layer in self._layers])
-        self.reset()
-        self._states.update(loaded)
+        memories = [layer.memory for layer in layers]
+        loaded = load_layer_states(path, self.layer_names, memories, template, absent_as_none=True)
+        fresh = self._fresh()
+        self._states = loaded.with_states(f if s is None else s for s, f in zip(loaded, fresh, strict=True))
 
     @property
     def nbytes(self) -> int:
         """Bytes held by every layer's state (constant over a stream once created)."""
-        return state_nbytes(tuple(self._states.values()))
+        return state_nbytes(self._states)
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """Parameters of memories that are ``nn.Module``s (each once): train them with the host."""
@@ -269,12 +317,17 @@ class MemorySession:
 
     def reset(self) -> None:
         """Forget the stream: empty states (created now if ``batch_size`` was given, else on first use)."""
+        self._states = self._fresh()
+
+    def _fresh(self) -> LayerStates:
+        """Empty states, or ``None`` for every layer when the batch size is learnt at first use."""
         batch_size, device, dtype = self._init
-        self._states = {}
         if batch_size is None:
-            return
-        for layer in self._layers:
-            self._states[layer.name] = self._new_state(layer, batch_size, device=device, dtype=dtype)
+            return LayerStates([None] * len(self._layers), self.layer_names)
+        return LayerStates(
+            (self._new_state(layer, batch_size, device=device, dtype=dtype) for layer in self._layers),
+            self.layer_names,
+        )
 
     def _new_state(
         self, layer: AttachedLayer, batch_size: int, *, device: torch.device | str | None, dtype: torch.dtype | None
@@ -289,11 +342,12 @@ class MemorySession:
         return layer.memory.init_state(batch_size, device=dev, dtype=dt)
 
     def _state_for(self, layer: AttachedLayer, q: Tensor) -> Any:
-        state = self._states.get(layer.name)
+        i = self._index[layer.name]
+        state = self._states[i]
         if state is None:
             _, _, dtype = self._init
             state = layer.memory.init_state(int(q.shape[0]), device=q.device, dtype=dtype or q.dtype)
-            self._states[layer.name] = state
+            self._states = self._states.with_states((*self._states[:i], state, *self._states[i + 1 :]))
         return state
 
     # ----- the segment layout
@@ -401,7 +455,7 @@ class MemorySession:
                 f"commit ran {type(self._model).__name__} but none of the attached layers {self.layer_names} was "
                 "called, so nothing was written"
             )
-        self._states.update(staged)
+        self._states = self._states.with_states(staged.get(name, s) for name, s in self._states.items())
         return out
 
     # ----- detaching

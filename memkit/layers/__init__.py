@@ -9,7 +9,13 @@ from memkit.layers.memory_attention import (
     memory_layers,
 )
 from memkit.layers.rotary import apply_rotary, rotary_angles
-from memkit.layers.states import init_memory_states, load_memory_states, save_memory_states
+from memkit.layers.states import (
+    init_memory_states,
+    load_layer_states,
+    load_memory_states,
+    save_layer_states,
+    save_memory_states,
+)
 
 __all__ = [
     "MemoryAttention",
@@ -20,6 +26,8 @@ __all__ = [
     "init_memory_states",
     "save_memory_states",
     "load_memory_states",
+    "save_layer_states",
+    "load_layer_states",
     "memory_layers",
     "apply_rotary",
     "rotary_angles",
