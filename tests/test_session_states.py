@@ -193,6 +193,8 @@ def test_set_states_refuses_bad_input_clearly() -> None:
     with pytest.raises(StateError, match=r"layer 'blocks.0': state.window.k: dimension W \(window frames\) should"):
         session.set_states({"blocks.0": longer, "blocks.1": states[1]})
     assert session.states is states  # every refusal left the states as they were
+    session.set_states({**states, "blocks.1": None})  # one layer changed: a dict of the rest
+    assert session.states[0] is states[0] and session.states["blocks.1"] is None
     session.detach()
 
 
