@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+import benchmarks
+
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = "memkit-benchmarks/1"
 
@@ -245,6 +247,7 @@ def machine() -> dict[str, Any]:
         "typecheck": memkit.typing.typecheck_enabled(),
         "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "rss_source": rss_source(),
+        "malloc": benchmarks.MALLOC,
     }
 
 

@@ -13,9 +13,49 @@ from torch import Tensor
 
 
 def rotary_angles(positions: Tensor, dim: int, theta: float = 10000.0) -> tuple[Tensor, Tensor]:
-    """``cos`` and ``sin`` of shape ``positions.shape + (dim,)`` (half-split layout)."""
+    """``cos`` and ``sin`` of shape ``positions.shape + (dim,)`` (half-split layout).
+
+    On the CPU, rows of a table of every position from 0 up (kept per ``dim`` and ``theta``,
+    grown when a larger position comes) instead of computing them again: one lookup instead of
+    eight float64 operations, at every rotation of every layer and denoising step. The table's
+    rows are this function's own values (computed by :func:`_compute_angles`), so the bits are
+    the same; tests compare the two.
+    """
     if dim % 2:
         raise ValueError(f"rotary dim must be even, got {dim}")
+    if positions.device.type == "cpu" and not torch.compiler.is_compiling() and positions.numel():
+        table = _table_for(positions, dim, theta)
+        if table is not None:
+            flat = positions.reshape(-1)
+            cos, sin = table[0].index_select(0, flat), table[1].index_select(0, flat)
+            return cos.view(*positions.shape, dim), sin.view(*positions.shape, dim)
+    return _compute_angles(positions, dim, theta)
+
+
+# (dim, theta) -> (cos, sin) rows for positions 0 .. P-1 (P a power of two); positions from _TABLE_LIMIT on
+# are computed, which caps a table at 16 MB (dim 128)
+_TABLES: dict[tuple[int, float], tuple[Tensor, Tensor]] = {}
+_TABLE_LIMIT = 1 << 14
+
+
+def _table_for(positions: Tensor, dim: int, theta: float) -> tuple[Tensor, Tensor] | None:
+    """The CPU table covering ``positions`` (None when one is negative or past the limit)."""
+    if positions.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        return None
+    low, high = (int(x) for x in torch.aminmax(positions))
+    if low < 0 or high >= _TABLE_LIMIT:
+        return None
+    key = (dim, float(theta))
+    table = _TABLES.get(key)
+    if table is None or table[0].shape[0] <= high:
+        size = min(_TABLE_LIMIT, max(1024, 1 << high.bit_length()))
+        table = _compute_angles(torch.arange(size), dim, theta)
+        _TABLES[key] = table
+    return table
+
+
+def _compute_angles(positions: Tensor, dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """:func:`rotary_angles` computed from the positions (the reference the CPU table is made of)."""
     inv_freq = theta ** (-torch.arange(0, dim, 2, device=positions.device, dtype=torch.float64) / dim)
     # float64 angles: frame indices in the tens of thousands keep their precision
     angles = positions.to(torch.float64)[..., None] * inv_freq

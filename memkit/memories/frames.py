@@ -37,6 +37,7 @@ __all__ = [
     "sink_sources",
     "ring_sources",
     "place_frames",
+    "place_slots",
     # the door checks, re-exported from memkit.checks (their home since issue 13)
     "check_query",
     "check_chunk",
@@ -184,13 +185,43 @@ def place_frames(
     """
     old_k, old_v, old_pos, old_valid = buffers
     k, v, pos = frames
-    take5 = take[:, None, :, None, None]
     return (
-        torch.where(take5, gather_frames(k, src, 2), old_k),
-        torch.where(take5, gather_frames(v, src, 2), old_v),
+        place_slots(old_k, k, src, take),
+        place_slots(old_v, v, src, take),
         torch.where(take, pos.gather(1, src), old_pos),
         old_valid | take,
     )
+
+
+def place_slots(old: Tensor, new: Tensor, src: Tensor, take: Tensor) -> Tensor:
+    """``old (b h S ...)`` with slot ``j`` replaced by ``new (b h f ...)``'s frame ``src[:, j]`` where ``take[:, j]``.
+
+    ``src, take (b S)`` map each slot to at most one new frame and each new frame to at most
+    one slot (what :func:`sink_sources` and :func:`ring_sources` give). Equal to
+    ``torch.where(take, gather_frames(new, src, 2), old)``, written as a copy of ``old`` and
+    ``f`` row copies: a write costs one pass over the buffer, not a gather and a select over
+    every slot.
+
+    Example:
+        >>> old, new = torch.zeros(1, 1, 4, 2), torch.ones(1, 1, 2, 2)
+        >>> place_slots(old, new, torch.tensor([[0, 0, 1, 0]]), torch.tensor([[False, False, True, True]]))[0, 0, :, 0]
+        tensor([0., 0., 1., 1.])
+    """
+    b, h, slots = old.shape[:3]
+    f = new.shape[2]
+    if slots == 0:
+        return old
+    # the slot each new frame lands in (b f), and whether it lands at all
+    hit = take[:, :, None] & (src[:, :, None] == torch.arange(f, device=src.device))  # (b S f)
+    lands = hit.any(dim=1)
+    dest = hit.to(torch.uint8).argmax(dim=1)  # the first (only) hit; 0 for a frame that lands nowhere
+    # a frame that lands nowhere is copied to slot 0 with slot 0's final value: every copy into a
+    # slot then carries the same bits, so the order of duplicate copies cannot change the result
+    first = torch.where(_slot_mask(take[:, :1], old), gather_frames(new, src[:, :1], 2), old[:, :, :1])
+    rows = torch.where(_slot_mask(lands, old), new, first).to(old.dtype)  # (b h f ...)
+    index = (torch.arange(b * h, device=src.device) * slots).view(b, h, 1) + dest[:, None, :]
+    flat = old.reshape(b * h * slots, -1).index_copy(0, index.reshape(-1), rows.reshape(b * h * f, -1))
+    return flat.view(old.shape)
 
 
 def ring_sources(start: Tensor, first: Tensor, num_frames: int, capacity: int) -> tuple[Tensor, Tensor]:
@@ -217,8 +248,8 @@ def ring_sources(start: Tensor, first: Tensor, num_frames: int, capacity: int) -
 
 
 def _slot_mask(mask: Tensor, x: Tensor) -> Tensor:
-    """A ``(b F)`` (or ``(b 1)``) slot mask shaped to broadcast against ``x``: ``(b F)`` or ``(b h F t d)``."""
-    return mask if x.ndim == 2 else mask[:, None, :, None, None]
+    """A ``(b F)`` (or ``(b 1)``) slot mask shaped to broadcast against ``x``: ``(b F)`` or ``(b h F ...)``."""
+    return mask if x.ndim == 2 else mask.view(*mask.shape[:1], 1, mask.shape[1], *([1] * (x.ndim - 3)))
 
 
 @memory_state

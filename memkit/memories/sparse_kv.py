@@ -7,7 +7,7 @@ from einops import rearrange
 from torch import Tensor
 
 from memkit.checks import check_chunk, check_layout, check_query, check_state
-from memkit.memories.frames import FrameBuffer, gather_frames, gather_per_head, ring_sources, top_k_frames
+from memkit.memories.frames import FrameBuffer, gather_per_head, place_slots, ring_sources, top_k_frames
 from memkit.memories.registry import register_memory
 from memkit.protocol import Chunk, Context, Query, ReadLayout, ReadPlan
 from memkit.state import MemoryState, check_init_args, check_state_matches, memory_state
@@ -205,7 +205,7 @@ class SparseKVMemory:
         src, take = ring_sources(start, first, f, self.capacity)
         return SparseKVState(
             ring=state.ring.place(new, src, take),
-            desc=torch.where(take[:, None, :, None], gather_frames(desc, src, 2), state.desc),
+            desc=place_slots(state.desc, desc, src, take),
             sink=sink,
             frames_seen=seen + f,
         )
