@@ -11,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = [
     ["memkit/errors.py"],
-    ["memkit/typing.py"],
+    ["memkit/typing.py", "memkit/memo.py"],
     ["memkit/protocol.py", "memkit/layer_states.py", "memkit/state.py", "memkit/checks.py"],
     ["memkit/attention/"],
     ["memkit/memories/"],

@@ -438,3 +438,26 @@ def test_plan_applies_the_cutoff_as_read_does() -> None:
     assert planned is not None
     assert torch.equal(ctx.mask, planned.mask) and torch.equal(ctx.k, planned.k)
     assert int(ctx.mask[0, 0, ::2].sum()) == 2  # the bank returns 3 frames; the cut-off keeps the best 2
+
+
+def test_relevance_is_reused_only_for_the_very_same_unchanged_inputs():
+    """A segment's plan and write score the same pool with the same prompt: the second is a lookup, never stale."""
+    import pickle
+
+    mem = memkit.PromptBankMemory(heads=2, head_dim=4, tokens_per_frame=3, bank_frames=2)
+    k, valid = torch.randn(1, 2, 3, 3, 4), torch.tensor([[True, True, False]])
+    prompt = torch.randn(1, 5, 8)
+    with torch.no_grad():
+        first = mem.relevance(k, valid, prompt, None)
+        assert mem.relevance(k, valid, prompt, None) is first  # the same inputs: looked up
+        assert mem.relevance(k.clone(), valid, prompt, None) is not first  # another tensor: computed
+        again = mem.relevance(k, valid, prompt, None)
+        k.mul_(2.0)  # edited in place: its version changes, so the next call computes
+        fresh = mem.relevance(k, valid, prompt, None)
+        assert fresh is not again and not torch.equal(fresh, again)
+        assert torch.equal(fresh, mem._relevance(k, valid, prompt, None))
+        fresh.zero_()  # the caller edits the returned scores: not handed back again
+        assert not torch.equal(mem.relevance(k, valid, prompt, None), fresh)
+    with torch.enable_grad():  # training: never looked up (the graph and the weights change)
+        assert mem.relevance(k, valid, prompt, None) is not mem.relevance(k, valid, prompt, None)
+    pickle.dumps(mem)  # the memory itself holds no reference to the memo

@@ -17,9 +17,7 @@ priority is tried first. :func:`attention_backend` changes what ``auto`` means i
 import contextlib
 import dataclasses
 import importlib.util
-import weakref
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +25,7 @@ from torch import Tensor
 
 from memkit.attention.reference import attend_math
 from memkit.errors import BackendUnavailableError
+from memkit.memo import TensorMemo
 
 __all__ = ["Backend", "register_backend", "available_backends", "get_backend", "attention_backend"]
 
@@ -175,8 +174,8 @@ def get_backend(name: str, q: Tensor) -> Backend:
 
 
 # masks already seen, by identity and version: a read plan hands the same mask tensor to every
-# denoising step of a segment, so each is reduced once (weakref: a freed tensor's id is reused)
-_VALID_SEEN: dict[int, tuple[Any, int, bool]] = {}
+# denoising step of a segment, so each is reduced once
+_VALID_SEEN = TensorMemo(size=64)
 
 
 def _all_valid(masks: list[Tensor]) -> bool:
@@ -192,14 +191,9 @@ def _all_valid(masks: list[Tensor]) -> bool:
     if masks[0].device.type != "cpu" or torch.compiler.is_compiling():
         return False
     for m in masks:
-        hit = _VALID_SEEN.get(id(m))
-        if hit is not None and hit[0]() is m and hit[1] == m._version:
-            ok = hit[2]
-        else:
-            ok = bool(m.all())
-            if len(_VALID_SEEN) >= 64:
-                _VALID_SEEN.clear()
-            _VALID_SEEN[id(m)] = (weakref.ref(m), m._version, ok)
+        ok = _VALID_SEEN.get(None, (m,))
+        if ok is None:
+            ok = _VALID_SEEN.put(None, (m,), None, bool(m.all()))
         if not ok:
             return False
     return True

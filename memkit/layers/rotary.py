@@ -5,11 +5,10 @@ so a key kept in memory is rotated at the frame where it was recorded and positi
 counting past the length a model was trained on.
 """
 
-import weakref
-from typing import Any
-
 import torch
 from torch import Tensor
+
+from memkit.memo import TensorMemo, memo_active
 
 
 def rotary_angles(positions: Tensor, dim: int, theta: float = 10000.0) -> tuple[Tensor, Tensor]:
@@ -94,7 +93,7 @@ def rotate_with(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 # the segment's own tokens sit at the same positions in every layer and at every denoising step
 # (a sampler hands the same frame_positions tensor to each call of the segment), so their table
 # is computed once and kept for as long as that tensor lives unchanged
-_SEGMENT_TABLE: list[Any] = [None]
+_SEGMENT_TABLE = TensorMemo()
 
 
 def segment_rotary_table(
@@ -106,18 +105,13 @@ def segment_rotary_table(
     every layer and every denoising step of a segment share one table. The values are those
     of :func:`rotary_angles` at the tokens' positions.
     """
-    compiling = torch.compiler.is_compiling()
-    if not compiling:
-        hit = _SEGMENT_TABLE[0]
-        if (
-            hit is not None
-            and hit[0]() is frame_positions
-            and hit[1] == (frame_positions._version, tokens_per_frame, dim, theta)
-        ):
-            return hit[2], hit[3]
+    active, extra = memo_active(), (tokens_per_frame, dim, theta)
+    if active:
+        hit: tuple[Tensor, Tensor] | None = _SEGMENT_TABLE.get(None, (frame_positions,), extra)
+        if hit is not None:
+            return hit
     positions = frame_positions.repeat_interleave(tokens_per_frame, dim=1)[:, None, :]
     cos, sin = rotary_angles(positions, dim, theta)
-    if not compiling:
-        key = (frame_positions._version, tokens_per_frame, dim, theta)
-        _SEGMENT_TABLE[0] = (weakref.ref(frame_positions), key, cos, sin)
+    if active:
+        _SEGMENT_TABLE.put(None, (frame_positions,), extra, (cos, sin))
     return cos, sin

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from memkit.checks import check_chunk, check_layout, check_query, check_state
 from memkit.errors import ShapeError
+from memkit.memo import TensorMemo, memo_active
 from memkit.memories.frames import FrameBuffer, rank_frames, top_k_frames
 from memkit.memories.registry import register_memory
 from memkit.protocol import Chunk, Context, Query, ReadLayout, ReadPlan
@@ -22,6 +23,10 @@ PROTOTYPES = ("first", "best")
 RULES = ("memkit", "memflow")
 #: how a frame is scored against the prompt: memkit's softmax shares, or the release's mean raw logit
 SCORES = ("softmax", "release")
+
+
+# a memory's last relevance under no_grad (its plan's and its write's scoring of the same pool with the same prompt)
+_RELEVANCE = TensorMemo()
 
 
 @memory_state
@@ -241,9 +246,22 @@ class PromptBankMemory(nn.Module):
             >>> s.argmax(1).tolist()
             [1]
         """
-        b, _, f, _, d = k.shape
+        b, f = k.shape[0], k.shape[2]
         if prompt is None:
             return torch.zeros((b, f), device=k.device)
+        # a segment scores the same pool with the same prompt twice (its plan's choice, then its write's
+        # freed slot): the second time is a lookup. Inference only (no graph kept, weights fixed).
+        inputs = (k, valid, prompt, prompt_mask, None if self.prompt_proj is None else self.prompt_proj.weight)
+        active = memo_active(grad_ok=False)
+        if active:
+            hit: Tensor | None = _RELEVANCE.get(self, inputs)
+            if hit is not None:
+                return hit
+        scores = self._relevance(k, valid, prompt, prompt_mask)
+        return _RELEVANCE.put(self, inputs, None, scores) if active else scores
+
+    def _relevance(self, k: Tensor, valid: Tensor, prompt: Tensor, prompt_mask: Tensor | None) -> Tensor:
+        d = k.shape[-1]
         u = prompt if self.prompt_proj is None else self.prompt_proj(prompt.to(self.prompt_proj.weight.dtype))
         u = rearrange(u.float(), "b p (h d) -> b h p d", h=self.heads)
         if self.score == "release":

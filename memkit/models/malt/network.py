@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from memkit.errors import CheckpointError, ShapeError
 from memkit.layers import LayerPlan, init_memory_states
+from memkit.memo import TensorMemo, memo_active
 from memkit.memories.registry import build_from_spec
 from memkit.models.malt.blocks import MALTBlock, _modulate, patchify, sincos_2d, timestep_embedding, unpatchify
 from memkit.models.malt.config import MALTConfig, MemorySpec
@@ -34,6 +35,8 @@ __all__ = ["MALTNetwork", "CheckpointError", "patchify", "unpatchify"]
 #: ``prediction="x0"``: the velocity ``(x_t - x0) / t`` divides by at least this (as JiT does),
 #: so the velocity loss weights the clean-sample error by at most ``1 / 0.05**2``.
 _X0_MIN_T = 0.05
+# each network's projected prompt for the segment being generated (see MALTNetwork._memory_prompt)
+_PROMPT = TensorMemo()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,12 +260,7 @@ class MALTNetwork(nn.Module):
                 tokens, mask = null, torch.ones(b, 1, dtype=torch.bool, device=h.device)
                 use = torch.zeros(b, dtype=torch.bool, device=h.device)
             else:
-                tokens = self.prompt_proj(prompt.to(h.dtype))
-                mask = (
-                    prompt_mask
-                    if prompt_mask is not None
-                    else torch.ones(prompt.shape[:2], dtype=torch.bool, device=h.device)
-                )
+                tokens, mask = self._memory_prompt(prompt, prompt_mask, h.dtype)
                 use = torch.ones(b, dtype=torch.bool, device=h.device) if drop_prompt is None else ~drop_prompt
                 # memories see the prompt even when conditioning drops it: retrieval is not guidance
                 mem_prompt, mem_mask = tokens, mask
@@ -278,6 +276,28 @@ class MALTNetwork(nn.Module):
                     kmask = torch.cat([kmask, mask & use[:, None]], dim=1)
                 cross_ctx = (keys, kmask)
         return _Stream(h, cond, frame_positions, mem_prompt, mem_mask, cross_ctx, frame_meta)
+
+    def _memory_prompt(self, prompt: Tensor, prompt_mask: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The projected prompt tokens ``(b p D)`` and their mask ``(b p)``.
+
+        In generation (no_grad) the same tensors for every call of a segment given the same
+        ``prompt``: a memory that scores its frames by the prompt in its plan and again in its
+        write (PromptBank) then finds its scores instead of computing them twice.
+        """
+        proj = cast(nn.Linear, self.prompt_proj)
+        inputs = (prompt, prompt_mask, proj.weight, proj.bias)
+        active = memo_active(grad_ok=False)
+        if active:
+            hit: tuple[Tensor, Tensor] | None = _PROMPT.get(self, inputs, dtype)
+            if hit is not None:
+                return hit
+        tokens = proj(prompt.to(dtype))
+        mask = (
+            prompt_mask
+            if prompt_mask is not None
+            else torch.ones(prompt.shape[:2], dtype=torch.bool, device=prompt.device)
+        )
+        return _PROMPT.put(self, inputs, dtype, (tokens, mask)) if active else (tokens, mask)
 
     def _blocks(
         self, s: "_Stream", states: tuple[Any, ...], blocks: range, *, write: bool, last_output: bool = True
@@ -354,13 +374,8 @@ class MALTNetwork(nn.Module):
             frame_meta = actions[:, :: c.tubelet, -1:].float()
         mem_prompt = mem_mask = None
         if self.prompt_proj is not None and prompt is not None:
-            # what _run hands the memories: the projected prompt (the same arithmetic, so the same bits)
-            mem_prompt = self.prompt_proj(prompt.to(self.patch_in.weight.dtype))
-            mem_mask = (
-                prompt_mask
-                if prompt_mask is not None
-                else torch.ones(prompt.shape[:2], dtype=torch.bool, device=prompt.device)
-            )
+            # what _embed hands the memories: the projected prompt
+            mem_prompt, mem_mask = self._memory_prompt(prompt, prompt_mask, self.patch_in.weight.dtype)
         # plans keep the states' names, so what a write through them returns is named too
         return like_states(
             states,
