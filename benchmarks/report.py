@@ -395,7 +395,10 @@ def render_page(
         f"**{results['settings']['threads']} thread(s)** (`torch.set_num_threads`), float32, batch 1, shape "
         f"checking {'on' if m['typecheck'] else 'off'}, memkit {m['memkit']} ({m.get('git_commit') or 'no git'}). "
         f"Load average at the start: {fmt_load(m.get('load_average_start'))}; at the end: "
-        f"{fmt_load(results.get('load_average_end'))}.\n"
+        f"{fmt_load(results.get('load_average_end'))}. Memory allocator: "
+        f"{m.get('malloc', 'system defaults (runs before 2026-12-02 recorded none)')} (see `benchmarks/__init__.py`: "
+        "freed memory kept for reuse, as a GPU's caching allocator does; sections merged from earlier runs ran "
+        "with the system defaults).\n"
     )
     merged = results.get("merged_into")
     if merged:
