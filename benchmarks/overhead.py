@@ -22,6 +22,7 @@ from benchmarks.common import Section, interleave, ratio_stats, stats
 from benchmarks.cost import BackboneHost, Inputs, LayerHost, TinyHost, make_inputs
 from benchmarks.markdown import figures, image, notes, overhead_host, primary_steps, skipped, table, value_range
 from benchmarks.roster import COMPOSED, LONGLIVE, Entry, Geometry, roster
+from benchmarks.wan import compile_note
 
 MEMFLOW_FPS = {"no memory": 23.5, "frame sink (LongLive)": 20.3, "NAM": 17.6, "NAM+SMA": 18.7}
 
@@ -34,6 +35,9 @@ class OverheadSettings:
     rounds: int = 15
     warmup_rounds: int = 2
     seed: int = 0
+    # also time these memories with every block's read + rotary + attention compiled (MALTNetwork.compile_reads:
+    # torch.compile fullgraph, inductor); the first warm-up round compiles
+    compiled: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -94,6 +98,12 @@ def overhead(entries: list[Entry], cfg: Any, g_tiny: Geometry, st: OverheadSetti
         )
         hosts[e.name] = host
         warmed[e.name] = _warm(host, st.warm_segments)
+    compiled = {f"{name} compiled": name for name in st.compiled if name in hosts and cfg is not None}
+    for name, eager in compiled.items():
+        entry = next(e for e in entries if e.name == eager)
+        hosts[name] = BackboneHost(entry, cfg, st.steps[0], inputs, st.seed)
+        hosts[name].net.compile_reads()
+        warmed[name] = warmed[eager]
     s_next = st.warm_segments
 
     def call(name: str) -> Any:
@@ -105,6 +115,15 @@ def overhead(entries: list[Entry], cfg: Any, g_tiny: Geometry, st: OverheadSetti
         with tqdm(total=st.rounds, desc=f"overhead/{host_kind} steps={steps}", unit="round") as bar:
             samples = interleave({n: call(n) for n in hosts}, repeats=st.rounds, warmup=st.warmup_rounds, progress=bar)
         _ratios(sec, samples, {"host": host_kind, "steps": steps})
+        for name, eager in compiled.items():
+            r = ratio_stats(samples[name], samples[eager])
+            sec.add(
+                "compiled_ratio",
+                r["median"],
+                "x",
+                spread=r,
+                params={"memory": eager, "host": host_kind, "steps": steps},
+            )
     sec.series["memflow_time_ratio"] = {
         "NAM+SMA vs frame sink": MEMFLOW_FPS["frame sink (LongLive)"] / MEMFLOW_FPS["NAM+SMA"],
         "NAM+SMA vs no memory": MEMFLOW_FPS["no memory"] / MEMFLOW_FPS["NAM+SMA"],
@@ -227,6 +246,7 @@ def render_overhead(
         add(f"**{label}, {steps} denoising steps per segment**\n")
         header = ["memory", "ms per segment", "x NoMemory", "x SinkWindow", "x LongLive", "FPS drop vs NoMemory"]
         add(table(header, rows) + "\n")
+    compile_note(add, figs, {}, "`MALTNetwork.compile_reads()`")
     ref = sec.get("series", {}).get("memflow_time_ratio", {})
     if ref:
         add(

@@ -55,7 +55,9 @@ class WanSettings:
     warmup_rounds: int = 0
     warm_segments: int = 10  # segments written into each memory before timing (chunks, no block pass)
     warm_pass: bool = True  # one untimed segment per memory before the rounds (first-call allocations; sizing)
-    compile: bool = False  # also time torch.compile(fullgraph) of read + attend (see compiled_read_attend)
+    # also time these memories with each step's read + rotary + attention compiled
+    # (MemoryAttention.compile_read_attend: torch.compile fullgraph, inductor); their untimed first segment compiles
+    compiled: tuple[str, ...] = ()
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -140,9 +142,13 @@ def memories(s: WanSettings) -> dict[str, tuple[Callable[[], Any], int, str]]:
 class _Host:
     """One block with one memory, warmed; ``segment()`` runs one segment from the same state."""
 
-    def __init__(self, s: WanSettings, make: Callable[[], Any], inputs: dict[str, Tensor]) -> None:
+    def __init__(
+        self, s: WanSettings, make: Callable[[], Any], inputs: dict[str, Tensor], compiled: bool = False
+    ) -> None:
         torch.manual_seed(s.seed)  # the same block weights for every memory
         self.block = WanBlock(s, make()).eval()
+        if compiled:
+            self.block.attn.compile_read_attend()
         self.s, self.inputs = s, inputs
         h, d, t, f = s.heads, s.dim // s.heads, s.tokens_per_frame, s.frames
         g = torch.Generator().manual_seed(s.seed + 1)
@@ -196,11 +202,15 @@ def wan_section(s: WanSettings) -> Section:
         "e": torch.randn(1, 6, s.dim, generator=g) * 0.1,
     }
     hosts = {name: _Host(s, make, inputs) for name, (make, _, _) in mems.items()}
+    compiled = {f"{name} compiled": name for name in s.compiled if name in mems}
+    for name, eager in compiled.items():
+        hosts[name] = _Host(s, mems[eager][0], inputs, compiled=True)  # its untimed first segment compiles
     fns = {name: h.segment for name, h in hosts.items()}
     rounds = s.rounds
     if rounds <= 0:
         # a round runs every memory once: fit whole rotations (len(hosts) rounds each) into the budget
-        per_round = sum(h.first_s for h in hosts.values()) or 1.0
+        # (a compiled memory's first segment is its compilation: sized from its eager twin)
+        per_round = sum(hosts[compiled.get(n, n)].first_s for n in hosts) or 1.0
         rotations = max(1, math.floor(s.budget_s / (per_round * len(hosts))))
         rounds = rotations * len(hosts)
         sec.config["sizing"] = {
@@ -209,6 +219,8 @@ def wan_section(s: WanSettings) -> Section:
             "rotations": rotations,
             "budget_s": s.budget_s,
         }
+    if compiled:
+        sec.config["compile_s"] = {n: round(hosts[n].first_s, 1) for n in compiled}
     sec.config["rounds"] = rounds
     with tqdm(total=rounds, desc="wan block", unit="round") as bar:
         samples = interleave(fns, repeats=rounds, warmup=s.warmup_rounds, progress=bar)
@@ -220,6 +232,10 @@ def wan_section(s: WanSettings) -> Section:
         if name != base:
             r = ratio_stats(xs, samples[base])
             sec.add("ratio_vs_window", r["median"], "x", spread=r, params={"memory": name})
+        if name in compiled:
+            r = ratio_stats(xs, samples[compiled[name]])
+            sec.add("compiled_ratio", r["median"], "x", spread=r, params={"memory": compiled[name]})
+            continue
         control = mems[name][2]
         if control:
             r = ratio_stats(samples[control], samples[base])
@@ -283,5 +299,24 @@ def render_wan(add: Callable[[str], None], sec: dict[str, Any] | None) -> None:
     for f in figs:
         if f["name"] == "ratio_vs_sinkwindow":
             add(f"- {f['params']['memory']} vs SinkWindow: {fmt(f['value'])}x ({value_range(f)}).")
+    compile_note(add, figs, cfg.get("compile_s", {}), "`MemoryAttention.compile_read_attend()`")
     add("")
     notes(add, sec)
+
+
+def compile_note(add: Callable[[str], None], figs: list[dict[str, Any]], compile_s: dict[str, float], how: str) -> None:
+    """One line per memory timed with its reads compiled: compiled / eager per segment, and the compile time."""
+    lines = 0
+    for f in figs:
+        if f["name"] == "compiled_ratio":
+            mem = f["params"]["memory"]
+            took = compile_s.get(f"{mem} compiled")
+            steps = f" at {f['params']['steps']} steps" if "steps" in f["params"] else ""
+            add(
+                f"- {mem} with {how} (torch.compile fullgraph, inductor){steps}: compiled / eager per segment "
+                f"{fmt(f['value'])}x ({value_range(f)})"
+                + (f"; its first segment, which compiles, took {took:.0f} s." if took is not None else ".")
+            )
+            lines += 1
+    if lines:
+        add("")
