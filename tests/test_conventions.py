@@ -188,8 +188,8 @@ def _step(out: Path) -> int:
 
 
 def test_a_crash_during_a_training_checkpoint_cannot_mix_steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import memkit.train.trainer as trainer
-    from memkit.train.trainer import recover_training
+    import memkit.train.checkpoints as trainer
+    from memkit.train.checkpoints import recover_training
 
     out = tmp_path / "run"
     _train(out, 1)
