@@ -114,20 +114,42 @@ def gather_per_head(x: Tensor, index: Tensor) -> Tensor:
     return x.gather(2, expanded)
 
 
-def rank_frames(scores: Tensor, valid: Tensor, priority: Tensor) -> Tensor:
+def rank_frames(scores: Tensor, valid: Tensor, priority: Tensor, priority_bound: int | None = None) -> Tensor:
     """Indices of every entry of the last dimension, best first (a total, deterministic order).
 
     Entries are ordered by: valid before invalid, then higher ``scores``, then higher
     ``priority`` (the tie-break, e.g. recency), then lower index. ``scores`` (float),
     ``valid`` (bool) and ``priority`` (int) share one shape ``(... L)``; NaN scores rank
-    as ``-inf``. Three stable sorts (least significant key first) give a lexicographic
-    order without mixing float and integer keys, and without data-dependent branches.
+    as ``-inf`` (and ``-0.0`` as ``0.0``). Three stable sorts (least significant key first)
+    give a lexicographic order without mixing float and integer keys, and without
+    data-dependent branches. With ``priority_bound`` (the caller promises
+    ``0 <= priority < priority_bound <= 2**29``) the three keys are packed into one integer
+    and a single stable sort gives the same order (the per-step routing of SparseKV and
+    MemFlow's SMA); :func:`_rank_three_sorts` is the reference it is tested against.
 
     Example:
         >>> rank_frames(torch.tensor([1.0, 3.0, 3.0, 9.0]), torch.tensor([True, True, True, False]),
         ...             torch.tensor([0, 1, 2, 3])).tolist()
         [2, 1, 0, 3]
+        >>> rank_frames(torch.tensor([1.0, 3.0, 3.0, 9.0]), torch.tensor([True, True, True, False]),
+        ...             torch.tensor([0, 1, 2, 3]), priority_bound=4).tolist()
+        [2, 1, 0, 3]
     """
+    if priority_bound is None:
+        return _rank_three_sorts(scores, valid, priority)
+    if not 0 < priority_bound <= 1 << 29:
+        raise ValueError(f"rank_frames: priority_bound must be in 1..2**29, got {priority_bound}")
+    s = scores.float()
+    s = torch.where(torch.isnan(s), torch.full_like(s, float("-inf")), s) + 0.0  # + 0.0 makes -0.0 equal 0.0
+    bits = s.view(torch.int32).long()
+    # an integer with the floats' order: negative floats' magnitude bits flipped, then shifted to >= 0
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + (1 << 31)  # in [0, 2**32)
+    key = (valid.long() << 62) | (ordered << 29) | priority.long()
+    return key.argsort(dim=-1, descending=True, stable=True)
+
+
+def _rank_three_sorts(scores: Tensor, valid: Tensor, priority: Tensor) -> Tensor:
+    """:func:`rank_frames` by three stable sorts (the reference; any integer priority)."""
     order = priority.argsort(dim=-1, descending=True, stable=True)
     s = scores.float().gather(-1, order)
     s = torch.where(torch.isnan(s), torch.full_like(s, float("-inf")), s)
@@ -136,7 +158,9 @@ def rank_frames(scores: Tensor, valid: Tensor, priority: Tensor) -> Tensor:
     return order.gather(-1, ok.argsort(dim=-1, descending=True, stable=True))
 
 
-def top_k_frames(scores: Tensor, valid: Tensor, priority: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def top_k_frames(
+    scores: Tensor, valid: Tensor, priority: Tensor, k: int, priority_bound: int | None = None
+) -> tuple[Tensor, Tensor]:
     """The ``k`` best entries by :func:`rank_frames`: indices ``(... k)`` and their validity ``(... k)``.
 
     Invalid entries are returned (marked invalid) only when fewer than ``k`` are valid.
@@ -150,7 +174,7 @@ def top_k_frames(scores: Tensor, valid: Tensor, priority: Tensor, k: int) -> tup
     length = scores.shape[-1]
     if not 0 < k <= length:
         raise ValueError(f"top_k_frames: k must be in 1..{length} (the number of candidates), got {k}")
-    index = rank_frames(scores, valid, priority)[..., :k]
+    index = rank_frames(scores, valid, priority, priority_bound)[..., :k]
     return index, valid.gather(-1, index)
 
 

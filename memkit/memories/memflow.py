@@ -147,7 +147,9 @@ class MemFlowMemory(nn.Module):
         scores = torch.einsum("bhfd,bhd->bhf", desc, q.float().mean(dim=2))
         valid3 = pool.valid[:, None, :].expand(b, h, f)
         # ties (only between identical frames: a prototype held twice) go to the earlier slot
-        index, ok = top_k_frames(scores, valid3, torch.zeros_like(valid3, dtype=torch.long), min(top_k, f))
+        index, ok = top_k_frames(
+            scores, valid3, torch.zeros_like(valid3, dtype=torch.long), min(top_k, f), priority_bound=1
+        )
         return Context(
             k=rearrange(gather_per_head(pool.k, index), "b h f t d -> b h (f t) d"),
             v=rearrange(gather_per_head(pool.v, index), "b h f t d -> b h (f t) d"),

@@ -178,7 +178,8 @@ class SparseKVMemory:
         t, c = state.ring.k.shape[3], state.ring.k.shape[2]
         routed = q.float().mean(dim=2)  # (b h d)
         scores = torch.einsum("bhcd,bhd->bhc", desc, routed)
-        index, ok = top_k_frames(scores, valid, priority, min(self.top_k, c))  # (b h K)
+        # recency is in [0, C): one packed sort key instead of three sorts (the same order)
+        index, ok = top_k_frames(scores, valid, priority, min(self.top_k, c), priority_bound=c)  # (b h K)
         pos = positions.gather(2, index)
         return Context(
             k=rearrange(gather_per_head(state.ring.k, index), "b h f t d -> b h (f t) d"),
