@@ -209,9 +209,12 @@ def place_frames(
     """
     old_k, old_v, old_pos, old_valid = buffers
     k, v, pos = frames
+    if old_k.shape[2] == 0:
+        return old_k, old_v, old_pos, old_valid
+    landing = _landing(src, take, k.shape[2], old_k.shape[1])  # keys and values land in the same slots
     return (
-        place_slots(old_k, k, src, take),
-        place_slots(old_v, v, src, take),
+        _copy_rows(old_k, k, src, take, landing),
+        _copy_rows(old_v, v, src, take, landing),
         torch.where(take, pos.gather(1, src), old_pos),
         old_valid | take,
     )
@@ -231,20 +234,30 @@ def place_slots(old: Tensor, new: Tensor, src: Tensor, take: Tensor) -> Tensor:
         >>> place_slots(old, new, torch.tensor([[0, 0, 1, 0]]), torch.tensor([[False, False, True, True]]))[0, 0, :, 0]
         tensor([0., 0., 1., 1.])
     """
-    b, h, slots = old.shape[:3]
-    f = new.shape[2]
-    if slots == 0:
+    if old.shape[2] == 0:
         return old
-    # the slot each new frame lands in (b f), and whether it lands at all
-    hit = take[:, :, None] & (src[:, :, None] == torch.arange(f, device=src.device))  # (b S f)
+    return _copy_rows(old, new, src, take, _landing(src, take, new.shape[2], old.shape[1]))
+
+
+def _landing(src: Tensor, take: Tensor, frames: int, heads: int) -> tuple[Tensor, Tensor]:
+    """Where each new frame lands: whether it does ``(b f)`` and its row in a ``(b*h*S, ...)`` view ``(b*h*f,)``."""
+    b, slots = take.shape
+    hit = take[:, :, None] & (src[:, :, None] == torch.arange(frames, device=src.device))  # (b S f)
     lands = hit.any(dim=1)
     dest = hit.to(torch.uint8).argmax(dim=1)  # the first (only) hit; 0 for a frame that lands nowhere
+    index = (torch.arange(b * heads, device=src.device) * slots).view(b, heads, 1) + dest[:, None, :]
+    return lands, index.reshape(-1)
+
+
+def _copy_rows(old: Tensor, new: Tensor, src: Tensor, take: Tensor, landing: tuple[Tensor, Tensor]) -> Tensor:
+    """:func:`place_slots` given the frames' landing (see :func:`_landing`)."""
+    lands, index = landing
     # a frame that lands nowhere is copied to slot 0 with slot 0's final value: every copy into a
     # slot then carries the same bits, so the order of duplicate copies cannot change the result
     first = torch.where(_slot_mask(take[:, :1], old), gather_frames(new, src[:, :1], 2), old[:, :, :1])
     rows = torch.where(_slot_mask(lands, old), new, first).to(old.dtype)  # (b h f ...)
-    index = (torch.arange(b * h, device=src.device) * slots).view(b, h, 1) + dest[:, None, :]
-    flat = old.reshape(b * h * slots, -1).index_copy(0, index.reshape(-1), rows.reshape(b * h * f, -1))
+    b, h, slots = old.shape[:3]
+    flat = old.reshape(b * h * slots, -1).index_copy(0, index, rows.reshape(index.shape[0], -1))
     return flat.view(old.shape)
 
 
