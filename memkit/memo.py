@@ -93,6 +93,19 @@ class TensorMemo:
             return None
         return result
 
+    def get_one(self, tensor: Tensor) -> Any:
+        """``get(None, (tensor,))`` in fewer steps: the per-call lookup of attention's hot path."""
+        entry = self._shared.get((id(tensor), None))
+        if entry is None:
+            return None
+        keys, stored_extra, result, result_key = entry
+        ((ref, version),) = keys  # a slot (id, None) holds entries of exactly one tensor
+        if stored_extra is not None or ref() is not tensor or version != tensor._version:
+            return None
+        if result_key is not None and not _same(result_key, (result,)):
+            return None
+        return result
+
     def put(self, owner: Any, tensors: tuple[Tensor | None, ...], extra: Any, result: Any) -> Any:
         """Remember ``result`` for ``tensors`` and ``extra`` (the owner's last entry replaced); returns it."""
         entry = (_keys(tensors), extra, result, _keys((result,)) if isinstance(result, Tensor) else None)

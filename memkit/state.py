@@ -14,6 +14,7 @@ selection, ``.to(device)``, ``detach()`` and pytree maps work on any state. Shap
 fixed by ``init_state``: nothing grows with the length of the video.
 """
 
+import contextlib
 import dataclasses
 import operator
 import weakref
@@ -55,6 +56,17 @@ def state_nbytes(tree: Any) -> int:
     return sum(x.numel() * x.element_size() for x in pytree.tree_leaves(tree) if isinstance(x, Tensor))
 
 
+# a state class's first data field (the first child of its pytree), looked up once per class
+_FIRST_FIELD: dict[type, str | None] = {}
+
+
+def _first_field(cls: type) -> str | None:
+    if cls not in _FIRST_FIELD:
+        fields = dataclasses.fields(cls) if dataclasses.is_dataclass(cls) else ()
+        _FIRST_FIELD[cls] = fields[0].name if fields else None
+    return _FIRST_FIELD[cls]
+
+
 class MemoryState:
     """Base class of memory states (use with :func:`memory_state`).
 
@@ -69,6 +81,15 @@ class MemoryState:
     @property
     def batch_size(self) -> int:
         """The batch size the state was made for (the first dimension of its tensors)."""
+        # every read and write asks: the first field answers in most states without flattening the tree
+        name = _first_field(type(self))
+        if name is not None:
+            first = getattr(self, name)
+            if isinstance(first, Tensor):
+                return int(first.shape[0])
+            if isinstance(first, MemoryState):
+                with contextlib.suppress(StateError):
+                    return first.batch_size
         for leaf in pytree.tree_leaves(self):
             if isinstance(leaf, Tensor):
                 return int(leaf.shape[0])

@@ -92,7 +92,8 @@ def _content_blind_routing(newest: bool) -> Make:
     def make(original: Any) -> Any:
         import torch
 
-        def top_k_frames(scores: Any, valid: Any, priority: Any, k: int) -> Any:
+        def top_k_frames(scores: Any, valid: Any, priority: Any, k: int, *_: Any, **__: Any) -> Any:
+            # the three-sort ranking (no priority bound): -priority is outside any bound
             return original(torch.zeros_like(scores), valid, priority if newest else -priority, k)
 
         return top_k_frames

@@ -80,3 +80,29 @@ def test_active_only_where_a_result_may_be_reused():
 
     torch.compile(f, backend="eager", fullgraph=True)(torch.ones(1))
     assert seen == [False]  # traced: a graph must not depend on what Python remembers
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    steps=st.lists(st.sampled_from(["put", "inplace", "free", "put_extra", "put_pair"]), min_size=1, max_size=8),
+    size=st.integers(1, 3),
+)
+def test_get_one_answers_as_get_does(steps, size):
+    """The hot-path lookup of one tensor agrees with the general one whatever was stored before."""
+    memo = TensorMemo(size=size)
+    masks = [torch.ones(3, dtype=torch.bool), torch.zeros(3, dtype=torch.bool)]
+    for i, step in enumerate(steps):
+        m = masks[i % 2]
+        if step == "put":
+            memo.put(None, (m,), None, bool(m.all()))
+        elif step == "inplace":
+            m.logical_not_()
+        elif step == "free":
+            masks[i % 2] = torch.ones(3, dtype=torch.bool)  # a new tensor, maybe at the freed one's id
+            gc.collect()
+        elif step == "put_extra":
+            memo.put(None, (m,), "other", False)
+        else:
+            memo.put(None, (m, masks[(i + 1) % 2]), None, True)
+        for t in masks:
+            assert memo.get_one(t) is memo.get(None, (t,))

@@ -36,6 +36,32 @@ def test_packed_key_gives_the_three_sort_order(lead, length, bound, special, tie
     assert torch.equal(top_k_frames(scores, valid, priority, k, priority_bound=bound)[0], want[..., :k])
 
 
+@settings(max_examples=80, deadline=None)
+@given(
+    rows=st.integers(1, 6),
+    length=st.integers(1, 40),
+    special=st.floats(0.0, 0.6),
+    tied=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
+def test_top_k_with_distinct_priorities_is_the_sorted_prefix(rows, length, special, tied, seed):
+    """SparseKV's path: priorities a permutation of each row (its recency), one topk on the packed key."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn((rows, length), generator=g)
+    if tied:
+        scores = scores.round()
+    pick = torch.rand((rows, length), generator=g) < special
+    values = torch.tensor(SPECIAL)[torch.randint(len(SPECIAL), (rows, length), generator=g)]
+    scores = torch.where(pick, values, scores)
+    valid = torch.rand((rows, length), generator=g) < 0.7
+    priority = torch.stack([torch.randperm(length, generator=g) for _ in range(rows)])
+    want = _rank_three_sorts(scores, valid, priority)
+    for k in sorted({1, max(1, length // 3), length}):
+        index, ok = top_k_frames(scores, valid, priority, k, priority_bound=length, distinct_priority=True)
+        assert torch.equal(index, want[..., :k])
+        assert torch.equal(ok, valid.gather(-1, want[..., :k]))
+
+
 def test_bound_out_of_range_is_refused():
     with pytest.raises(ValueError, match="priority_bound"):
         rank_frames(torch.zeros(3), torch.ones(3, dtype=torch.bool), torch.zeros(3, dtype=torch.long), 0)

@@ -191,7 +191,7 @@ def _all_valid(masks: list[Tensor]) -> bool:
     if masks[0].device.type != "cpu" or torch.compiler.is_compiling():
         return False
     for m in masks:
-        ok = _VALID_SEEN.get(None, (m,))
+        ok = _VALID_SEEN.get_one(m)
         if ok is None:
             ok = _VALID_SEEN.put(None, (m,), None, bool(m.all()))
         if not ok:
@@ -218,9 +218,12 @@ def _concat(
 
 def attend_sdpa(q: Tensor, k: Tensor, v: Tensor, contexts: list[tuple[Tensor, Tensor, Tensor]]) -> Tensor:
     keys, values, mask = _concat(k, v, contexts)
-    attn_mask = None if mask is None else mask[:, :, None, :]
+    if keys.dtype != q.dtype:
+        keys, values = keys.to(q.dtype), values.to(q.dtype)
+    if mask is None:  # every call costs here: at small shapes the Python around SDPA is a measurable share
+        return F.scaled_dot_product_attention(q, keys, values)
     # the segment's own keys are always valid, so no query row is ever fully masked
-    return F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=attn_mask)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, :, None, :])
 
 
 def _sdpa_why_not(q: Tensor) -> str | None:

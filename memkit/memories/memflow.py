@@ -7,7 +7,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from memkit.checks import check_chunk, check_layout, check_query, check_state
-from memkit.memories.frames import FrameBuffer, gather_per_head, top_k_frames
+from memkit.memories.frames import FrameBuffer, gather_per_head_all, top_k_frames
 from memkit.memories.prompt_bank import PromptBankMemory, PromptBankState
 from memkit.memories.registry import register_memory
 from memkit.memories.sink_window import SinkWindowMemory, SinkWindowState
@@ -150,9 +150,10 @@ class MemFlowMemory(nn.Module):
         index, ok = top_k_frames(
             scores, valid3, torch.zeros_like(valid3, dtype=torch.long), min(top_k, f), priority_bound=1
         )
+        k, v = gather_per_head_all(index, pool.k, pool.v)
         return Context(
-            k=rearrange(gather_per_head(pool.k, index), "b h f t d -> b h (f t) d"),
-            v=rearrange(gather_per_head(pool.v, index), "b h f t d -> b h (f t) d"),
+            k=rearrange(k, "b h f t d -> b h (f t) d"),
+            v=rearrange(v, "b h f t d -> b h (f t) d"),
             mask=ok.repeat_interleave(t, dim=2),
             positions=pool.pos[:, None, :].expand(b, h, f).gather(2, index).repeat_interleave(t, dim=2),
         )

@@ -7,7 +7,7 @@ from einops import rearrange
 from torch import Tensor
 
 from memkit.checks import check_chunk, check_layout, check_query, check_state
-from memkit.memories.frames import FrameBuffer, gather_per_head, place_slots, ring_sources, top_k_frames
+from memkit.memories.frames import FrameBuffer, gather_per_head_all, place_slots, ring_sources, top_k_frames
 from memkit.memories.registry import register_memory
 from memkit.protocol import Chunk, Context, Query, ReadLayout, ReadPlan
 from memkit.state import MemoryState, check_init_args, check_state_matches, memory_state
@@ -178,14 +178,16 @@ class SparseKVMemory:
         t, c = state.ring.k.shape[3], state.ring.k.shape[2]
         routed = q.float().mean(dim=2)  # (b h d)
         scores = torch.einsum("bhcd,bhd->bhc", desc, routed)
-        # recency is in [0, C): one packed sort key instead of three sorts (the same order)
-        index, ok = top_k_frames(scores, valid, priority, min(self.top_k, c), priority_bound=c)  # (b h K)
-        pos = positions.gather(2, index)
+        # recency is a permutation of the slots, in [0, C): one packed key, one top-k (the order of three sorts)
+        index, ok = top_k_frames(
+            scores, valid, priority, min(self.top_k, c), priority_bound=c, distinct_priority=True
+        )  # (b h K)
+        k, v = gather_per_head_all(index, state.ring.k, state.ring.v)
         return Context(
-            k=rearrange(gather_per_head(state.ring.k, index), "b h f t d -> b h (f t) d"),
-            v=rearrange(gather_per_head(state.ring.v, index), "b h f t d -> b h (f t) d"),
+            k=rearrange(k, "b h f t d -> b h (f t) d"),
+            v=rearrange(v, "b h f t d -> b h (f t) d"),
             mask=ok.repeat_interleave(t, dim=2),
-            positions=pos.repeat_interleave(t, dim=2),
+            positions=positions.gather(2, index).repeat_interleave(t, dim=2),
         )
 
     @typechecked

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from memkit.errors import MemkitError
 from memkit.protocol import Chunk, Context, Memory, Query, token_positions
-from memkit.state import state_nbytes
+from memkit.state import MemoryState, state_nbytes
 from memkit.testing.compare import (
     _bitwise_equal,
     _clone,
@@ -47,6 +47,8 @@ def _check_layout(fail: _Fail, state: Any, batch_size: int) -> tuple[Any, list[t
                 "state tensors have the batch first",
                 f"{name} has shape {tuple(leaf.shape)}; dimension 0 should be the batch size {batch_size}",
             )
+    if leaves and isinstance(state, MemoryState) and state.batch_size != batch_size:
+        raise fail("state tensors have the batch first", f"state.batch_size is {state.batch_size}, not {batch_size}")
     return spec, [(name, (tuple(x.shape), x.dtype, x.device)) for name, x in leaves]
 
 
