@@ -19,7 +19,7 @@ import dataclasses
 import operator
 import weakref
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar, dataclass_transform
+from typing import Any, ClassVar, TypeVar, dataclass_transform
 
 import torch
 import torch.utils._pytree as pytree
@@ -56,22 +56,14 @@ def state_nbytes(tree: Any) -> int:
     return sum(x.numel() * x.element_size() for x in pytree.tree_leaves(tree) if isinstance(x, Tensor))
 
 
-# a state class's first data field (the first child of its pytree), looked up once per class
-_FIRST_FIELD: dict[type, str | None] = {}
-
-
-def _first_field(cls: type) -> str | None:
-    if cls not in _FIRST_FIELD:
-        fields = dataclasses.fields(cls) if dataclasses.is_dataclass(cls) else ()
-        _FIRST_FIELD[cls] = fields[0].name if fields else None
-    return _FIRST_FIELD[cls]
-
-
 class MemoryState:
     """Base class of memory states (use with :func:`memory_state`).
 
     Methods return new states; a state is never changed in place.
     """
+
+    # the first data field (the first child of the pytree), set by @memory_state: batch_size reads it
+    _first_field: ClassVar[str | None] = None
 
     @property
     def nbytes(self) -> int:
@@ -82,7 +74,7 @@ class MemoryState:
     def batch_size(self) -> int:
         """The batch size the state was made for (the first dimension of its tensors)."""
         # every read and write asks: the first field answers in most states without flattening the tree
-        name = _first_field(type(self))
+        name = type(self)._first_field
         if name is not None:
             first = getattr(self, name)
             if isinstance(first, Tensor):
@@ -133,6 +125,8 @@ def memory_state(cls: type[T]) -> type[T]:
     """
     dc = dataclasses.dataclass(frozen=True, eq=False)(cls)
     pytree.register_dataclass(dc)
+    fields = dataclasses.fields(dc)  # type: ignore[arg-type]  # dc is a dataclass now
+    dc._first_field = fields[0].name if fields else None
     return dc
 
 
