@@ -188,7 +188,7 @@ def _all_valid(masks: list[Tensor]) -> bool:
     sync per call, and under ``torch.compile`` a branch on data breaks the graph: there the
     mask is always applied.
     """
-    if masks[0].device.type != "cpu" or torch.compiler.is_compiling():
+    if not masks[0].is_cpu or torch.compiler.is_compiling():
         return False
     for m in masks:
         ok = _VALID_SEEN.get_one(m)

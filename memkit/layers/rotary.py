@@ -22,7 +22,7 @@ def rotary_angles(positions: Tensor, dim: int, theta: float = 10000.0) -> tuple[
     """
     if dim % 2:
         raise ValueError(f"rotary dim must be even, got {dim}")
-    if positions.device.type == "cpu" and not torch.compiler.is_compiling() and positions.numel():
+    if positions.is_cpu and not torch.compiler.is_compiling() and positions.numel():
         table = _table_for(positions, dim, theta)
         if table is not None:
             flat = positions.reshape(-1)

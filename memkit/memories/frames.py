@@ -22,6 +22,7 @@ from einops import rearrange
 from torch import Tensor
 
 from memkit.checks import check_chunk, check_layout, check_query, check_state
+from memkit.memo import TensorMemo, memo_active
 from memkit.protocol import Chunk, Context
 from memkit.state import MemoryState, memory_state
 
@@ -120,10 +121,27 @@ def gather_per_head_all(index: Tensor, *xs: Tensor) -> tuple[Tensor, ...]:
     if frames and index.shape[:2] == (b, h) and all(x.is_contiguous() and x.shape == xs[0].shape for x in xs):
         # whole frames are contiguous rows: copying rows (index_select) is several times faster than
         # an element-wise gather with the index expanded over every token and channel (same values)
-        offset = (torch.arange(b * h, device=index.device) * frames).view(b, h, 1)
-        rows = (index + offset).reshape(-1)
+        rows = (index + _row_offsets(b, h, frames, index.device)).reshape(-1)
         return tuple(x.reshape(b * h * frames, -1).index_select(0, rows).view(*index.shape, *x.shape[3:]) for x in xs)
     return tuple(_gather_per_head_elementwise(x, index) for x in xs)
+
+
+# (b, h, frames, device) -> the first row of each (batch, head) in a (b*h*frames, ...) view: the
+# same small tensor at every step of every layer (never handed out: callers only add to it)
+_OFFSETS: dict[tuple[int, int, int, torch.device], Tensor] = {}
+
+
+def _row_offsets(b: int, h: int, frames: int, device: torch.device) -> Tensor:
+    """``(b h 1)``: ``(i * h + j) * frames`` (kept per shape and device, except while compiling)."""
+    if torch.compiler.is_compiling():
+        return (torch.arange(b * h, device=device) * frames).view(b, h, 1)
+    key = (b, h, frames, device)
+    offsets = _OFFSETS.get(key)
+    if offsets is None:
+        if len(_OFFSETS) >= 64:
+            _OFFSETS.clear()
+        offsets = _OFFSETS[key] = (torch.arange(b * h, device=device) * frames).view(b, h, 1)
+    return offsets
 
 
 def _gather_per_head_elementwise(x: Tensor, index: Tensor) -> Tensor:
@@ -167,8 +185,23 @@ def _packed_key(scores: Tensor, valid: Tensor, priority: Tensor, priority_bound:
     # an int32 with the floats' order (negative floats' magnitude bits flipped); the + 2**60 below
     # shifts it, times 2**29, to [0, 2**61): above the priority's bits, below the valid bit
     ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return torch.add(_fixed_key(valid, priority), ordered, alpha=1 << 29)
+
+
+# a segment's read plan hands every denoising step the same validity and priority tensors
+# (SparseKV's routing candidates): their part of the key is packed once per segment
+_FIXED_KEYS = TensorMemo(size=16)
+
+
+def _fixed_key(valid: Tensor, priority: Tensor) -> Tensor:
+    """The part of :func:`_packed_key` no score changes: the valid bit, the priority and the score's offset."""
+    active = memo_active()
+    if active:
+        hit = _FIXED_KEYS.get(None, (valid, priority))
+        if hit is not None:
+            return hit
     fixed = (valid.long() << 62) + priority.long() + (1 << 60)
-    return torch.add(fixed, ordered, alpha=1 << 29)
+    return _FIXED_KEYS.put(None, (valid, priority), None, fixed) if active else fixed
 
 
 def _rank_three_sorts(scores: Tensor, valid: Tensor, priority: Tensor) -> Tensor:
