@@ -67,7 +67,7 @@ class SparseKVMemory:
 
     Read returns ``(A + K) * t`` slots per head, ``K = min(top_k, capacity)``, sink first.
 
-    Cost: ``read`` O(b h (n d + C d + C log C + K t d)) (pool queries, score, rank, gather);
+    Cost: ``read`` O(b h (n d + C d + C log K + K t d)) (pool queries, score, top-k, gather);
     ``write`` O(b h (C + A) t d) (a pure write copies the buffers).
     State bytes: ``b h (2 (C + A) t d + C d) * itemsize + 9 b (C + A) + 8 b``.
 
