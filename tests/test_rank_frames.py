@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from memkit.memories.frames import _rank_three_sorts, rank_frames, top_k_frames
+from memkit.memories.frames import _rank_three_sorts, rank_frames, rank_key_base, top_k_frames
 
 SPECIAL = [float("nan"), float("inf"), float("-inf"), 0.0, -0.0, 1e-45, -1e-45, 3.4e38, -3.4e38, 1.0, -1.0]
 
@@ -60,6 +60,9 @@ def test_top_k_with_distinct_priorities_is_the_sorted_prefix(rows, length, speci
         index, ok = top_k_frames(scores, valid, priority, k, priority_bound=length, distinct_priority=True)
         assert torch.equal(index, want[..., :k])
         assert torch.equal(ok, valid.gather(-1, want[..., :k]))
+        base = rank_key_base(valid, priority, length)  # worked out once, as a read plan does
+        got = top_k_frames(scores, valid, priority, k, priority_bound=length, distinct_priority=True, key_base=base)
+        assert torch.equal(got[0], index) and torch.equal(got[1], ok)
 
 
 def test_bound_out_of_range_is_refused():

@@ -22,7 +22,6 @@ from einops import rearrange
 from torch import Tensor
 
 from memkit.checks import check_chunk, check_layout, check_query, check_state
-from memkit.memo import TensorMemo, memo_active
 from memkit.protocol import Chunk, Context
 from memkit.state import MemoryState, memory_state
 
@@ -35,6 +34,7 @@ __all__ = [
     "keep_last_valid",
     "frames_to_context",
     "rank_frames",
+    "rank_key_base",
     "top_k_frames",
     "sink_sources",
     "ring_sources",
@@ -178,30 +178,35 @@ def rank_frames(scores: Tensor, valid: Tensor, priority: Tensor, priority_bound:
 
 def _packed_key(scores: Tensor, valid: Tensor, priority: Tensor, priority_bound: int) -> Tensor:
     """:func:`rank_frames`' order as one int64 per entry (larger ranks first): valid, then score, then priority."""
+    return _add_scores(rank_key_base(valid, priority, priority_bound), scores)
+
+
+def rank_key_base(valid: Tensor, priority: Tensor, priority_bound: int) -> Tensor:
+    """The part of the packed rank key no score changes (int64, ``valid``'s shape): validity and priority.
+
+    Work it out once where validity and priority are fixed for many rankings (SparseKV's read
+    plan, for every denoising step of a segment) and pass it to :func:`top_k_frames` as
+    ``key_base``. Requires ``0 <= priority < priority_bound <= 2**29``.
+
+    Example:
+        >>> base = rank_key_base(torch.tensor([True, False]), torch.tensor([1, 0]), 2)
+        >>> top_k_frames(torch.tensor([0.5, 9.0]), torch.tensor([True, False]), torch.tensor([1, 0]), 1,
+        ...              priority_bound=2, distinct_priority=True, key_base=base)[0].tolist()
+        [0]
+    """
     if not 0 < priority_bound <= 1 << 29:
         raise ValueError(f"rank_frames: priority_bound must be in 1..2**29, got {priority_bound}")
+    return (valid.long() << 62) + priority.long() + (1 << 60)
+
+
+def _add_scores(base: Tensor, scores: Tensor) -> Tensor:
+    """``base`` with the scores' order packed above the priority's bits."""
     s = torch.nan_to_num(scores.float(), nan=-math.inf, posinf=math.inf, neginf=-math.inf)
     bits = (s + 0.0).view(torch.int32)  # + 0.0 makes -0.0 equal 0.0
-    # an int32 with the floats' order (negative floats' magnitude bits flipped); the + 2**60 below
-    # shifts it, times 2**29, to [0, 2**61): above the priority's bits, below the valid bit
+    # an int32 with the floats' order (negative floats' magnitude bits flipped); rank_key_base's
+    # + 2**60 shifts it, times 2**29, to [0, 2**61): above the priority's bits, below the valid bit
     ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    return torch.add(_fixed_key(valid, priority), ordered, alpha=1 << 29)
-
-
-# a segment's read plan hands every denoising step the same validity and priority tensors
-# (SparseKV's routing candidates): their part of the key is packed once per segment
-_FIXED_KEYS = TensorMemo(size=16)
-
-
-def _fixed_key(valid: Tensor, priority: Tensor) -> Tensor:
-    """The part of :func:`_packed_key` no score changes: the valid bit, the priority and the score's offset."""
-    active = memo_active()
-    if active:
-        hit = _FIXED_KEYS.get(None, (valid, priority))
-        if hit is not None:
-            return hit
-    fixed = (valid.long() << 62) + priority.long() + (1 << 60)
-    return _FIXED_KEYS.put(None, (valid, priority), None, fixed) if active else fixed
+    return torch.add(base, ordered, alpha=1 << 29)
 
 
 def _rank_three_sorts(scores: Tensor, valid: Tensor, priority: Tensor) -> Tensor:
@@ -222,6 +227,7 @@ def top_k_frames(
     priority_bound: int | None = None,
     *,
     distinct_priority: bool = False,
+    key_base: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The ``k`` best entries by :func:`rank_frames`: indices ``(... k)`` and their validity ``(... k)``.
 
@@ -229,7 +235,8 @@ def top_k_frames(
     ``distinct_priority`` (and ``priority_bound``) the caller promises that no two entries of
     a row share a priority (SparseKV's recency is a permutation of its slots): the packed keys
     are then distinct, so ``torch.topk`` picks the same ``k`` in the same order as the full
-    sort, at a fraction of its cost.
+    sort, at a fraction of its cost. ``key_base``: :func:`rank_key_base` of these ``valid`` and
+    ``priority``, worked out earlier (used on the ``distinct_priority`` path).
 
     Example:
         >>> idx, ok = top_k_frames(torch.tensor([[0.5, 2.0, 1.0]]), torch.tensor([[True, False, True]]),
@@ -241,7 +248,8 @@ def top_k_frames(
     if not 0 < k <= length:
         raise ValueError(f"top_k_frames: k must be in 1..{length} (the number of candidates), got {k}")
     if distinct_priority and priority_bound is not None:
-        key, index = _packed_key(scores, valid, priority, priority_bound).topk(k, dim=-1)
+        base = rank_key_base(valid, priority, priority_bound) if key_base is None else key_base
+        key, index = _add_scores(base, scores).topk(k, dim=-1)
         return index, key >= 1 << 62  # the valid bit
     index = rank_frames(scores, valid, priority, priority_bound)[..., :k]
     return index, valid.gather(-1, index)

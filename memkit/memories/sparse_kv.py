@@ -7,7 +7,14 @@ from einops import rearrange
 from torch import Tensor
 
 from memkit.checks import check_chunk, check_layout, check_query, check_state
-from memkit.memories.frames import FrameBuffer, gather_per_head_all, place_slots, ring_sources, top_k_frames
+from memkit.memories.frames import (
+    FrameBuffer,
+    gather_per_head_all,
+    place_slots,
+    rank_key_base,
+    ring_sources,
+    top_k_frames,
+)
 from memkit.memories.registry import register_memory
 from memkit.protocol import Chunk, Context, Query, ReadLayout, ReadPlan
 from memkit.state import MemoryState, check_init_args, check_state_matches, memory_state
@@ -165,22 +172,24 @@ class SparseKVMemory:
     def read_dynamic(self, plan: ReadPlan, query: Query) -> tuple[Context, ...]:
         return (self._select(plan.state, plan.extra, query.q),)
 
-    def _candidates(self, state: SparseKVState) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """What routing needs that no query changes: descriptors, validity, recency, positions ``(b h C ...)``."""
+    def _candidates(self, state: SparseKVState) -> tuple[Tensor, ...]:
+        """What routing needs that no query changes (a plan's, once per segment): descriptors, validity,
+        recency, their packed rank key and positions, ``(b h C ...)``."""
         b, h, c, _, _ = state.ring.k.shape
         valid = state.ring.valid[:, None, :].expand(b, h, c)
         priority = self._recency(state)[:, None, :].expand(b, h, c)
-        return state.desc.float(), valid, priority, state.ring.pos[:, None, :].expand(b, h, c)
+        base = rank_key_base(valid, priority, c)
+        return state.desc.float(), valid, priority, base, state.ring.pos[:, None, :].expand(b, h, c)
 
-    def _select(self, state: SparseKVState, candidates: tuple[Tensor, Tensor, Tensor, Tensor], q: Tensor) -> Context:
+    def _select(self, state: SparseKVState, candidates: tuple[Tensor, ...], q: Tensor) -> Context:
         """Each head's top-k ring frames for queries ``q``: ``(b h K*t d)``."""
-        desc, valid, priority, positions = candidates
+        desc, valid, priority, base, positions = candidates
         t, c = state.ring.k.shape[3], state.ring.k.shape[2]
         routed = q.float().mean(dim=2)  # (b h d)
         scores = torch.einsum("bhcd,bhd->bhc", desc, routed)
         # recency is a permutation of the slots, in [0, C): one packed key, one top-k (the order of three sorts)
         index, ok = top_k_frames(
-            scores, valid, priority, min(self.top_k, c), priority_bound=c, distinct_priority=True
+            scores, valid, priority, min(self.top_k, c), priority_bound=c, distinct_priority=True, key_base=base
         )  # (b h K)
         k, v = gather_per_head_all(index, state.ring.k, state.ring.v)
         return Context(
