@@ -28,7 +28,7 @@ lint: $(VENV)/.dev
 	$(VENV)/bin/ruff format --check memkit tests benchmarks
 
 typecheck: $(VENV)/.dev
-	$(VENV)/bin/mypy memkit
+	$(VENV)/bin/mypy memkit benchmarks
 
 pytest: $(VENV)/.dev
 	MEMKIT_TYPECHECK=1 $(VENV)/bin/pytest -n 2 tests memkit

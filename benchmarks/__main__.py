@@ -73,6 +73,7 @@ def plan(quick: bool) -> dict[str, Any]:
                 rounds=3,
                 attend_sizes=((16, 80), (64, 1024)),
                 mm_sizes=(128, 256),
+                target=(64, 8),
             ),
             "quality": QualitySettings(clips=2, segments=10, psnr_clips=1, sampler_steps=2),
             "length": LengthSettings(multiple=2, seeds=1, steps=2, quick_variants=True),

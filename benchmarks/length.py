@@ -250,7 +250,9 @@ def length_section(st: LengthSettings) -> Section:
         is_host = path == host
         if st.only and not is_host:
             continue
-        refs = ("grey",) if mem == "none" else (("none", "grey", "full") if is_host else ("none", "grey"))
+        refs: tuple[str, ...] = (
+            ("grey",) if mem == "none" else (("none", "grey", "full") if is_host else ("none", "grey"))
+        )
         variants = _variants(places, st.quick_variants) if is_host and st.variants else {}
         if st.only:
             variants = {k: v for k, v in variants.items() if k in st.only}

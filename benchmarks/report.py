@@ -52,7 +52,8 @@ WHY: dict[str, str] = {
         "{memory} cost {value:.3f}x a dense window attending to as many keys ({control}). It selects nothing: "
         "what it adds beyond its keys is its write, the learned latent update (an attention of the latent's "
         "slots over [latent; segment], an MLP and a gate at the model's width, once per segment), which is the "
-        "model's arithmetic rather than bookkeeping (rounds ranged {min:.3f}-{max:.3f}x)."
+        "model's arithmetic rather than bookkeeping: timed alone, the write took {write_share} of the segment "
+        "(rounds ranged {min:.3f}-{max:.3f}x)."
     ),
     "attend_vs_sdpa": (
         "At {shape} ({queries} queries over {keys} keys) memkit.attend took {value:.3f}x the hand-written call "
@@ -99,6 +100,12 @@ WHY: dict[str, str] = {
         "(rounds ranged {min:.1f}-{max:.1f}x). The sparse path pays a fixed cost per read (pooling, scoring, "
         "ranking, gathers) that does not shrink with k; on a machine where dense attention is fast relative "
         "to that bookkeeping (or under heavy load, which inflates small calls most), the gap narrows."
+    ),
+    "sparse_speedup_runs": (
+        "Measured again in separate runs spread over the section (one after each capacity of the grid), the "
+        "lowest run's median was {value:.1f}x (the runs ranged {min:.1f}-{max:.1f}x): the sparse path's fixed "
+        "cost per read (pooling, scoring, ranking, gathers) is about a millisecond of small calls, which "
+        "machine load inflates most, so a loaded stretch of the section narrows the gap."
     ),
     "attend_efficiency": (
         "At {queries} queries over {keys} keys memkit.attend reached {value:.0%} of the measured matmul peak. "
@@ -149,6 +156,7 @@ def _wan_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     for f in figures(results, "wan"):
         if f["name"] == "beyond_keys_ratio":
             mem = f["params"]["memory"]
+            share = find(results, "wan", "write_share", memory=mem)
             out.append(
                 _target(
                     f"Wan block: {mem} beyond its extra keys",
@@ -157,6 +165,7 @@ def _wan_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                     f,
                     "<=",
                     1.02,
+                    write_share=f"{share['value']:.1%}" if share else "(not measured in this run)",
                 )
             )
     return out
@@ -278,14 +287,14 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             missing=_missing(results, "sparse", "capacity 256"),
         )
     )
-    # "in every run, with margin": the slowest round must clear 8x too, not only the median
-    slowest = None if fig is None or fig.get("min") is None else {**fig, "value": fig["min"]}
+    # "in every run, with margin": the section measures the pair again in separate runs; the lowest must clear it
+    runs = find(results, "sparse", "speedup_runs_lowest", capacity=256, top_k=8)
     out.append(
         _target(
-            "sparse vs dense at capacity 256, k = 8 (slowest round)",
-            "sparse_speedup",
-            "every round's read + attend >= 8x faster than dense",
-            slowest,
+            "sparse vs dense at capacity 256, k = 8 (every run)",
+            "sparse_speedup_runs",
+            "the lowest median of separate runs >= 8x",
+            runs,
             ">=",
             8.0,
             missing=_missing(results, "sparse", "capacity 256"),

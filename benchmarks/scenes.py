@@ -206,7 +206,7 @@ def scenes_section(st: ScenesSettings) -> Section:
                 _c[first + latents.shape[1]] = out  # the states the next segment reads
                 return out
 
-            model.recache = spy  # type: ignore[method-assign]
+            model.recache = spy
         before = model.init_states(clips)
         made: list[Tensor] = []
         hits = returned = reads_hit = reads = 0

@@ -58,6 +58,8 @@ class WanSettings:
     # also time these memories with each step's read + rotary + attention compiled
     # (MemoryAttention.compile_read_attend: torch.compile fullgraph, inductor); their untimed first segment compiles
     compiled: tuple[str, ...] = ()
+    # then each memory's write and read plan alone (the same state, a chunk of the segment's shape), interleaved
+    part_rounds: int = 5
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -162,11 +164,23 @@ class _Host:
                 state = mem.write(state, memkit.Chunk(k, k, hidden, pos, t, inputs["prompt"]))
         self.state = state
         self.pos = (s.warm_segments * f + torch.arange(f))[None]
+        k = torch.randn(1, h, f * t, d, generator=g)
+        self.chunk = memkit.Chunk(k, k, torch.randn(1, f * t, s.dim, generator=g), self.pos, t, inputs["prompt"])
         self.first_s = 0.0
         if s.warm_pass:  # one untimed segment: first-call allocations stay out of the timed rounds
             start = time.perf_counter()
             self.segment()
             self.first_s = time.perf_counter() - start
+
+    @torch.no_grad()
+    def write_alone(self) -> Any:
+        """The memory's write of one chunk (what the clean pass hands it), without the block."""
+        return self.block.attn.memory.write(self.state, self.chunk)
+
+    @torch.no_grad()
+    def plan_alone(self) -> Any:
+        """The segment's read plan (once per segment), without the block."""
+        return self.block.attn.plan(self.state, self.pos, self.s.tokens_per_frame, self.inputs["prompt"])
 
     @torch.no_grad()
     def segment(self) -> Any:
@@ -242,6 +256,17 @@ def wan_section(s: WanSettings) -> Section:
             sec.add("extra_keys_ratio", r["median"], "x", spread=r, params={"memory": name, "control": control})
             r = ratio_stats(xs, samples[control])
             sec.add("beyond_keys_ratio", r["median"], "x", spread=r, params={"memory": name, "control": control})
+    # where the time beyond the keys goes: the write and the plan (once per segment each), timed alone
+    uncompiled = [n for n in hosts if n not in compiled]
+    parts = {f"{n}: {what}": getattr(hosts[n], f"{what}_alone") for n in uncompiled for what in ("write", "plan")}
+    with tqdm(total=s.part_rounds, desc="wan write + plan", unit="round") as bar:
+        part_samples = interleave(parts, repeats=s.part_rounds, warmup=1, progress=bar)
+    for name in uncompiled:
+        segment_ms = stats(samples[name], 1000.0)["median"]
+        for what in ("write", "plan"):
+            st = stats(part_samples[f"{name}: {what}"], 1000.0)
+            sec.add(f"{what}_ms", st["median"], "ms", spread=st, params={"memory": name})
+            sec.add(f"{what}_share", st["median"] / segment_ms, "fraction", params={"memory": name})
     if "SinkWindow" in samples:
         r = ratio_stats(samples["PromptBank+SparseKV"], samples["SinkWindow"])
         sec.add("ratio_vs_sinkwindow", r["median"], "x", spread=r, params={"memory": "PromptBank+SparseKV"})
@@ -278,6 +303,11 @@ def render_wan(add: Callable[[str], None], sec: dict[str, Any] | None) -> None:
     rows = []
     for memory, info in cfg["memories"].items():
         ms = get("ms_per_segment", memory)
+
+        def part(what: str, memory: str = memory) -> str:
+            took, share = get(f"{what}_ms", memory), get(f"{what}_share", memory)
+            return f"{fmt(took['value'])} ({share['value']:.1%})" if took and share else "-"
+
         rows.append(
             [
                 memory,
@@ -286,16 +316,25 @@ def render_wan(add: Callable[[str], None], sec: dict[str, Any] | None) -> None:
                 value_range(get("ratio_vs_window", memory)) if get("ratio_vs_window", memory) else "1",
                 (f"{value_range(get('extra_keys_ratio', memory))} ({info['control']})" if info["control"] else "-"),
                 value_range(get("beyond_keys_ratio", memory)) if info["control"] else "-",
+                part("write"),
+                part("plan"),
             ]
         )
     add(
         table(
             ["memory", "key frames (past)", "ms per segment", "x window", "extra keys (control / window)",
-             "beyond the keys (memory / control)"],
+             "beyond the keys (memory / control)", "write alone, ms (of its segment)",
+             "read plan alone, ms (of its segment)"],
             rows,
         )
         + "\n"
     )  # fmt: skip
+    if any(f["name"] == "write_ms" for f in figs):
+        add(
+            "The write and the read plan run once per segment; each is also timed alone (the same warmed state, a "
+            "chunk of the segment's shape; interleaved, medians), so a reader can see which part of what a memory "
+            "costs beyond its keys is its write.\n"
+        )
     for f in figs:
         if f["name"] == "ratio_vs_sinkwindow":
             add(f"- {f['params']['memory']} vs SinkWindow: {fmt(f['value'])}x ({value_range(f)}).")

@@ -296,3 +296,34 @@ def test_truncate_one_cuts_the_gradient_after_one_write(fused: bool) -> None:
     UnrolledLoss(net, flow, truncate_segments=1, write_noise=0.0, fused=fused)(video, actions, seed=0)
     (grad,) = torch.autograd.grad(losses[2], video)
     assert grad[0, 0].abs().sum() == 0 and grad[0, 1].abs().sum() > 0
+
+
+def test_swapped_in_memory_with_parameters_scores_the_same_whatever_ran_before() -> None:
+    """evaluate_long seeds a swapped-in memory's fresh parameters from its label: the global
+    generator's state (what the process ran before) does not move its row."""
+    from memkit.demo import asset_dir
+    from memkit.train.long_eval import evaluate_long, trained_length
+
+    path = asset_dir("sparse_kv")
+    net = MALTNetwork.from_pretrained(path).eval()
+    config = TrainConfig.load(path / "train_config.json")
+    spec = {"name": "recurrent", "kwargs": {"slots": 8}, "layers": net.config.memory.layers}
+
+    def score(global_seed: int) -> float:
+        torch.manual_seed(global_seed)
+        res = evaluate_long(
+            net,
+            name="own",
+            trained_length=trained_length(config),
+            world={**config.data.kwargs, "sources": ("procedural",)},
+            multiple=1,
+            families=("pingpong",),
+            seeds=(100_000,),
+            steps=1,
+            references=(),
+            variants={"recurrent 8": spec},
+        )
+        return res["recurrent 8"].at(1)
+
+    first = score(0)
+    assert score(12345) == first

@@ -25,6 +25,7 @@ not averaged with the easy start. References on the same checkpoint and clips:
 """
 
 import dataclasses
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -253,7 +254,8 @@ def evaluate_long(
         references: any of ``"none"``, ``"grey"``, ``"full"`` (``"full"`` is skipped for a
             memory that does not store frames).
         variants: ``{label: memory spec}``: more memories to swap into the same weights and
-            score (e.g. ``{"fifo-3": {"name": "fifo", "kwargs": {"frames": 3}}}``).
+            score (e.g. ``{"fifo-3": {"name": "fifo", "kwargs": {"frames": 3}}}``). A memory with
+            parameters keeps its fresh initialisation, seeded from its label (the same in every run).
         sample_seed: noise seed of the sampler.
 
     Returns:
@@ -297,14 +299,21 @@ def evaluate_long(
             truth=video[0],
         )
 
+    def swapped(spec: Any, label: str) -> MALTNetwork:
+        # a swapped-in memory with parameters keeps its fresh initialisation: drawn from a seed of its label,
+        # not from the global generator, so a row does not depend on what ran before it in the process
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(zlib.crc32(label.encode()))
+            return net.with_memory(spec).eval()
+
     results = {name: run(net, name)}
     if "none" in references:
-        results["none"] = run(net.with_memory("none").eval(), "none")
+        results["none"] = run(swapped("none", "none"), "none")
     if "full" in references and cfg.memory.name in FRAME_MEMORIES:
         spec = {"name": "fifo", "kwargs": {"frames": places + n}, "layers": cfg.memory.layers}
-        results["full"] = run(net.with_memory(spec).eval(), "full")
+        results["full"] = run(swapped(spec, "full"), "full")
     for label, spec in (variants or {}).items():
-        results[label] = run(net.with_memory(spec).eval(), label)
+        results[label] = run(swapped(spec, label), label)
     if "grey" in references:
         grey = context.float().mean(dim=(1, 3, 4), keepdim=True).expand_as(truth)
         scores = score_frames(grey, truth, context, truth_places)
