@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import memkit
 
@@ -136,3 +138,29 @@ def test_full_history_baseline_grows_and_reads_everything() -> None:
     ctx = mem.read(state, memkit.Query(torch.randn(1, 2, 6, 8), torch.tensor([[6, 7]]), 3))
     assert ctx.k.shape == (1, 2, 18, 8) and bool(ctx.mask.all())
     assert ctx.positions[0, 0].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4, 5, 5, 5]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    cpus=st.integers(1, 64),
+    threads=st.integers(1, 64),
+    start=st.floats(0, 100),
+    others_end=st.floats(0, 100),
+)
+def test_load_caveat_counts_only_load_beyond_the_runs_own_threads(
+    cpus: int, threads: int, start: float, others_end: float
+) -> None:
+    """The page warns of a shared machine when the start load, or the end load beyond the run's
+    own threads, exceeds half of the CPUs left to others; the run's own load never triggers it."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.__main__ import load_caveat
+
+    own = min(threads, cpus)
+    machine = {"load_average_start": [start, 0.0, 0.0], "cpus_usable": cpus, "torch_threads": threads}
+    caveat = load_caveat(machine, [own + others_end, 0.0, 0.0])
+    shared = start > 0.5 * cpus or others_end > 0.5 * max(cpus - own, 1)
+    assert (caveat is not None) == shared
+    if caveat:
+        assert "Other processes shared this machine" in caveat
+    # a run alone on a quiet machine: no warning
+    assert load_caveat({**machine, "load_average_start": [0.0]}, [float(own)]) is None
