@@ -14,7 +14,9 @@ The memory-free baseline is what MemFlow compares against: the local window alon
 with a dense control that attends to the same number of key frames without choosing them
 (a FIFO window of that size): ``control / baseline`` is the price of the extra keys,
 ``memory / control`` the price of everything else (selection, gathers, rotation, the
-write, Python). All of them take turns in every round (interleaved in one process).
+write, Python). All of them take turns in every round (interleaved in one process). Each
+memory's write and read plan (once per segment each) are then timed alone, so the part of
+``memory / control`` that is the write shows separately.
 """
 
 import dataclasses
