@@ -152,7 +152,6 @@ def test_load_caveat_counts_only_load_beyond_the_runs_own_threads(
 ) -> None:
     """The page warns of a shared machine when the start load, or the end load beyond the run's
     own threads, exceeds half of the CPUs left to others; the run's own load never triggers it."""
-    sys.path.insert(0, str(ROOT))
     from benchmarks.__main__ import load_caveat
 
     own = min(threads, cpus)
